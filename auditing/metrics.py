@@ -1,0 +1,249 @@
+"""Accuracy metrics over label sets: original, ReaL, strict top-k, multi-label, per class.
+
+Pure numpy/pandas, no I/O. Images are rows; every per-image array has one entry per
+image, in the same order as the ``LabelSets`` it is scored against.
+
+Definitions (METHOD.md, stage 6):
+- original accuracy: top-1 equals the single original label.
+- ReaL accuracy (Beyer et al. 2020): top-1 is in the image's label set; images with an
+  empty set are excluded (big_vision's ReaL evaluator masks them out the same way).
+- strict top-k: the model's k highest logits, as a set, equal the label set. ``k`` is
+  the size of each image's own set (so a 2-label image needs exactly its two labels as
+  the top-2); ``strict_topk_accuracy(..., k=K)`` instead scores only images whose set
+  has exactly K labels. Empty sets are excluded. Needs logits (top-1 alone cannot say
+  what the second guess was).
+- multi-label accuracy (Shankar et al. 2020, TFDS ``imagenet2012_multilabel``): top-1 is
+  correct if it is in the "correct" or the "unclear" set, problematic images are
+  skipped, accuracy is computed per class (of the original label) and then averaged
+  over classes. With ReaL sets: correct = the set, unclear = empty, problematic =
+  images whose set is empty.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSets:
+    """Label sets of ``n`` images in CSR form.
+
+    The labels of image ``i`` are ``indices[indptr[i]:indptr[i + 1]]``, sorted and
+    unique. Compact (57k labels for ImageNet val instead of a 50M-entry multi-hot) and
+    fast to score against: every metric below is a few vectorised numpy calls.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    num_classes: int
+
+    @classmethod
+    def from_sets(cls, sets: Iterable[Collection[int]], num_classes: int) -> "LabelSets":
+        """From one collection of class indices per image (duplicates are dropped)."""
+        rows = [np.unique(np.asarray(list(s), dtype=np.int64)) for s in sets]
+        sizes = np.array([len(r) for r in rows], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        indices = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+        bad = (indices < 0) | (indices >= num_classes)
+        if bad.any():
+            image = int(np.searchsorted(indptr, np.flatnonzero(bad)[0], side="right") - 1)
+            raise ValueError(f"image {image}: label {int(indices[bad][0])} is outside "
+                             f"[0, {num_classes})")
+        return cls(indptr=indptr, indices=indices, num_classes=num_classes)
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Number of labels of each image."""
+        return np.diff(self.indptr)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The image index of each entry of ``indices``."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.sizes)
+
+    def contains(self, labels: np.ndarray) -> np.ndarray:
+        """Whether ``labels[i]`` is in the set of image ``i``, for every image."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(self),):
+            raise ValueError(f"expected {len(self)} labels (one per image), got shape {labels.shape}")
+        rows = self.rows
+        hits = rows[self.indices == labels[rows]]
+        return np.bincount(hits, minlength=len(self)).astype(bool)
+
+    def take(self, images: np.ndarray) -> "LabelSets":
+        """The sets of the given images (indices or a boolean mask), in that order."""
+        images = np.arange(len(self))[images]
+        sizes = self.sizes[images]
+        indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        starts = np.repeat(self.indptr[images] - indptr[:-1], sizes)
+        indices = self.indices[starts + np.arange(indptr[-1])]
+        return LabelSets(indptr=indptr, indices=indices, num_classes=self.num_classes)
+
+    def to_sets(self) -> list[frozenset[int]]:
+        return [frozenset(self.indices[a:b].tolist()) for a, b in zip(self.indptr[:-1], self.indptr[1:])]
+
+
+def top1_of(logits: np.ndarray) -> np.ndarray:
+    """Arg-max class per image."""
+    return np.asarray(logits).argmax(axis=1).astype(np.int64)
+
+
+def _nan_mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
+
+
+def original_accuracy(top1: np.ndarray, original: np.ndarray) -> float:
+    """Share of images whose top-1 equals the original label."""
+    return _nan_mean(np.asarray(top1) == np.asarray(original))
+
+
+def real_correct(top1: np.ndarray, label_sets: LabelSets) -> np.ndarray:
+    """Per image: top-1 is in the label set (always False for an empty set)."""
+    return label_sets.contains(top1)
+
+
+def real_accuracy(top1: np.ndarray, label_sets: LabelSets) -> float:
+    """ReaL accuracy: share of images with a non-empty set whose top-1 is in the set."""
+    rated = label_sets.sizes > 0
+    return _nan_mean(real_correct(top1, label_sets)[rated])
+
+
+def strict_topk_correct(logits: np.ndarray, label_sets: LabelSets) -> np.ndarray:
+    """Per image: the top-|set| classes equal the set (False for empty sets)."""
+    logits = np.asarray(logits)
+    sizes = label_sets.sizes
+    correct = np.zeros(len(label_sets), dtype=bool)
+    for k in np.unique(sizes[sizes > 0]):
+        images = np.flatnonzero(sizes == k)
+        top = np.sort(np.argpartition(-logits[images], int(k) - 1, axis=1)[:, :k], axis=1)
+        # Within each row indices are sorted, so rows of size k line up column by column.
+        wanted = label_sets.indices[label_sets.indptr[images][:, None] + np.arange(k)]
+        correct[images] = (top == wanted).all(axis=1)
+    return correct
+
+
+def strict_topk_accuracy(logits: np.ndarray, label_sets: LabelSets, k: int | None = None) -> float:
+    """Strict top-k accuracy; ``k=None``: k = each image's set size (non-empty sets).
+
+    With an int ``k``, only images whose set has exactly ``k`` labels are scored.
+    """
+    sizes = label_sets.sizes
+    scored = sizes > 0 if k is None else sizes == k
+    return _nan_mean(strict_topk_correct(logits, label_sets)[scored])
+
+
+def strict_topk_by_size(logits: np.ndarray, label_sets: LabelSets) -> dict[int, float]:
+    """Strict top-k accuracy for each set size k present (k = 1, 2, ...)."""
+    correct = strict_topk_correct(logits, label_sets)
+    sizes = label_sets.sizes
+    return {int(k): float(correct[sizes == k].mean()) for k in np.unique(sizes[sizes > 0])}
+
+
+def per_class_accuracy(correct: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean of ``correct`` over the images of each class; NaN for a class with no image."""
+    classes = np.asarray(classes, dtype=np.int64)
+    totals = np.bincount(classes, minlength=num_classes).astype(np.float64)
+    hits = np.bincount(classes, weights=np.asarray(correct, dtype=np.float64), minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, hits / np.maximum(totals, 1), np.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLabelAccuracy:
+    """Shankar et al.'s multi-label accuracy: ``mean`` = average of ``per_class`` over
+    the classes that have at least one scored image."""
+
+    mean: float
+    per_class: np.ndarray
+    n_images: int
+
+
+def multilabel_accuracy(top1: np.ndarray, original: np.ndarray, correct_sets: LabelSets,
+                        unclear_sets: LabelSets | None = None,
+                        problematic: np.ndarray | None = None) -> MultiLabelAccuracy:
+    """Multi-label accuracy, TFDS ``imagenet2012_multilabel`` semantics.
+
+    ``problematic`` (bool per image) defaults to "correct and unclear sets both empty",
+    which with ReaL sets skips the images ReaL excludes.
+    """
+    top1 = np.asarray(top1, dtype=np.int64)
+    hit = correct_sets.contains(top1)
+    if unclear_sets is not None:
+        hit |= unclear_sets.contains(top1)
+    if problematic is None:
+        problematic = correct_sets.sizes == 0
+        if unclear_sets is not None:
+            problematic &= unclear_sets.sizes == 0
+    kept = ~np.asarray(problematic, dtype=bool)
+    per_class = per_class_accuracy(hit[kept], np.asarray(original)[kept], correct_sets.num_classes)
+    scored = per_class[~np.isnan(per_class)]
+    return MultiLabelAccuracy(mean=_nan_mean(scored), per_class=per_class, n_images=int(kept.sum()))
+
+
+def subset_mask(classes: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """Images whose class (e.g. original label) is one of ``subset``'s classes."""
+    return np.isin(np.asarray(classes), np.asarray(subset))
+
+
+def align(target: Sequence[str], source: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions pairing two lists of file names: ``target[t[i]] == source[s[i]]``.
+
+    Names of ``target`` missing from ``source`` are left out; ``source`` must not
+    repeat a name.
+    """
+    index = pd.Index(source)
+    if index.has_duplicates:
+        raise ValueError(f"file name {index[index.duplicated()][0]!r} appears more than once")
+    positions = index.get_indexer(pd.Index(target))
+    found = np.flatnonzero(positions >= 0)
+    return found, positions[found]
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression:
+    """Least-squares line ``y = slope * x + intercept`` with Pearson r."""
+
+    slope: float
+    intercept: float
+    r: float
+    n: int
+    x_range: tuple[float, float]
+
+
+def linear_fit(x: np.ndarray, y: np.ndarray) -> Regression:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2:
+        raise ValueError(f"a line needs at least 2 points, got {len(x)}")
+    slope, intercept = np.polyfit(x, y, 1)
+    r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+    return Regression(float(slope), float(intercept), r, len(x), (float(x.min()), float(x.max())))
+
+
+def accuracy_regression(original: np.ndarray, real: np.ndarray) -> dict[str, Regression]:
+    """ReaL accuracy regressed on original accuracy across models.
+
+    ``all`` models, and the ``lower_half`` / ``upper_half`` by original accuracy (the
+    paper's question: do gains on the original labels still carry over to ReaL at
+    the top?). With an odd count the middle model goes to the upper half.
+    """
+    original, real = np.asarray(original, dtype=np.float64), np.asarray(real, dtype=np.float64)
+    order = np.argsort(original, kind="stable")
+    lower, upper = order[:len(order) // 2], order[len(order) // 2:]
+    return {"all": linear_fit(original, real),
+            "lower_half": linear_fit(original[lower], real[lower]),
+            "upper_half": linear_fit(original[upper], real[upper])}
+
+
+def sets_from_mapping(file_names: Sequence[str], sets: Mapping[str, Collection[int]],
+                      num_classes: int) -> LabelSets:
+    """``LabelSets`` for ``file_names`` from a {file_name: labels} mapping (all must be present)."""
+    missing = [f for f in file_names if f not in sets]
+    if missing:
+        raise KeyError(f"{len(missing)} file names have no label set, e.g. {missing[0]!r}")
+    return LabelSets.from_sets((sets[f] for f in file_names), num_classes)

@@ -1,0 +1,58 @@
+"""The ``label-audit`` command. Each subcommand lives in one module of ``pipelines/``
+exposing ``add_arguments(parser)`` and ``main(args) -> int``.
+
+    label-audit run CONFIG [--out DIR]       every stage the config declares  (run.py)
+    label-audit reaudit CONFIG [--out DIR]   new version if anything changed  (run.py)
+    label-audit predict --model NAME ...     stage 1 on image files           (predict.py)
+    label-audit propose --predictions ...    stage 2 label proposals          (propose.py)
+    label-audit report --labels ...          stage 7 report                   (report.py)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, one-line help). Modules are imported only when used, so
+# `label-audit report` does not pay for importing JAX.
+COMMANDS = {
+    "run": ("pipelines.run", "run every stage a config declares"),
+    "reaudit": ("pipelines.reaudit", "re-run a config against its latest release; exit 0 new version, "
+                                     "3 nothing changed"),
+    "predict": ("pipelines.predict", "predict image files with a model; write a predictions NPZ"),
+    "propose": ("pipelines.propose", "pool label proposals from prediction NPZ files"),
+    "report": ("pipelines.report", "write report.json and index.html for label sets and predictions"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="label-audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        # Parsers are built lazily per command to keep `--help` cheap; see main().
+        command.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # First pass: find the command; second pass: parse with its own arguments.
+    known, _ = parser.parse_known_args(argv)
+    module = importlib.import_module(known._module)
+    sub_parser = parser._subparsers._group_actions[0].choices[known.command]  # noqa: SLF001
+    module.add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "apache_beam", "jax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The declarative surface: one YAML file names the dataset, the stages, their inputs
+and parameters, and the release. ``load_config`` validates it into typed objects.
+
+Every key maps to one field below and every stage section to one module:
+
+    stages.predict        -> pipelines/predict.py     (models/ for the networks)
+    stages.propose        -> pipelines/propose.py     (auditing/proposals.py)
+    stages.select_subset  -> auditing/subset_selection.py
+    stages.tasks          -> auditing/tasks.py
+    stages.votes          -> auditing/votes.py
+    stages.aggregate      -> auditing/aggregation.py
+    stages.release        -> pipelines/release.py
+    stages.report         -> pipelines/report.py      (auditing/metrics.py, cooccurrence.py)
+
+A stage whose section is absent is skipped; a stage's output can instead be given as
+an input (``propose.questions``: proposals from raters.npz; ``predict.predictions``:
+NPZ files), so the ImageNet config runs without ImageNet images.
+
+File references are paths relative to the config file, absolute paths, ``gs://``
+URIs, or ``source:NAME`` for a pinned public file of ``auditing.sources`` (local copy
+in ../shared/data, else a checksummed download).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+
+from auditing import sources
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(pydantic.BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+FileRef = Annotated[str, pydantic.Field(min_length=1)]
+
+
+class RunnerConfig(_Section):
+    """Where Beam runs. 'direct' is in-process; 'dataflow' needs the extra flags in
+    ``options`` (see README: --project, --region, --temp_location, --setup_file...)."""
+
+    name: Literal["direct", "direct-multiprocess", "dataflow"] = "direct"
+    num_workers: int = pydantic.Field(1, ge=1)
+    options: list[str] = []
+
+
+class ImagesConfig(_Section):
+    """Images to predict: an image folder or a TFDS dataset."""
+
+    type: Literal["folder", "tfds"]
+    path: FileRef | None = None  # folder
+    name: str | None = None  # tfds dataset name
+    data_dir: FileRef | None = None  # tfds data_dir
+    split: str = "validation"
+
+    @pydantic.model_validator(mode="after")
+    def _one_source(self) -> "ImagesConfig":
+        if self.type == "folder" and not self.path:
+            raise ValueError("images.type 'folder' needs images.path")
+        if self.type == "tfds" and not self.name:
+            raise ValueError("images.type 'tfds' needs images.name")
+        return self
+
+
+class DatasetConfig(_Section):
+    name: str = "imagenet2012"
+    split: str = "validation"
+    # TSV file_name<TAB>label, or 'tfds-wheel' for the 50k ILSVRC-2012 val labels.
+    original_labels: FileRef = "tfds-wheel"
+    images: ImagesConfig | None = None
+
+
+class ModelConfig(_Section):
+    name: str  # registry name, models/registry.py
+    checkpoint: FileRef | None = None  # for models without shipped weights (resnet50)
+
+
+class PredictConfig(_Section):
+    models: list[ModelConfig] = []
+    batch_size: int = pydantic.Field(32, ge=1)
+    top_k: int = pydantic.Field(5, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Predictions computed elsewhere: {model name: NPZ with file_names, logits}.
+    predictions: dict[str, FileRef] = {}
+
+
+class ProposeConfig(_Section):
+    # N per model and criterion; default 3 x number of images (the paper's choice).
+    top_n: int | None = pydantic.Field(None, ge=1)
+    # Instead of pooling: take the (image, label) questions of a ReaL raters.npz.
+    questions: FileRef | None = None
+
+
+class SelectSubsetConfig(_Section):
+    gold: FileRef  # TSV (several rows per image) or JSON {file_name: [labels]}
+    recall_target: float = pydantic.Field(0.97, gt=0, le=1)
+
+
+class TasksConfig(_Section):
+    max_labels: int = pydantic.Field(8, ge=1)
+    image_uri_template: str = "{file_name}"
+
+
+class SimulatedCrowdConfig(_Section):
+    """A clearly labelled simulated crowd (for photo sets nobody rated): rater
+    confusion matrices estimated from the ReaL raters. Never for real audits."""
+
+    raters_per_task: int = pydantic.Field(5, ge=1)
+    seed: int = 0
+    calibration_votes: FileRef = "source:real_raters"
+
+
+class VotesConfig(_Section):
+    paths: list[FileRef] = []
+    format: Literal["auto", "real-npz", "csv", "jsonl", "parquet"] = "auto"
+    simulate: SimulatedCrowdConfig | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _some_votes(self) -> "VotesConfig":
+        if not self.paths and self.simulate is None:
+            raise ValueError("votes needs paths (vote files) or simulate")
+        return self
+
+
+class AggregateConfig(_Section):
+    method: Literal["dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad", "mace"] = "dawid-skene"
+    threshold: float = pydantic.Field(0.8, ge=0, lt=1)
+    params: dict[str, Any] = {}
+
+
+class ReleaseConfig(_Section):
+    name: str = pydantic.Field("imagenet2012_real_audit", pattern=r"^[a-z][a-z0-9_]*$")
+    version: str = pydantic.Field("1.0.0", pattern=r"^\d+\.\d+\.\d+$")
+    description: str = ""
+    release_notes: str = "Initial audit."
+
+
+class ReportConfig(_Section):
+    # Published label sets (real.json format) used ONLY to measure agreement.
+    published_labels: FileRef | None = None
+    # Extra model predictions to evaluate: {name: NPZ (file_names + logits or top1)}.
+    predictions: dict[str, FileRef] = {}
+
+
+class StagesConfig(_Section):
+    predict: PredictConfig | None = None
+    propose: ProposeConfig | None = None
+    select_subset: SelectSubsetConfig | None = None
+    tasks: TasksConfig | None = None
+    votes: VotesConfig | None = None
+    aggregate: AggregateConfig | None = None
+    release: ReleaseConfig | None = None
+    report: ReportConfig | None = None
+
+
+class AuditConfig(_Section):
+    output_dir: FileRef
+    runner: RunnerConfig = RunnerConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    stages: StagesConfig
+
+    # Set by load_config: where relative paths are resolved from.
+    base_dir: str = "."
+
+    def resolve(self, ref: str) -> str:
+        """A file reference as a usable path (or URI)."""
+        return resolve_ref(ref, Path(self.base_dir))
+
+
+def resolve_ref(ref: str, base_dir: Path) -> str:
+    if ref.startswith("source:"):
+        return str(sources.fetch(ref.removeprefix("source:")))
+    if "://" in ref or ref == "tfds-wheel":
+        return ref
+    path = Path(os.path.expanduser(ref))
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _file_refs(config: AuditConfig) -> list[tuple[str, str]]:
+    """(key path, reference) of every input file the config names."""
+    refs: list[tuple[str, str]] = [("dataset.original_labels", config.dataset.original_labels)]
+    images = config.dataset.images
+    if images is not None and images.path:
+        refs.append(("dataset.images.path", images.path))
+    s = config.stages
+    if s.predict:
+        refs += [(f"stages.predict.predictions.{k}", v) for k, v in s.predict.predictions.items()]
+        refs += [(f"stages.predict.models[{i}].checkpoint", m.checkpoint)
+                 for i, m in enumerate(s.predict.models) if m.checkpoint]
+    if s.propose and s.propose.questions:
+        refs.append(("stages.propose.questions", s.propose.questions))
+    if s.select_subset:
+        refs.append(("stages.select_subset.gold", s.select_subset.gold))
+    if s.votes:
+        refs += [(f"stages.votes.paths[{i}]", p) for i, p in enumerate(s.votes.paths)]
+        if s.votes.simulate:
+            refs.append(("stages.votes.simulate.calibration_votes", s.votes.simulate.calibration_votes))
+    if s.report:
+        if s.report.published_labels:
+            refs.append(("stages.report.published_labels", s.report.published_labels))
+        refs += [(f"stages.report.predictions.{k}", v) for k, v in s.report.predictions.items()]
+    return refs
+
+
+def _format_errors(path: Path, error: pydantic.ValidationError) -> str:
+    lines = [f"{path}: invalid config"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike, output_dir: str | None = None,
+                check_files: bool = True) -> AuditConfig:
+    """Read and validate a YAML config. ``output_dir`` overrides the config's."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw["base_dir"] = str(path.resolve().parent)
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    try:
+        config = AuditConfig.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_format_errors(path, e)) from None
+    if output_dir is None:
+        config = config.model_copy(update={"output_dir": config.resolve(config.output_dir)})
+    else:
+        config = config.model_copy(update={"output_dir": str(Path(output_dir).resolve())})
+    if check_files:
+        for key, ref in _file_refs(config):
+            try:
+                resolved = config.resolve(ref)
+            except (sources.SourceError, KeyError) as e:
+                raise ConfigError(f"{path}: {key}: {e}") from None
+            if "://" not in resolved and resolved != "tfds-wheel" and not os.path.exists(resolved):
+                raise ConfigError(f"{path}: {key}: file not found: {resolved}")
+    return config
