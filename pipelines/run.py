@@ -1,0 +1,414 @@
+"""``label-audit run CONFIG``: every stage the config declares, in the method's order.
+
+    read dataset -> predict -> propose -> select subset -> build tasks -> read votes
+    -> aggregate -> release -> report
+
+Each stage is one function below that reads its config section, calls the stage's
+module (see ``pipelines/config.py`` for the key -> module map) and stores its output
+content-addressed (``pipelines/store.py``), so a re-run with nothing changed
+recomputes nothing and writes no new version.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from auditing import labelsets
+from auditing.imagenet import NUM_CLASSES
+from pipelines import release as release_lib
+from pipelines.beam_options import make_options
+from pipelines.config import AuditConfig, ConfigError, load_config
+from pipelines.store import Store, content_key, file_digest
+
+log = logging.getLogger("label-audit")
+
+STAGE_ORDER = ("dataset", "predict", "propose", "select_subset", "tasks", "votes", "aggregate",
+               "release", "report")
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the stages hand each other. Keys are content keys of stored outputs."""
+
+    config: AuditConfig
+    store: Store
+    original_labels: pd.DataFrame | None = None  # file_name, label (file order)
+    dataset_key: str = ""
+    predictions: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> NPZ path
+    predictions_key: str = ""
+    proposals: pd.DataFrame | None = None
+    proposals_key: str = ""
+    tasks_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    asked_pairs: pd.DataFrame | None = None
+    votes: pd.DataFrame | None = None
+    votes_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    votes_key: str = ""
+    scores: pd.DataFrame | None = None
+    label_sets: dict[str, frozenset[int]] | None = None
+    labels_key: str = ""
+    release_path: Path | None = None
+    release_status: str = ""
+    outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run with what the config gives it."""
+
+
+# ---------------------------------------------------------------- stage 0: dataset
+
+def stage_dataset(state: RunState) -> str:
+    cfg = state.config.dataset
+    ref = state.config.resolve(cfg.original_labels)
+    if ref == "tfds-wheel":
+        state.original_labels = labelsets.original_val_labels()
+        state.dataset_key = content_key(original_labels="tfds-wheel:imagenet2012/validation_labels.txt")
+    else:
+        state.original_labels = labelsets.read_label_tsv(ref)
+        state.dataset_key = content_key(original_labels=file_digest(ref))
+    return f"{len(state.original_labels):,} images with original labels"
+
+
+# ---------------------------------------------------------------- stage 1: predict
+
+def stage_predict(state: RunState) -> str:
+    cfg = state.config.stages.predict
+    from pipelines import predict  # JAX is imported only when a model runs
+
+    paths = {name: state.config.resolve(p) for name, p in cfg.predictions.items()}
+    if cfg.models:
+        images = state.config.dataset.images
+        if images is None:
+            raise StageError("stages.predict.models needs dataset.images (a folder or a TFDS dataset)")
+        computed = predict.run_predictions(
+            models=[(m.name, state.config.resolve(m.checkpoint) if m.checkpoint else None)
+                    for m in cfg.models],
+            images=images, base_dir=state.config.base_dir,
+            store_dir=state.store.root, batch_size=cfg.batch_size, top_k=cfg.top_k,
+            dtype=cfg.dtype, options=_options(state.config))
+        paths.update({name: str(p) for name, p in computed.items()})
+    state.predictions = paths
+    state.predictions_key = content_key(**{name: file_digest(p) for name, p in sorted(paths.items())})
+    return f"{len(paths)} model(s): " + ", ".join(sorted(paths))
+
+
+# ---------------------------------------------------------------- stage 2: propose
+
+def stage_propose(state: RunState) -> str:
+    cfg = state.config.stages.propose
+    if cfg.questions:
+        from auditing.votes import read_real_questions
+
+        path = state.config.resolve(cfg.questions)
+        key = content_key(questions=file_digest(path))
+
+        def compute(out: Path) -> None:
+            read_real_questions(path).to_parquet(out / "proposals.parquet", index=False)
+    else:
+        if not state.predictions:
+            raise StageError("stages.propose needs predictions (stages.predict) or propose.questions")
+        from pipelines import propose
+
+        key = content_key(predictions=state.predictions_key, dataset=state.dataset_key, top_n=cfg.top_n)
+
+        def compute(out: Path) -> None:
+            proposals = propose.run_proposals(
+                prediction_paths=state.predictions, original_labels=state.original_labels,
+                top_n=cfg.top_n, options=_options(state.config))
+            proposals.to_parquet(out / "proposals.parquet", index=False)
+
+    folder = state.store.get_or_compute("proposals", key, compute)
+    state.proposals = pd.read_parquet(folder / "proposals.parquet")
+    state.proposals_key = key
+    state.outputs["proposals"] = str(folder / "proposals.parquet")
+    n_images = state.proposals["file_name"].nunique()
+    return (f"{len(state.proposals):,} proposals on {n_images:,} images "
+            f"({len(state.proposals) / max(n_images, 1):.2f} per image)")
+
+
+# ---------------------------------------------------------------- stage 3: select subset
+
+def stage_select_subset(state: RunState) -> str:
+    cfg = state.config.stages.select_subset
+    from auditing import subset_selection
+
+    gold_path = state.config.resolve(cfg.gold)
+    key = content_key(predictions=state.predictions_key, gold=file_digest(gold_path),
+                      recall_target=cfg.recall_target, top_n=state.config.stages.propose.top_n
+                      if state.config.stages.propose else None)
+
+    def compute(out: Path) -> None:
+        from pipelines import propose
+
+        result = propose.run_subset_selection(
+            prediction_paths=state.predictions, original_labels=state.original_labels,
+            gold=labelsets.read_gold_label_sets(gold_path), recall_target=cfg.recall_target,
+            top_n=state.config.stages.propose.top_n if state.config.stages.propose else None)
+        (out / "selection.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    folder = state.store.get_or_compute("select_subset", key, compute)
+    selection = json.loads((folder / "selection.json").read_text())
+    state.outputs["subset_selection"] = str(folder / "selection.json")
+    chosen = selection["selected_models"]
+    # Proposals from now on come from the chosen subset only.
+    state.predictions = {m: state.predictions[m] for m in chosen}
+    state.predictions_key = content_key(**{m: file_digest(p) for m, p in sorted(state.predictions.items())})
+    stage_propose(state)
+    del subset_selection
+    return f"chose {chosen} (precision {selection['precision']:.3f}, recall {selection['recall']:.3f})"
+
+
+# ---------------------------------------------------------------- stage 4: tasks
+
+def stage_tasks(state: RunState) -> str:
+    cfg = state.config.stages.tasks
+    from auditing import tasks as tasks_lib
+
+    if state.proposals is None:
+        raise StageError("stages.tasks needs proposals (stages.propose)")
+    key = content_key(proposals=state.proposals_key, predictions=state.predictions_key,
+                      dataset=state.dataset_key, max_labels=cfg.max_labels,
+                      image_uri_template=cfg.image_uri_template)
+
+    def compute(out: Path) -> None:
+        top1 = _top1_by_model(state)
+        built = tasks_lib.build_tasks(state.proposals, original_labels=state.original_labels,
+                                      top1=top1, max_labels=cfg.max_labels)
+        tasks_lib.write_tasks_jsonl(built, out / "tasks.jsonl", image_uri_template=cfg.image_uri_template)
+        tasks_lib.write_tasks_csv(built, out / "tasks.csv", image_uri_template=cfg.image_uri_template)
+        (out / "summary.json").write_text(json.dumps(tasks_lib.summarize_tasks(built), indent=2) + "\n")
+
+    folder = state.store.get_or_compute("tasks", key, compute)
+    state.tasks_summary = json.loads((folder / "summary.json").read_text())
+    state.outputs["tasks"] = str(folder / "tasks.jsonl")
+    s = state.tasks_summary
+    return ", ".join(f"{k.replace('_', ' ')}: {v:,}" if isinstance(v, int) else f"{k.replace('_', ' ')}: {v}"
+                     for k, v in s.items())
+
+
+def _top1_by_model(state: RunState) -> dict[str, pd.DataFrame]:
+    from auditing.predictions import load_predictions
+
+    top1 = {}
+    for name, path in state.predictions.items():
+        pred = load_predictions(path)
+        labels = pred.top1 if pred.top1 is not None else np.argmax(pred.logits, axis=1)
+        top1[name] = pd.DataFrame({"file_name": pred.file_names, "label": labels})
+    return top1
+
+
+# ---------------------------------------------------------------- stage 5: votes
+
+def stage_votes(state: RunState) -> str:
+    cfg = state.config.stages.votes
+    from auditing import votes as votes_lib
+
+    paths = [state.config.resolve(p) for p in cfg.paths]
+    key = content_key(votes=[file_digest(p) for p in paths], format=cfg.format,
+                      simulate=cfg.simulate.model_dump() if cfg.simulate else None,
+                      proposals=state.proposals_key if cfg.simulate else None)
+
+    def compute(out: Path) -> None:
+        frames, quarantines = [], []
+        for path in paths:
+            raw = votes_lib.read_votes(path, format=None if cfg.format == "auto" else cfg.format)
+            kept, quarantine = votes_lib.validate_votes(raw, num_classes=NUM_CLASSES, source=path)
+            frames.append(kept)
+            quarantines.append(quarantine)
+        if cfg.simulate:
+            from auditing import simulated_crowd
+
+            frames.append(simulated_crowd.simulate_votes(
+                state.proposals, calibration=state.config.resolve(cfg.simulate.calibration_votes),
+                raters_per_task=cfg.simulate.raters_per_task, seed=cfg.simulate.seed))
+        kept = pd.concat(frames, ignore_index=True) if frames else votes_lib.empty_votes()
+        quarantine = pd.concat(quarantines, ignore_index=True) if quarantines else None
+        kept.to_parquet(out / "votes.parquet", index=False)
+        votes_lib.write_quarantine(quarantine, out / "quarantine.csv")
+        summary = {"read": int(len(kept) + (0 if quarantine is None else len(quarantine))),
+                   "kept": int(len(kept)), "quarantined": 0 if quarantine is None else int(len(quarantine))}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    folder = state.store.get_or_compute("votes", key, compute)
+    state.votes = pd.read_parquet(folder / "votes.parquet")
+    state.votes_summary = json.loads((folder / "summary.json").read_text())
+    state.votes_key = key
+    state.outputs["quarantine"] = str(folder / "quarantine.csv")
+    s = state.votes_summary
+    return f"read {s['read']:,} votes: kept {s['kept']:,}, quarantined {s['quarantined']:,}"
+
+
+# ---------------------------------------------------------------- stage 6: aggregate
+
+def stage_aggregate(state: RunState) -> str:
+    cfg = state.config.stages.aggregate
+    from auditing import aggregation
+
+    if state.votes is None:
+        raise StageError("stages.aggregate needs votes (stages.votes)")
+    key = content_key(votes=state.votes_key, method=cfg.method, params=cfg.params)
+
+    def compute(out: Path) -> None:
+        result = aggregation.aggregate(state.votes, method=cfg.method, **cfg.params)
+        result.scores_.to_parquet(out / "scores.parquet", index=False)
+
+    folder = state.store.get_or_compute("aggregate", key, compute)
+    state.scores = pd.read_parquet(folder / "scores.parquet")
+    state.label_sets = aggregation.label_sets(state.scores, state.original_labels, threshold=cfg.threshold)
+    state.labels_key = content_key(scores=key, threshold=cfg.threshold, dataset=state.dataset_key)
+    state.outputs["scores"] = str(folder / "scores.parquet")
+    sets = state.label_sets
+    n_labels = sum(len(s) for s in sets.values())
+    n_empty = sum(1 for s in sets.values() if not s)
+    return f"{len(state.scores):,} questions scored; {n_labels:,} labels, {n_empty:,} empty sets"
+
+
+# ---------------------------------------------------------------- stage 7: release
+
+def label_counts(label_sets: dict[str, frozenset[int]]) -> dict[str, int]:
+    sizes = np.array([len(s) for s in label_sets.values()])
+    return {"images": int(sizes.size), "labels": int(sizes.sum()), "empty_sets": int((sizes == 0).sum()),
+            "multi_label_images": int((sizes > 1).sum())}
+
+
+def _manifest(state: RunState) -> dict[str, Any]:
+    cfg = state.config
+    inputs = {}
+    refs = {"dataset.original_labels": cfg.dataset.original_labels}
+    if cfg.stages.votes:
+        refs.update({f"stages.votes.paths[{i}]": p for i, p in enumerate(cfg.stages.votes.paths)})
+    if cfg.stages.propose and cfg.stages.propose.questions:
+        refs["stages.propose.questions"] = cfg.stages.propose.questions
+    for key, ref in refs.items():
+        resolved = cfg.resolve(ref)
+        inputs[key] = {"ref": ref, "sha256": None if resolved == "tfds-wheel" else file_digest(resolved)}
+    for name, path in state.predictions.items():
+        inputs[f"predictions.{name}"] = {"ref": Path(path).name, "sha256": file_digest(path)}
+    config_dump = cfg.model_dump(exclude={"base_dir", "output_dir"}, mode="json")
+    return {"content_key": state.labels_key, "inputs": inputs,
+            "config": config_dump, "config_sha256": content_key(config=config_dump)}
+
+
+def stage_release(state: RunState) -> str:
+    cfg = state.config.stages.release
+    if state.label_sets is None:
+        raise StageError("stages.release needs label sets (stages.aggregate)")
+    out = Path(state.config.output_dir)
+    existing = release_lib.release_dir(out, cfg.name, cfg.version)
+    if existing.exists():
+        manifest = json.loads((existing / "manifest.json").read_text())
+        if manifest.get("content_key") == state.labels_key:
+            state.release_path, state.release_status = existing, "unchanged"
+            return f"{cfg.name} {cfg.version} is up to date ({existing}); nothing written"
+        raise release_lib.ReleaseExistsError(
+            f"{existing} exists with different content: released versions are never overwritten; "
+            "bump stages.release.version or run `label-audit reaudit`")
+    write_release_version(state, cfg.version, {cfg.version: cfg.release_notes}, diff=None)
+    return f"wrote {state.release_path}"
+
+
+def write_release_version(state: RunState, version: str, release_notes: dict[str, str],
+                          diff: dict[str, Any] | None) -> Path:
+    cfg = state.config.stages.release
+    labels = state.original_labels
+    table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
+                                      state.label_sets, state.scores)
+    counts = label_counts(state.label_sets) | {
+        "questions": int(len(state.scores)),
+        "votes_read": state.votes_summary.get("read"),
+        "votes_quarantined": state.votes_summary.get("quarantined")}
+    state.counts = counts
+    state.release_path = release_lib.write_release(
+        state.config.output_dir, cfg.name, version, table, release_notes=release_notes,
+        manifest=_manifest(state) | {"version": version}, counts=counts, options=_options(state.config),
+        description=cfg.description, diff=diff)
+    state.release_status = "written"
+    state.outputs["release"] = str(state.release_path)
+    return state.release_path
+
+
+# ---------------------------------------------------------------- stage 8: report
+
+def stage_report(state: RunState) -> str:
+    cfg = state.config.stages.report
+    from pipelines import report
+
+    if state.label_sets is None:
+        raise StageError("stages.report needs label sets (stages.aggregate)")
+    out_dir = Path(state.config.output_dir) / "report"
+    extra = {"counts": state.counts or label_counts(state.label_sets), "votes": state.votes_summary,
+             "tasks": state.tasks_summary}
+    if state.config.stages.release:
+        extra["release"] = {"name": state.config.stages.release.name,
+                            "path": str(state.release_path) if state.release_path else None}
+    published = None
+    if cfg.published_labels:
+        published = labelsets.read_real_json(state.config.resolve(cfg.published_labels),
+                                             file_names=state.original_labels["file_name"].tolist())
+    predictions = dict(state.predictions)
+    predictions.update({n: state.config.resolve(p) for n, p in cfg.predictions.items()})
+    paths = report.write_report(out_dir, label_sets=state.label_sets,
+                                original_labels=state.original_labels, predictions=predictions,
+                                extra_summary=extra, published_label_sets=published, scores=state.scores)
+    state.outputs.update({f"report.{k}": str(v) for k, v in paths.items()})
+    return f"wrote {out_dir}"
+
+
+# ---------------------------------------------------------------- driver
+
+def _options(config: AuditConfig):
+    return make_options(config.runner.name, config.runner.num_workers, config.runner.options)
+
+
+STAGES = {
+    "dataset": stage_dataset, "predict": stage_predict, "propose": stage_propose,
+    "select_subset": stage_select_subset, "tasks": stage_tasks, "votes": stage_votes,
+    "aggregate": stage_aggregate, "release": stage_release, "report": stage_report,
+}
+
+
+def declared_stages(config: AuditConfig) -> list[str]:
+    return ["dataset"] + [name for name in STAGE_ORDER[1:] if getattr(config.stages, name) is not None]
+
+
+def execute(config: AuditConfig, stages: list[str] | None = None, echo=print) -> RunState:
+    """Run ``stages`` (default: all declared) and return the final state."""
+    state = RunState(config=config, store=Store(Path(config.output_dir) / "store"))
+    names = stages or declared_stages(config)
+    started = time.monotonic()
+    for i, name in enumerate(names, start=1):
+        t0 = time.monotonic()
+        echo(f"[{i}/{len(names)}] {name} ...", flush=True)
+        message = STAGES[name](state)
+        echo(f"[{i}/{len(names)}] {name}: {message} ({time.monotonic() - t0:.1f} s)", flush=True)
+    reused = len(names) - 1 - len({s for s, _ in state.store.computed})
+    echo(f"done in {time.monotonic() - started:.1f} s; stages recomputed: "
+         f"{sorted({s for s, _ in state.store.computed}) or 'none'}; reused: {max(reused, 0)}")
+    for what, path in sorted(state.outputs.items()):
+        echo(f"  {what:<20} {path}")
+    return state
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("--out", help="output directory (overrides the config's output_dir)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, output_dir=args.out)
+        execute(config)
+    except (ConfigError, StageError, release_lib.ReleaseExistsError) as e:
+        print(f"label-audit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
