@@ -114,6 +114,8 @@ class SimulatedCrowdConfig(_Section):
     """A clearly labelled simulated crowd (for photo sets nobody rated): rater
     confusion matrices estimated from the ReaL raters. Never for real audits."""
 
+    # The true label sets the simulated raters answer from (TSV/JSON gold format).
+    truth: FileRef
     raters_per_task: int = pydantic.Field(5, ge=1)
     seed: int = 0
     calibration_votes: FileRef = "source:real_raters"
@@ -203,6 +205,7 @@ def _file_refs(config: AuditConfig) -> list[tuple[str, str]]:
     if s.votes:
         refs += [(f"stages.votes.paths[{i}]", p) for i, p in enumerate(s.votes.paths)]
         if s.votes.simulate:
+            refs.append(("stages.votes.simulate.truth", s.votes.simulate.truth))
             refs.append(("stages.votes.simulate.calibration_votes", s.votes.simulate.calibration_votes))
     if s.report:
         if s.report.published_labels:

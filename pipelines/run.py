@@ -47,8 +47,9 @@ class RunState:
     predictions_key: str = ""
     proposals: pd.DataFrame | None = None
     proposals_key: str = ""
+    tasks: pd.DataFrame | None = None
+    tasks_key: str = ""
     tasks_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    asked_pairs: pd.DataFrame | None = None
     votes: pd.DataFrame | None = None
     votes_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     votes_key: str = ""
@@ -59,6 +60,19 @@ class RunState:
     release_status: str = ""
     outputs: dict[str, str] = dataclasses.field(default_factory=dict)
     counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Re-audits: the latest release, whose asked pairs and votes are carried over.
+    previous_release: Path | None = None
+    diff: dict[str, Any] | None = None
+
+    @classmethod
+    def for_config(cls, config: AuditConfig, previous_release: Path | None = None) -> "RunState":
+        return cls(config=config, store=Store(Path(config.output_dir) / "store"),
+                   previous_release=previous_release)
+
+    def previous_manifest(self) -> dict[str, Any] | None:
+        if self.previous_release is None:
+            return None
+        return json.loads((self.previous_release / "manifest.json").read_text())
 
 
 class StageError(RuntimeError):
@@ -176,13 +190,21 @@ def stage_tasks(state: RunState) -> str:
 
     if state.proposals is None:
         raise StageError("stages.tasks needs proposals (stages.propose)")
+    previous = state.previous_manifest()
     key = content_key(proposals=state.proposals_key, predictions=state.predictions_key,
                       dataset=state.dataset_key, max_labels=cfg.max_labels,
-                      image_uri_template=cfg.image_uri_template)
+                      image_uri_template=cfg.image_uri_template,
+                      asked_before=previous["content_key"] if previous else None)
 
     def compute(out: Path) -> None:
         top1 = _top1_by_model(state)
-        built = tasks_lib.build_tasks(state.proposals, original_labels=state.original_labels,
+        proposals = state.proposals
+        if state.previous_release is not None:
+            # Re-audit: only (image, label) pairs never asked become new tasks.
+            asked = asked_pairs(state.previous_release)
+            merged = proposals.merge(asked, on=["file_name", "label"], how="left", indicator=True)
+            proposals = proposals[(merged["_merge"] == "left_only").to_numpy()]
+        built = tasks_lib.build_tasks(proposals, original_labels=state.original_labels,
                                       top1=top1, max_labels=cfg.max_labels)
         tasks_lib.write_tasks_jsonl(built, out / "tasks.jsonl", image_uri_template=cfg.image_uri_template)
         tasks_lib.write_tasks_csv(built, out / "tasks.csv", image_uri_template=cfg.image_uri_template)
@@ -190,10 +212,20 @@ def stage_tasks(state: RunState) -> str:
 
     folder = state.store.get_or_compute("tasks", key, compute)
     state.tasks_summary = json.loads((folder / "summary.json").read_text())
+    state.tasks = tasks_lib.read_tasks_jsonl(folder / "tasks.jsonl")
+    state.tasks_key = key
     state.outputs["tasks"] = str(folder / "tasks.jsonl")
     s = state.tasks_summary
     return ", ".join(f"{k.replace('_', ' ')}: {v:,}" if isinstance(v, int) else f"{k.replace('_', ' ')}: {v}"
                      for k, v in s.items())
+
+
+def asked_pairs(release_path: Path) -> pd.DataFrame:
+    """(file_name, label) pairs that have votes in a release (its label_scores)."""
+    table = release_lib.read_release(release_path)
+    exploded = table[["file_name", "score_labels"]].explode("score_labels").dropna()
+    return pd.DataFrame({"file_name": exploded["file_name"].astype(str),
+                         "label": exploded["score_labels"].astype("int64")}).drop_duplicates()
 
 
 def _top1_by_model(state: RunState) -> dict[str, pd.DataFrame]:
@@ -214,9 +246,15 @@ def stage_votes(state: RunState) -> str:
     from auditing import votes as votes_lib
 
     paths = [state.config.resolve(p) for p in cfg.paths]
+    previous = state.previous_manifest()
+    previous_votes = None
+    if previous and previous.get("stage_keys", {}).get("votes"):
+        candidate = state.store.path("votes", previous["stage_keys"]["votes"]) / "votes.parquet"
+        previous_votes = candidate if candidate.is_file() else None
     key = content_key(votes=[file_digest(p) for p in paths], format=cfg.format,
                       simulate=cfg.simulate.model_dump() if cfg.simulate else None,
-                      proposals=state.proposals_key if cfg.simulate else None)
+                      tasks=state.tasks_key if cfg.simulate else None,
+                      previous_votes=file_digest(previous_votes) if previous_votes else None)
 
     def compute(out: Path) -> None:
         frames, quarantines = [], []
@@ -228,10 +266,17 @@ def stage_votes(state: RunState) -> str:
         if cfg.simulate:
             from auditing import simulated_crowd
 
+            if state.tasks is None:
+                raise StageError("stages.votes.simulate answers the tasks: it needs stages.tasks")
             frames.append(simulated_crowd.simulate_votes(
-                state.proposals, calibration=state.config.resolve(cfg.simulate.calibration_votes),
+                state.tasks, truth=labelsets.read_gold_label_sets(state.config.resolve(cfg.simulate.truth)),
+                calibration_votes=state.config.resolve(cfg.simulate.calibration_votes),
                 raters_per_task=cfg.simulate.raters_per_task, seed=cfg.simulate.seed))
+        if previous_votes is not None:
+            # Re-audit: earlier audits' votes are kept and merged with the new ones.
+            frames.insert(0, pd.read_parquet(previous_votes))
         kept = pd.concat(frames, ignore_index=True) if frames else votes_lib.empty_votes()
+        kept = kept.drop_duplicates(["rater_id", "file_name", "label"], keep="first", ignore_index=True)
         quarantine = pd.concat(quarantines, ignore_index=True) if quarantines else None
         kept.to_parquet(out / "votes.parquet", index=False)
         votes_lib.write_quarantine(quarantine, out / "quarantine.csv")
@@ -295,7 +340,10 @@ def _manifest(state: RunState) -> dict[str, Any]:
     for name, path in state.predictions.items():
         inputs[f"predictions.{name}"] = {"ref": Path(path).name, "sha256": file_digest(path)}
     config_dump = cfg.model_dump(exclude={"base_dir", "output_dir"}, mode="json")
-    return {"content_key": state.labels_key, "inputs": inputs,
+    stage_keys = {"dataset": state.dataset_key, "proposals": state.proposals_key,
+                  "tasks": state.tasks_key, "votes": state.votes_key,
+                  "predictions": {name: file_digest(p) for name, p in sorted(state.predictions.items())}}
+    return {"content_key": state.labels_key, "inputs": inputs, "stage_keys": stage_keys,
             "config": config_dump, "config_sha256": content_key(config=config_dump)}
 
 
@@ -337,6 +385,27 @@ def write_release_version(state: RunState, version: str, release_notes: dict[str
     return state.release_path
 
 
+def describe_changes(manifest: dict[str, Any], state: RunState) -> str:
+    """A sentence for the release notes: what differs from the previous manifest."""
+    before = manifest.get("stage_keys", {})
+    old_models = set(before.get("predictions", {}))
+    new_models = set(state.predictions)
+    parts = []
+    if new_models - old_models:
+        parts.append("added model(s) " + ", ".join(sorted(new_models - old_models)))
+    if old_models - new_models:
+        parts.append("removed model(s) " + ", ".join(sorted(old_models - new_models)))
+    changed = [m for m in sorted(old_models & new_models)
+               if before["predictions"][m] != file_digest(state.predictions[m])]
+    if changed:
+        parts.append("new predictions for " + ", ".join(changed))
+    if before.get("votes") != state.votes_key:
+        parts.append("votes changed")
+    if manifest.get("config_sha256") != _manifest(state)["config_sha256"]:
+        parts.append("config changed")
+    return "; ".join(parts) or "inputs changed"
+
+
 # ---------------------------------------------------------------- stage 8: report
 
 def stage_report(state: RunState) -> str:
@@ -347,7 +416,7 @@ def stage_report(state: RunState) -> str:
         raise StageError("stages.report needs label sets (stages.aggregate)")
     out_dir = Path(state.config.output_dir) / "report"
     extra = {"counts": state.counts or label_counts(state.label_sets), "votes": state.votes_summary,
-             "tasks": state.tasks_summary}
+             "tasks": state.tasks_summary, "diff": state.diff}
     if state.config.stages.release:
         extra["release"] = {"name": state.config.stages.release.name,
                             "path": str(state.release_path) if state.release_path else None}
@@ -381,9 +450,10 @@ def declared_stages(config: AuditConfig) -> list[str]:
     return ["dataset"] + [name for name in STAGE_ORDER[1:] if getattr(config.stages, name) is not None]
 
 
-def execute(config: AuditConfig, stages: list[str] | None = None, echo=print) -> RunState:
+def execute(config: AuditConfig, stages: list[str] | None = None, echo=print,
+            state: RunState | None = None) -> RunState:
     """Run ``stages`` (default: all declared) and return the final state."""
-    state = RunState(config=config, store=Store(Path(config.output_dir) / "store"))
+    state = state or RunState.for_config(config)
     names = stages or declared_stages(config)
     started = time.monotonic()
     for i, name in enumerate(names, start=1):
