@@ -21,10 +21,20 @@ Definitions (METHOD.md, stage 6):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+
+class LabelOutOfRange(ValueError):
+    """A label outside [0, num_classes); names the image (position, or file name)."""
+
+    def __init__(self, image: int, label: int, num_classes: int, file_name: str | None = None):
+        where = file_name if file_name is not None else f"image {image}"
+        super().__init__(f"{where}: label {label} is outside [0, {num_classes})")
+        self.image, self.label = image, label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +53,18 @@ class LabelSets:
     @classmethod
     def from_sets(cls, sets: Iterable[Collection[int]], num_classes: int) -> "LabelSets":
         """From one collection of class indices per image (duplicates are dropped)."""
-        rows = [np.unique(np.asarray(list(s), dtype=np.int64)) for s in sets]
-        sizes = np.array([len(r) for r in rows], dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        indices = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-        bad = (indices < 0) | (indices >= num_classes)
+        sets = [list(s) for s in sets]
+        rows = np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets])
+        labels = np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64, count=len(rows))
+        bad = (labels < 0) | (labels >= num_classes)
         if bad.any():
-            image = int(np.searchsorted(indptr, np.flatnonzero(bad)[0], side="right") - 1)
-            raise ValueError(f"image {image}: label {int(indices[bad][0])} is outside "
-                             f"[0, {num_classes})")
+            first = np.flatnonzero(bad)[0]
+            raise LabelOutOfRange(int(rows[first]), int(labels[first]), num_classes)
+        # One sorted, de-duplicated key per (image, label) pair.
+        keys = np.unique(rows * num_classes + labels)
+        indices = keys % num_classes
+        sizes = np.bincount(keys // num_classes, minlength=len(sets))
+        indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         return cls(indptr=indptr, indices=indices, num_classes=num_classes)
 
     def __len__(self) -> int:
@@ -87,11 +100,6 @@ class LabelSets:
 
     def to_sets(self) -> list[frozenset[int]]:
         return [frozenset(self.indices[a:b].tolist()) for a, b in zip(self.indptr[:-1], self.indptr[1:])]
-
-
-def top1_of(logits: np.ndarray) -> np.ndarray:
-    """Arg-max class per image."""
-    return np.asarray(logits).argmax(axis=1).astype(np.int64)
 
 
 def _nan_mean(values: np.ndarray) -> float:
@@ -246,4 +254,7 @@ def sets_from_mapping(file_names: Sequence[str], sets: Mapping[str, Collection[i
     missing = [f for f in file_names if f not in sets]
     if missing:
         raise KeyError(f"{len(missing)} file names have no label set, e.g. {missing[0]!r}")
-    return LabelSets.from_sets((sets[f] for f in file_names), num_classes)
+    try:
+        return LabelSets.from_sets((sets[f] for f in file_names), num_classes)
+    except LabelOutOfRange as e:  # name the file, not just its position
+        raise LabelOutOfRange(e.image, e.label, num_classes, file_names[e.image]) from None

@@ -41,15 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # First pass: find the command; second pass: parse with its own arguments.
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(known._module)
-    sub_parser = parser._subparsers._group_actions[0].choices[known.command]  # noqa: SLF001
-    module.add_arguments(sub_parser)
+    # Only the chosen command's module is imported (and its arguments added), so that
+    # `label-audit report` does not import JAX; `label-audit CMD --help` still lists them.
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command is not None:
+        module = importlib.import_module(COMMANDS[command][0])
+        module.add_arguments(parser._subparsers._group_actions[0].choices[command])  # noqa: SLF001
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "apache_beam", "jax", "tensorflow_datasets"):
+    for noisy in ("absl", "apache_beam", "jax", "tensorflow_datasets", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return int(module.main(args) or 0)
 

@@ -410,26 +410,37 @@ def describe_changes(manifest: dict[str, Any], state: RunState) -> str:
 
 def stage_report(state: RunState) -> str:
     cfg = state.config.stages.report
+    from auditing.predictions import load_predictions
     from pipelines import report
 
     if state.label_sets is None:
         raise StageError("stages.report needs label sets (stages.aggregate)")
     out_dir = Path(state.config.output_dir) / "report"
-    extra = {"counts": state.counts or label_counts(state.label_sets), "votes": state.votes_summary,
-             "tasks": state.tasks_summary, "diff": state.diff}
-    if state.config.stages.release:
-        extra["release"] = {"name": state.config.stages.release.name,
-                            "path": str(state.release_path) if state.release_path else None}
-    published = None
+    extra: dict[str, Any] = {"counts": state.counts or label_counts(state.label_sets)}
+    if state.votes_summary:
+        extra["votes"] = state.votes_summary
+    if state.tasks_summary:
+        extra["tasks"] = state.tasks_summary
+    if state.config.stages.release and state.release_path is not None:
+        extra["release_name"] = state.config.stages.release.name
+        extra["release_version"] = state.release_path.name
+    if state.diff is not None:
+        extra["diff"] = {k: v for k, v in state.diff.items() if k not in ("changed", "images_added",
+                                                                          "images_removed")}
     if cfg.published_labels:
+        from auditing.aggregation import agreement_with_published
+
         published = labelsets.read_real_json(state.config.resolve(cfg.published_labels),
                                              file_names=state.original_labels["file_name"].tolist())
-    predictions = dict(state.predictions)
-    predictions.update({n: state.config.resolve(p) for n, p in cfg.predictions.items()})
-    paths = report.write_report(out_dir, label_sets=state.label_sets,
-                                original_labels=state.original_labels, predictions=predictions,
-                                extra_summary=extra, published_label_sets=published, scores=state.scores)
-    state.outputs.update({f"report.{k}": str(v) for k, v in paths.items()})
+        extra["agreement_with_published"] = agreement_with_published(state.scores, state.label_sets,
+                                                                     published)
+    paths = dict(state.predictions)
+    paths.update({n: state.config.resolve(p) for n, p in cfg.predictions.items()})
+    written = report.write_report(out_dir, label_sets=state.label_sets,
+                                  original_labels=state.original_labels,
+                                  predictions={n: load_predictions(p) for n, p in paths.items()},
+                                  extra_summary=extra, model_zoo=report.local_model_zoo())
+    state.outputs.update({f"report.{k}": str(v) for k, v in written.items()})
     return f"wrote {out_dir}"
 
 
