@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "matplotlib>=3.8",
     "msgpack>=1.0",
+    "orbax-checkpoint",
+    "ml_dtypes",
     "pydantic>=2.6,<3",
     # tfds resolves a builder's code path through etils.epath, which needs it.
     "importlib_resources>=6",

@@ -258,3 +258,24 @@ def sets_from_mapping(file_names: Sequence[str], sets: Mapping[str, Collection[i
         return LabelSets.from_sets((sets[f] for f in file_names), num_classes)
     except LabelOutOfRange as e:  # name the file, not just its position
         raise LabelOutOfRange(e.image, e.label, num_classes, file_names[e.image]) from None
+
+
+def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[int]],
+                             published: Mapping[str, frozenset[int]]) -> dict[str, float | int]:
+    """How our audit agrees with published label sets (e.g. ReaL's real.json).
+
+    ``scores``: the rated questions (file_name, label, ...). Per question: is the label
+    in our set exactly when it is in the published set. Per rated image: are the two
+    sets equal. For measuring only: published labels never feed the labels.
+    """
+    files = scores["file_name"].to_numpy()
+    labels = scores["label"].to_numpy()
+    in_ours = np.fromiter((int(l) in ours[f] for f, l in zip(files, labels)), bool, len(files))
+    in_published = np.fromiter((int(l) in published.get(f, frozenset()) for f, l in zip(files, labels)),
+                               bool, len(files))
+    rated = pd.unique(files)
+    same_set = np.fromiter((ours[f] == published.get(f, frozenset()) for f in rated), bool, len(rated))
+    return {"questions": int(len(files)), "question_agreement": float((in_ours == in_published).mean()),
+            "rated_images": int(len(rated)), "image_exact_match": float(same_set.mean()),
+            "all_images_exact_match": float(np.mean([ours[f] == published.get(f, frozenset())
+                                                     for f in ours]))}

@@ -58,15 +58,35 @@ class TorchCheckpointError(ValueError):
     """The file is not a readable torch tensor checkpoint (truncated, wrong layout...)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _StorageType:
-    # Frozen with slots: a pickle's BUILD opcode cannot mutate the shared allowlist entry.
-    name: str
-    dtype: np.dtype
+class _NoBuild:
+    """Objects the pickle holds references to refuse its BUILD opcode (no state to restore)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        what = getattr(self, "qualname", type(self).__name__.lstrip("_"))
+        raise TorchCheckpointError(f"the pickle tries to modify {what}, which a state dict never does")
+
+
+class _AllowedGlobal(_NoBuild):
+    """What ``find_class`` hands back for an allowed global: a fresh stand-in per reference,
+    so that nothing a pickle does to it can reach the next file."""
+
+    __slots__ = ("qualname", "function", "dtype")
+
+    def __init__(self, qualname: str, function: Any = None, dtype: np.dtype | None = None):
+        self.qualname = qualname
+        self.function = function  # None: not callable (storage types are only passed around)
+        self.dtype = dtype  # storage types only
+
+    def __call__(self, *args: Any) -> Any:
+        if self.function is None:
+            raise TorchCheckpointError(f"the pickle calls {self.qualname}, which a state dict never does")
+        return self.function(*args)
 
 
 @dataclasses.dataclass
-class _StorageRef:
+class _StorageRef(_NoBuild):
     """A storage named by the pickle; its bytes are read after (legacy) or beside (zip) it."""
 
     key: str
@@ -76,7 +96,7 @@ class _StorageRef:
 
 
 @dataclasses.dataclass
-class _TensorRef:
+class _TensorRef(_NoBuild):
     storage: _StorageRef
     offset: int
     size: tuple[int, ...]
@@ -109,13 +129,13 @@ def _is_int_tuple(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
-# (module, name) -> the local object the unpickler hands back instead of importing it.
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+# (module, name) -> (local function it stands for, or None for a storage type; storage dtype).
+ALLOWED_GLOBALS: dict[tuple[str, str], tuple[Any, np.dtype | None]] = {
+    ("collections", "OrderedDict"): (collections.OrderedDict, None),
+    ("torch._utils", "_rebuild_tensor"): (_rebuild_tensor, None),
+    ("torch._utils", "_rebuild_tensor_v2"): (_rebuild_tensor, None),
+    ("torch._utils", "_rebuild_parameter"): (_rebuild_parameter, None),
+    **{("torch", name): (None, dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
 
@@ -129,7 +149,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return ALLOWED_GLOBALS[(module, name)]
+            function, dtype = ALLOWED_GLOBALS[(module, name)]
+            return _AllowedGlobal(f"{module}.{name}", function, dtype)
         except KeyError:
             allowed = sorted(f"{m}.{n}" for m, n in ALLOWED_GLOBALS if not n.endswith("Storage"))
             raise UnsafeCheckpointError(
@@ -144,7 +165,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise TorchCheckpointError(f"{self.source}: unsupported persistent id {pid!r:.200}")
         storage_type, key, _location, numel = pid[1:5]
         view = pid[5] if len(pid) == 6 else None
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int) or numel < 0:
+        if not (isinstance(storage_type, _AllowedGlobal) and storage_type.dtype is not None
+                and isinstance(numel, int) and numel >= 0):
             raise TorchCheckpointError(f"{self.source}: malformed storage reference {pid!r:.200}")
         key = _ascii(key)
         root = self.storages.setdefault(key, _StorageRef(key, storage_type.dtype, numel))
@@ -249,7 +271,7 @@ def _tensor_array(ref: _TensorRef, storage: np.ndarray, path: str) -> np.ndarray
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[start:], shape=ref.size,
                                            strides=[s * itemsize for s in ref.stride], writeable=False)
-    return np.ascontiguousarray(view)
+    return view.copy()  # C order; np.ascontiguousarray would turn a 0-d tensor into 1-d
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
@@ -277,3 +299,72 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if bad:
         raise TorchCheckpointError(f"{os.fspath(path)}: entries that are not name -> tensor: {bad[:10]}")
     return dict(obj)
+
+
+# torch parameter/buffer name -> (Flax collection, Flax leaf name); None drops the entry.
+_LEAF_NAMES: dict[str, tuple[str, str] | None] = {
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+    "num_batches_tracked": None,
+}
+
+
+def _flax_kernel(weight: np.ndarray) -> tuple[str, np.ndarray]:
+    """A torch ``weight`` as a Flax leaf: conv OIHW -> HWIO kernel, linear (out, in) -> (in, out)
+    kernel, 1-D (batch norm) -> scale."""
+    if weight.ndim == 4:
+        return "kernel", weight.transpose(2, 3, 1, 0)
+    if weight.ndim == 2:
+        return "kernel", weight.T
+    if weight.ndim == 1:
+        return "scale", weight
+    raise TorchCheckpointError(f"no Flax equivalent for a {weight.ndim}-D weight")
+
+
+def flax_module_path(torch_module: str) -> tuple[str, ...]:
+    """``_blocks.3._bn0`` -> ``("blocks_3", "bn0")``; ``layer1.0.downsample.1`` ->
+    ``("layer1_0", "downsample_1")``: leading underscores go, a list index joins its list's name
+    (how Flax names submodules created in a loop)."""
+    path: list[str] = []
+    for part in torch_module.split("."):
+        if part.isdigit() and path:
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part.lstrip("_"))
+    return tuple(path)
+
+
+def state_dict_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A torch state dict (conv, linear and batch-norm layers) as Flax ``{"params", "batch_stats"}``.
+
+    Module paths are mapped by ``flax_module_path``; check the result against the Flax
+    model (``models.checkpoints.match_variables``) to catch layout differences.
+    """
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    for name, value in state_dict.items():
+        module, _, leaf = name.rpartition(".")
+        target: tuple[str, str] | None
+        if leaf == "weight":
+            try:
+                flax_leaf, value = _flax_kernel(value)
+            except TorchCheckpointError as e:
+                raise TorchCheckpointError(f"{name}: {e}") from None
+            target = ("params", flax_leaf)
+        elif leaf in _LEAF_NAMES:
+            target = _LEAF_NAMES[leaf]
+        else:
+            raise TorchCheckpointError(f"{name}: no Flax equivalent for a parameter called {leaf!r}")
+        if target is None:
+            continue
+        collection, flax_leaf = target
+        node = variables[collection]
+        for part in flax_module_path(module):
+            node = node.setdefault(part, {})
+        node[flax_leaf] = np.ascontiguousarray(value)
+    return {k: v for k, v in variables.items() if v}
+
+
+def load_as_flax_variables(path: str | os.PathLike) -> dict[str, Any]:
+    """A torch state dict file as Flax variables (``state_dict_to_flax`` of ``load_torch_state_dict``)."""
+    return state_dict_to_flax(load_torch_state_dict(path))

@@ -428,7 +428,7 @@ def stage_report(state: RunState) -> str:
         extra["diff"] = {k: v for k, v in state.diff.items() if k not in ("changed", "images_added",
                                                                           "images_removed")}
     if cfg.published_labels:
-        from auditing.aggregation import agreement_with_published
+        from auditing.metrics import agreement_with_published
 
         published = labelsets.read_real_json(state.config.resolve(cfg.published_labels),
                                              file_names=state.original_labels["file_name"].tolist())
