@@ -472,9 +472,9 @@ def execute(config: AuditConfig, stages: list[str] | None = None, echo=print,
         echo(f"[{i}/{len(names)}] {name} ...", flush=True)
         message = STAGES[name](state)
         echo(f"[{i}/{len(names)}] {name}: {message} ({time.monotonic() - t0:.1f} s)", flush=True)
-    reused = len(names) - 1 - len({s for s, _ in state.store.computed})
-    echo(f"done in {time.monotonic() - started:.1f} s; stages recomputed: "
-         f"{sorted({s for s, _ in state.store.computed}) or 'none'}; reused: {max(reused, 0)}")
+    computed = sorted({stage for stage, _ in state.store.computed})
+    echo(f"done in {time.monotonic() - started:.1f} s; stored outputs computed this run: "
+         f"{', '.join(computed) or 'none (all reused)'}")
     for what, path in sorted(state.outputs.items()):
         echo(f"  {what:<20} {path}")
     return state
