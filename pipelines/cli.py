@@ -5,6 +5,7 @@ exposing ``add_arguments(parser)`` and ``main(args) -> int``.
     label-audit reaudit CONFIG [--out DIR]   new version if anything changed  (run.py)
     label-audit predict --model NAME ...     stage 1 on image files           (predict.py)
     label-audit propose --predictions ...    stage 2 label proposals          (propose.py)
+    label-audit tasks --proposals ...        stage 4 crowd tasks              (tasks.py)
     label-audit report --labels ...          stage 7 report                   (report.py)
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {
                                      "3 nothing changed"),
     "predict": ("pipelines.predict", "predict image files with a model; write a predictions NPZ"),
     "propose": ("pipelines.propose", "pool label proposals from prediction NPZ files"),
+    "tasks": ("pipelines.tasks", "build crowd tasks (JSONL/CSV) from proposals"),
     "report": ("pipelines.report", "write report.json and index.html for label sets and predictions"),
 }
 
@@ -43,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Only the chosen command's module is imported (and its arguments added), so that
     # `label-audit report` does not import JAX; `label-audit CMD --help` still lists them.
+    # Beam warns on import, on the root logger, about GCP clients a local run never uses.
+    logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("apitools not found"))
     command = next((a for a in argv if a in COMMANDS), None)
     if command is not None:
         module = importlib.import_module(COMMANDS[command][0])

@@ -8,7 +8,7 @@ Every key maps to one field below and every stage section to one module:
     stages.select_subset  -> auditing/subset_selection.py
     stages.tasks          -> auditing/tasks.py
     stages.votes          -> auditing/votes.py
-    stages.aggregate      -> auditing/aggregation.py
+    stages.aggregate      -> auditing/aggregation/
     stages.release        -> pipelines/release.py
     stages.report         -> pipelines/report.py      (auditing/metrics.py, cooccurrence.py)
 

@@ -257,31 +257,27 @@ def stage_votes(state: RunState) -> str:
                       previous_votes=file_digest(previous_votes) if previous_votes else None)
 
     def compute(out: Path) -> None:
-        frames, quarantines = [], []
-        for path in paths:
-            raw = votes_lib.read_votes(path, format=None if cfg.format == "auto" else cfg.format)
-            kept, quarantine = votes_lib.validate_votes(raw, num_classes=NUM_CLASSES, source=path)
-            frames.append(kept)
-            quarantines.append(quarantine)
+        fmt = None if cfg.format == "auto" else cfg.format
+        validated = votes_lib.read_and_validate(paths, num_classes=NUM_CLASSES, format=fmt)
+        summary = validated.summary.as_dict()
+        frames = [validated.kept]
         if cfg.simulate:
-            from auditing import simulated_crowd
-
             if state.tasks is None:
                 raise StageError("stages.votes.simulate answers the tasks: it needs stages.tasks")
-            frames.append(simulated_crowd.simulate_votes(
-                state.tasks, truth=labelsets.read_gold_label_sets(state.config.resolve(cfg.simulate.truth)),
-                calibration_votes=state.config.resolve(cfg.simulate.calibration_votes),
-                raters_per_task=cfg.simulate.raters_per_task, seed=cfg.simulate.seed))
+            simulated = simulate_crowd_votes(state, cfg.simulate)
+            frames.append(simulated)
+            summary["simulated"] = int(len(simulated))
         if previous_votes is not None:
             # Re-audit: earlier audits' votes are kept and merged with the new ones.
-            frames.insert(0, pd.read_parquet(previous_votes))
-        kept = pd.concat(frames, ignore_index=True) if frames else votes_lib.empty_votes()
-        kept = kept.drop_duplicates(["rater_id", "file_name", "label"], keep="first", ignore_index=True)
-        quarantine = pd.concat(quarantines, ignore_index=True) if quarantines else None
+            carried = pd.read_parquet(previous_votes)
+            frames.insert(0, carried)
+            summary["carried_over"] = int(len(carried))
+        # The same vote read again (a re-audit re-reads its vote files) counts once.
+        kept = pd.concat(frames, ignore_index=True).drop_duplicates(
+            ["rater_id", "file_name", "label"], keep="first", ignore_index=True)
+        summary["votes_used"] = int(len(kept))
         kept.to_parquet(out / "votes.parquet", index=False)
-        votes_lib.write_quarantine(quarantine, out / "quarantine.csv")
-        summary = {"read": int(len(kept) + (0 if quarantine is None else len(quarantine))),
-                   "kept": int(len(kept)), "quarantined": 0 if quarantine is None else int(len(quarantine))}
+        votes_lib.write_quarantine(validated.quarantine, out / "quarantine.csv")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     folder = state.store.get_or_compute("votes", key, compute)
@@ -290,7 +286,33 @@ def stage_votes(state: RunState) -> str:
     state.votes_key = key
     state.outputs["quarantine"] = str(folder / "quarantine.csv")
     s = state.votes_summary
-    return f"read {s['read']:,} votes: kept {s['kept']:,}, quarantined {s['quarantined']:,}"
+    extra = "".join(f", {what.replace('_', ' ')} {s[what]:,}" for what in ("simulated", "carried_over")
+                    if what in s)
+    return (f"read {s['read']:,} votes: kept {s['kept']:,}, quarantined {s['quarantined']:,}{extra}; "
+            f"{s['votes_used']:,} votes used")
+
+
+def simulate_crowd_votes(state: RunState, cfg) -> pd.DataFrame:
+    """Votes of the clearly labelled simulated crowd (auditing/simulated_crowd.py) on the
+    tasks; rater matrices are calibrated once per calibration file and stored."""
+    from auditing import aggregation, simulated_crowd
+    from auditing import votes as votes_lib
+
+    calibration = state.config.resolve(cfg.calibration_votes)
+    key = content_key(calibration=file_digest(calibration))
+
+    def calibrate(out: Path) -> None:
+        kept, _ = votes_lib.read_and_validate([calibration])
+        posteriors = aggregation.aggregate(kept).scores_
+        confusions = simulated_crowd.rater_confusions(kept, posteriors)
+        np.savez(out / "confusions.npz", raters=np.array(sorted(confusions)),
+                 matrices=np.stack([confusions[r] for r in sorted(confusions)]))
+
+    with np.load(state.store.get_or_compute("crowd_calibration", key, calibrate) / "confusions.npz") as f:
+        confusions = dict(zip(f["raters"].tolist(), f["matrices"]))
+    truth = labelsets.read_gold_label_sets(state.config.resolve(cfg.truth))
+    return simulated_crowd.simulate_task_votes(state.tasks, truth, confusions,
+                                               raters_per_task=cfg.raters_per_task, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- stage 6: aggregate
@@ -301,10 +323,13 @@ def stage_aggregate(state: RunState) -> str:
 
     if state.votes is None:
         raise StageError("stages.aggregate needs votes (stages.votes)")
-    key = content_key(votes=state.votes_key, method=cfg.method, params=cfg.params)
+    key = content_key(votes=state.votes_key, method=cfg.method, params=cfg.params,
+                      dataset=state.dataset_key)
 
     def compute(out: Path) -> None:
-        result = aggregation.aggregate(state.votes, method=cfg.method, **cfg.params)
+        # Original labels are an input of the method (a class prior may depend on them).
+        result = aggregation.aggregate(state.votes, method=cfg.method,
+                                       original_labels=state.original_labels, **cfg.params)
         result.scores_.to_parquet(out / "scores.parquet", index=False)
 
     folder = state.store.get_or_compute("aggregate", key, compute)

@@ -1,0 +1,75 @@
+"""From per-question scores to one label set per image (the ReaL rule).
+
+- A rated image's label set = its questions whose score is > threshold (strictly, as
+  the published ReaL labels are exactly the questions with score > 0.8).
+- An image nobody rated keeps its original label.
+- A rated image with no question above the threshold keeps an empty set (ReaL
+  excludes such images from evaluation); they are counted, never dropped.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+
+class LabelSets(dict[str, frozenset[int]]):
+    """file_name -> frozenset of class indices, with the counts of how each came about."""
+
+    def __init__(self, sets: dict[str, frozenset[int]], *, rated: int, unrated_kept_original: int,
+                 rated_without_original: int, threshold: float):
+        super().__init__(sets)
+        self.rated = rated
+        self.unrated_kept_original = unrated_kept_original
+        self.rated_without_original = rated_without_original
+        self.threshold = threshold
+
+    @property
+    def empty(self) -> int:
+        return sum(1 for labels in self.values() if not labels)
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return {"images": len(self), "labels": sum(len(s) for s in self.values()),
+                "rated_images": self.rated, "unrated_kept_original": self.unrated_kept_original,
+                "rated_without_original": self.rated_without_original, "empty_sets": self.empty,
+                "threshold": self.threshold}
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long format (file_name, label), one row per label; empty sets have no row."""
+        rows = [(f, label) for f, labels in self.items() for label in sorted(labels)]
+        return pd.DataFrame(rows, columns=["file_name", "label"]).astype({"label": "int64"})
+
+
+def label_sets(scores: pd.DataFrame, original_labels: pd.DataFrame, threshold: float = 0.8) -> LabelSets:
+    """``scores``: file_name, label, score (one row per rated question);
+    ``original_labels``: file_name, label (one row per image of the split).
+
+    Images appear in ``original_labels`` order, then rated images it lacks (counted in
+    ``rated_without_original``)."""
+    for name, frame, cols in (("scores", scores, ("file_name", "label", "score")),
+                              ("original_labels", original_labels, ("file_name", "label"))):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{name} lacks column(s) {missing}")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    kept = scores.loc[scores["score"].to_numpy() > threshold]
+    by_image = kept.groupby("file_name", sort=False)["label"].agg(lambda s: frozenset(int(x) for x in s))
+    rated = pd.unique(scores["file_name"])
+    rated_set = set(rated)
+    sets: dict[str, frozenset[int]] = {}
+    unrated = 0
+    for file_name, label in zip(original_labels["file_name"], original_labels["label"]):
+        if file_name in sets:
+            continue
+        if file_name in rated_set:
+            sets[file_name] = by_image.get(file_name, frozenset())
+        else:
+            sets[file_name] = frozenset({int(label)})
+            unrated += 1
+    extra = [f for f in rated if f not in sets]
+    for file_name in extra:
+        sets[file_name] = by_image.get(file_name, frozenset())
+    return LabelSets(sets, rated=len(rated_set), unrated_kept_original=unrated,
+                     rated_without_original=len(extra), threshold=threshold)

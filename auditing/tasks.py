@@ -1,0 +1,377 @@
+"""Stage 4 of METHOD.md: turn label proposals into crowd tasks, and the task file formats.
+
+Which images. An image is sent to raters unless every model's top-1 equals its
+original label (the paper kept 24,889 of 50,000 images). The top-1s come from
+``top1`` ({model: DataFrame[file_name, label]}) or, if not given, from the ``sources``
+of a stage-2 proposals table (an image is skipped when no label other than the
+original has a ``"<model>:top1"`` source). With neither (e.g. the ReaL questions,
+which have no models), every image with proposals is kept.
+
+Grouping. An image with more than ``max_labels`` (8) proposals is split into tasks
+of at most ``max_labels`` labels so that a rater compares similar classes side by
+side: average-linkage clustering, capped at ``max_labels`` per group, on a class
+affinity (the depth of the deepest common WordNet ancestor; classes sharing a lemma
+up to a plural, such as sunglass / sunglasses or the two cranes, count as closest),
+stopped at ceil(k / max_labels) groups or when no two groups fit together (see
+``split_labels``). Within a task, labels are listed in WordNet depth-first order.
+
+Task ids are deterministic: the first 16 hex digits of sha256("<file_name>\\t<sorted
+label indices, comma separated>"), so the same question set gets the same id in every
+run and re-audit.
+
+Task files (``write_tasks_jsonl`` / ``write_tasks_csv``):
+
+- JSONL, one task per line: ``{"task_id", "file_name", "image_uri", "labels": [{"index",
+  "wnid", "name", "lemmas", "gloss"}, ...], "answer_options": [{"value": "yes", "text":
+  "Yes (95% sure it is in the image)"}, {"value": "maybe", ...}, {"value": "no", ...}]}``
+  (plus ``"examples_uri"`` per label when an example-image template is given).
+- CSV, one task per row (crowd platforms' batch input): ``task_id, file_name,
+  image_uri, n_labels`` then ``label_i, wnid_i, name_i, gloss_i`` for i = 1..(largest
+  task), empty where a task has fewer labels.
+
+Answers come back in the long vote format that ``auditing.votes`` reads (CSV, JSONL or
+Parquet), one row per rater and label: ``task_id, file_name, label, rater_id, answer``
+with ``label`` the class index of the task's label and ``answer`` one of ``yes``,
+``maybe``, ``no``. They join the tasks on (``task_id``, ``label``); see
+``read_tasks_jsonl`` for the tasks in that long shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from auditing.imagenet import ImageNetClasses, WordNetHierarchy, load_classes, load_hierarchy
+
+DEFAULT_MAX_LABELS = 8
+ANSWER_OPTIONS = (
+    {"value": "yes", "text": "Yes (95% sure it is in the image)"},
+    {"value": "maybe", "text": "Maybe"},
+    {"value": "no", "text": "No (95% sure it is not in the image)"},
+)
+QUESTION_COLUMNS = ("task_id", "file_name", "label", "position")
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be read; the message names file, line and field."""
+
+
+# ---------------------------------------------------------------- class affinity
+
+def _classes_sharing_a_lemma(classes: ImageNetClasses) -> list[tuple[int, int]]:
+    """Pairs of classes with a lemma in common up to a plural ending (sunglass ~ sunglasses)."""
+    owners: dict[str, set[int]] = {}
+    lemmas = [{re.sub(r"\s+", " ", lemma.strip().lower()) for lemma in text.split(",") if lemma.strip()}
+              for text in classes.lemmas]
+    for i, names in enumerate(lemmas):
+        for name in names:
+            owners.setdefault(name, set()).add(i)
+    pairs = set()
+    for i, names in enumerate(lemmas):
+        for name in names:
+            for form in (name, name + "s", name + "es"):
+                pairs.update((i, j) for j in owners.get(form, ()) if j != i)
+    return sorted(pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassAffinity:
+    """How close two classes are, for grouping labels into tasks.
+
+    ``matrix[i, j]`` = depth of the deepest common WordNet ancestor of classes i and j
+    (their own depth if equal), raised to ``name_affinity`` for classes sharing a lemma
+    up to a plural. ``dfs_position[i]``: class i's rank in a depth-first walk of the
+    hierarchy (children in wnid order), the order labels are shown in.
+    """
+
+    matrix: np.ndarray
+    dfs_position: np.ndarray
+
+    @classmethod
+    def from_wordnet(cls, classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> ClassAffinity:
+        with_self = [hierarchy.ancestors(w) | {w} for w in classes.wnids]
+        nodes = sorted(set().union(*with_self))
+        column = {n: j for j, n in enumerate(nodes)}
+        member = np.zeros((len(classes.wnids), len(nodes)), np.float32)
+        for i, ancestors in enumerate(with_self):
+            member[i, [column[a] for a in ancestors]] = 1
+        depth = np.array([hierarchy.depth(n) for n in nodes])
+        matrix = np.zeros((len(classes.wnids),) * 2, np.int64)
+        for d in np.unique(depth):  # deepest common ancestor = the largest depth shared
+            at_d = member[:, depth == d]
+            matrix = np.where(at_d @ at_d.T > 0, np.maximum(matrix, d), matrix)
+        name_affinity = int(matrix.max())
+        for i, j in _classes_sharing_a_lemma(classes):
+            matrix[i, j] = matrix[j, i] = max(matrix[i, j], name_affinity)
+        return cls(matrix, _dfs_positions(classes, hierarchy))
+
+
+def _dfs_positions(classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> np.ndarray:
+    index = {w: i for i, w in enumerate(classes.wnids)}
+    nodes = {w for w in classes.wnids} | set().union(*(hierarchy.ancestors(w) for w in classes.wnids))
+    roots = sorted(n for n in nodes if not hierarchy.parents(n))
+    position = np.full(len(classes.wnids), -1, np.int64)
+    seen: set[str] = set()
+    stack = roots[::-1]
+    rank = 0
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in index and position[index[node]] < 0:
+            position[index[node]] = rank
+            rank += 1
+        stack.extend(sorted((c for c in hierarchy.children(node) if c in nodes), reverse=True))
+    missing = position < 0
+    position[missing] = rank + np.arange(missing.sum())  # not in the hierarchy: last
+    return position
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_affinity() -> ClassAffinity:
+    return ClassAffinity.from_wordnet(load_classes(), load_hierarchy())
+
+
+# ---------------------------------------------------------------- splitting one image's labels
+
+def split_labels(labels: list[int] | np.ndarray, affinity: ClassAffinity,
+                 max_labels: int = DEFAULT_MAX_LABELS) -> list[list[int]]:
+    """One image's labels as tasks of <= ``max_labels`` similar labels (module docstring).
+
+    Average-linkage agglomerative clustering with a size cap: repeatedly merge the two
+    groups with the highest mean pairwise affinity whose union has <= ``max_labels``
+    labels, until ceil(k / max_labels) groups remain or no merge fits (then a few
+    more tasks than the minimum, each coherent).
+    """
+    labels = sorted({int(l) for l in labels}, key=lambda l: affinity.dfs_position[l])
+    if len(labels) <= max_labels:
+        return [labels]
+    target = math.ceil(len(labels) / max_labels)
+    groups = [[l] for l in labels]
+    total = affinity.matrix[np.ix_(labels, labels)].astype(np.float64)  # affinity summed over groups
+    sizes = np.ones(len(labels))
+    while len(groups) > target:
+        mean = total / np.outer(sizes, sizes)
+        fits = (sizes[:, None] + sizes[None, :] <= max_labels) & ~np.eye(len(groups), dtype=bool)
+        if not fits.any():
+            break
+        i, j = np.unravel_index(np.argmax(np.where(fits, mean, -np.inf)), mean.shape)
+        i, j = min(i, j), max(i, j)  # argmax takes the first best pair: deterministic
+        groups[i] += groups.pop(j)
+        total[i, :] += total[j, :]
+        total[:, i] += total[:, j]
+        total = np.delete(np.delete(total, j, axis=0), j, axis=1)
+        sizes[i] += sizes[j]
+        sizes = np.delete(sizes, j)
+    tasks = [sorted(g, key=lambda l: affinity.dfs_position[l]) for g in groups]
+    return sorted(tasks, key=lambda t: affinity.dfs_position[t[0]])
+
+
+def task_id(file_name: str, labels: list[int]) -> str:
+    key = f"{file_name}\t{','.join(str(l) for l in sorted(labels))}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- which images
+
+def images_to_relabel(proposals: pd.DataFrame, original_labels: pd.DataFrame | None = None,
+                      top1: Mapping[str, pd.DataFrame] | None = None) -> pd.Index:
+    """File names that need raters: some model's top-1 differs from the original label.
+
+    With ``top1`` ({model: DataFrame[file_name, label]}) and ``original_labels``;
+    else from the proposals' ``sources``; else every image with proposals.
+    """
+    images = pd.Index(proposals["file_name"].astype(str).unique())
+    if top1:
+        if original_labels is None:
+            raise ValueError("top1 given without original_labels")
+        original = original_labels.set_index(original_labels["file_name"].astype(str))["label"]
+        missing = images[~images.isin(original.index)]
+        if len(missing):
+            raise ValueError(f"no original label for {len(missing)} image(s) with proposals, e.g. "
+                             f"{list(missing[:3])}")
+        differs = pd.Series(False, index=images)
+        for model, frame in top1.items():
+            predicted = frame.set_index(frame["file_name"].astype(str))["label"]
+            absent = images[~images.isin(predicted.index)]
+            if len(absent):
+                raise ValueError(f"model {model!r} has no top-1 for {len(absent)} image(s), e.g. "
+                                 f"{list(absent[:3])}")
+            differs |= predicted.reindex(images).to_numpy() != original.reindex(images).to_numpy()
+        return images[differs.to_numpy()]
+    if "sources" in proposals.columns:
+        has_top1 = proposals["sources"].map(lambda s: any(str(x).endswith(":top1") for x in s))
+        is_original = proposals["sources"].map(lambda s: "original" in list(s))
+        if has_top1.any():
+            other_top1 = proposals.loc[(has_top1 & ~is_original).to_numpy(), "file_name"].astype(str)
+            return images[images.isin(other_top1)]
+    return images
+
+
+# ---------------------------------------------------------------- building tasks
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+    """Built tasks. ``questions``: long, one row per (task, label): task_id, file_name,
+    label, position (0-based place in the task)."""
+
+    questions: pd.DataFrame
+    images_with_proposals: int
+    images_skipped: int
+    max_labels: int
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.questions["task_id"].nunique())
+
+
+def build_tasks(proposals: pd.DataFrame, original_labels: pd.DataFrame | None = None,
+                top1: Mapping[str, pd.DataFrame] | None = None, max_labels: int = DEFAULT_MAX_LABELS,
+                affinity: ClassAffinity | None = None) -> TaskSet:
+    """Tasks for ``proposals`` (DataFrame[file_name, label, ...], one row per pair)."""
+    if max_labels < 1:
+        raise ValueError(f"max_labels must be >= 1, got {max_labels}")
+    missing = [c for c in ("file_name", "label") if c not in proposals.columns]
+    if missing:
+        raise ValueError(f"proposals lack column(s) {missing}")
+    affinity = affinity or imagenet_affinity()
+    num_classes = affinity.matrix.shape[0]
+    labels = proposals["label"].to_numpy()
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"proposal labels must lie in [0, {num_classes})")
+    keep = images_to_relabel(proposals, original_labels, top1)
+    pairs = proposals.loc[proposals["file_name"].astype(str).isin(keep), ["file_name", "label"]]
+    pairs = pairs.astype({"file_name": str, "label": np.int64}).drop_duplicates()
+    rows: list[tuple[str, str, int, int]] = []
+    for file_name, image_labels in pairs.groupby("file_name", sort=True)["label"]:
+        for chunk in split_labels(image_labels.to_numpy(), affinity, max_labels):
+            tid = task_id(file_name, chunk)
+            rows.extend((tid, file_name, label, position) for position, label in enumerate(chunk))
+    questions = pd.DataFrame(rows, columns=list(QUESTION_COLUMNS)).astype(
+        {"task_id": object, "file_name": object, "label": np.int64, "position": np.int64})
+    n_images = int(proposals["file_name"].nunique())
+    return TaskSet(questions, n_images, n_images - len(keep), max_labels)
+
+
+def summarize_tasks(tasks: TaskSet) -> dict[str, Any]:
+    """Counts for reports: images kept and skipped, tasks, proposals per image and task."""
+    q = tasks.questions
+    images = int(q["file_name"].nunique())
+    per_task = q.groupby("task_id").size()
+    return {
+        "images_with_proposals": tasks.images_with_proposals,
+        "images_skipped_all_top1_agree": tasks.images_skipped,
+        "images_to_relabel": images,
+        "tasks": int(len(per_task)),
+        "questions": int(len(q)),
+        "proposals_per_image": round(len(q) / max(images, 1), 3),
+        "labels_per_task": round(float(per_task.mean()), 3) if len(per_task) else 0.0,
+        "images_split_into_several_tasks": int((q.groupby("file_name")["task_id"].nunique() > 1).sum()),
+        "max_labels_per_task": tasks.max_labels,
+    }
+
+
+# ---------------------------------------------------------------- task files
+
+def _atomic_write_text(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
+                 classes: ImageNetClasses | None = None,
+                 example_uri_template: str | None = None) -> list[dict[str, Any]]:
+    """One JSON-able dict per task (the JSONL format of the module docstring), by task order."""
+    classes = classes or load_classes()
+    records = []
+    q = tasks.questions.sort_values(["file_name", "task_id", "position"], kind="stable")
+    for (file_name, tid), task in q.groupby(["file_name", "task_id"], sort=False):
+        labels = []
+        for label in task["label"].tolist():
+            entry = {"index": label, "wnid": classes.wnids[label], "name": classes.names[label],
+                     "lemmas": classes.lemmas[label], "gloss": classes.glosses[label]}
+            if example_uri_template:
+                entry["examples_uri"] = example_uri_template.format(wnid=classes.wnids[label], index=label)
+            labels.append(entry)
+        records.append({"task_id": tid, "file_name": file_name,
+                        "image_uri": image_uri_template.format(file_name=file_name),
+                        "labels": labels, "answer_options": list(ANSWER_OPTIONS)})
+    return records
+
+
+def write_tasks_jsonl(tasks: TaskSet, path: str | os.PathLike, image_uri_template: str = "{file_name}",
+                      classes: ImageNetClasses | None = None,
+                      example_uri_template: str | None = None) -> Path:
+    records = task_records(tasks, image_uri_template, classes, example_uri_template)
+    return _atomic_write_text(Path(path), lambda f: f.writelines(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_tasks_csv(tasks: TaskSet, path: str | os.PathLike, image_uri_template: str = "{file_name}",
+                    classes: ImageNetClasses | None = None) -> Path:
+    records = task_records(tasks, image_uri_template, classes)
+    width = max((len(r["labels"]) for r in records), default=0)
+    rows = []
+    for r in records:
+        row = {"task_id": r["task_id"], "file_name": r["file_name"], "image_uri": r["image_uri"],
+               "n_labels": len(r["labels"])}
+        for i in range(width):
+            label = r["labels"][i] if i < len(r["labels"]) else {}
+            row.update({f"label_{i + 1}": label.get("index", ""), f"wnid_{i + 1}": label.get("wnid", ""),
+                        f"name_{i + 1}": label.get("name", ""), f"gloss_{i + 1}": label.get("gloss", "")})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["task_id", "file_name", "image_uri", "n_labels"] + [
+        f"{field}_{i + 1}" for i in range(width) for field in ("label", "wnid", "name", "gloss")])
+    return _atomic_write_text(Path(path), lambda f: frame.to_csv(f, index=False))
+
+
+def _task_record(path: str | os.PathLike, number: int, line: str) -> dict[str, Any]:
+    """One JSONL line of a tasks file, checked; errors name the file, line and field."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TaskFileError(f"{path}: line {number}: not JSON: {e}") from None
+    missing = [f for f in ("task_id", "file_name", "labels") if not isinstance(record, dict) or f not in record]
+    if missing:
+        raise TaskFileError(f"{path}: line {number}: missing field {missing[0]!r}")
+    for position, label in enumerate(record["labels"]):
+        if not isinstance(label, dict) or not isinstance(label.get("index"), int):
+            raise TaskFileError(f"{path}: line {number}, field 'labels[{position}].index': "
+                                "expected an integer class index")
+    return record
+
+
+def read_tasks_jsonl(path: str | os.PathLike) -> pd.DataFrame:
+    """A tasks JSONL as long questions: task_id, file_name, image_uri, label, position."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = [_task_record(path, n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    rows = [(r["task_id"], r["file_name"], r.get("image_uri", ""), label["index"], position)
+            for r in records for position, label in enumerate(r["labels"])]
+    return pd.DataFrame(rows, columns=["task_id", "file_name", "image_uri", "label", "position"]).astype(
+        {"label": np.int64, "position": np.int64})
+
+
+def write_summary(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    return _atomic_write_text(Path(path), lambda f: f.write(json.dumps(summary, indent=2) + "\n"))

@@ -1,0 +1,411 @@
+"""Rater votes: one schema, readers for the formats crowds send back, and validation.
+
+A vote is one rater's answer to one question "is class ``label`` in image
+``file_name``?". The schema (a long pandas DataFrame, one row per vote):
+
+    file_name  str       the image
+    label      int64     class index in [0, num_classes)
+    rater_id   str       who answered (never empty)
+    answer     category  one of ANSWERS = (no, maybe, yes)
+    task_id    str       optional: the task (one image, <= 8 labels) the vote came from
+    timestamp  any       optional: carried through as given
+
+Formats, picked by suffix in ``read_votes`` (or named with ``format=``):
+
+- ``real-npz`` (``.npz``): the ReaL ``raters.npz``: ``tensor`` (raters, questions, 3),
+  one-hot over [no, maybe, yes], all zero where the rater did not see the question;
+  ``info`` (questions, 2) = (file name, label index as a string); ``ids`` rater ids.
+- ``csv`` / ``jsonl`` / ``parquet``: long format with the schema's column names, as crowd
+  platforms return the tasks built by the task builder. Answers are case-insensitive.
+
+Reading and validating are two steps: ``read_votes`` turns a file into raw rows (strings
+as given, plus the row number within the file) and fails only on files that cannot be
+parsed at all, with a ``VoteFileError`` naming file, row and field. ``validate_votes``
+then keeps the good rows and quarantines the others with a reason, so that
+``read == kept + quarantined`` always holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from auditing import sources
+
+# The order of raters.npz's one-hot axis; also the order of the answer categories.
+ANSWERS: tuple[str, ...] = ("no", "maybe", "yes")
+ANSWER_DTYPE = pd.CategoricalDtype(list(ANSWERS), ordered=True)
+REQUIRED_COLUMNS: tuple[str, ...] = ("file_name", "label", "rater_id", "answer")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("task_id", "timestamp")
+FORMATS: tuple[str, ...] = ("real-npz", "csv", "jsonl", "parquet")
+_SUFFIX_FORMATS = {".npz": "real-npz", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                   ".parquet": "parquet", ".pq": "parquet"}
+DEFAULT_NUM_CLASSES = 1000
+
+# Quarantine reasons, in the order they are checked: a row gets the first that applies.
+MISSING_FIELD = "missing_field"
+UNPARSABLE_LABEL = "unparsable_label"
+EMPTY_RATER_ID = "empty_rater_id"
+UNKNOWN_LABEL = "unknown_label"
+UNKNOWN_ANSWER = "unknown_answer"
+DUPLICATE_VOTE = "duplicate_vote"
+REASONS: tuple[str, ...] = (MISSING_FIELD, UNPARSABLE_LABEL, EMPTY_RATER_ID, UNKNOWN_LABEL,
+                            UNKNOWN_ANSWER, DUPLICATE_VOTE)
+QUARANTINE_COLUMNS: tuple[str, ...] = ("source", "row", "reason", "detail", *REQUIRED_COLUMNS)
+
+
+class VoteFileError(ValueError):
+    """A vote file that cannot be parsed at all; the message names file, row and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VoteSummary:
+    read: int
+    kept: int
+    quarantined: dict[str, int]  # reason -> count, every reason listed
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+    def as_dict(self) -> dict[str, object]:
+        return {"read": self.read, "kept": self.kept, "quarantined": self.quarantined_total,
+                "quarantined_by_reason": dict(self.quarantined)}
+
+
+class ValidatedVotes(NamedTuple):
+    """``kept, quarantine = validate_votes(...)`` unpacks; ``.summary`` counts both."""
+
+    kept: pd.DataFrame
+    quarantine: pd.DataFrame
+
+    @property
+    def summary(self) -> VoteSummary:
+        counts = self.quarantine["reason"].value_counts()
+        by_reason = {reason: int(counts.get(reason, 0)) for reason in REASONS}
+        return VoteSummary(read=len(self.kept) + len(self.quarantine), kept=len(self.kept),
+                           quarantined=by_reason)
+
+
+def empty_votes(with_task_id: bool = False) -> pd.DataFrame:
+    """A vote frame with no rows and the schema's dtypes."""
+    frame = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype=np.int64),
+                          "rater_id": pd.Series(dtype=object),
+                          "answer": pd.Series(dtype=ANSWER_DTYPE)})
+    if with_task_id:
+        frame["task_id"] = pd.Series(dtype=object)
+    return frame
+
+
+def check_votes(votes: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES) -> None:
+    """Raise ValueError unless ``votes`` already follows the schema (e.g. before aggregating)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in votes.columns]
+    if missing:
+        raise ValueError(f"votes lack column(s) {missing}; expected {list(REQUIRED_COLUMNS)}")
+    if not pd.api.types.is_integer_dtype(votes["label"]):
+        raise ValueError(f"votes.label must be integers, got dtype {votes['label'].dtype}")
+    if len(votes) and not votes["label"].between(0, num_classes - 1).all():
+        raise ValueError(f"votes.label has values outside [0, {num_classes})")
+    answers = votes["answer"].astype(object)
+    if not answers.isin(ANSWERS).all():
+        bad = sorted(set(answers[~answers.isin(ANSWERS)].astype(str)))[:5]
+        raise ValueError(f"votes.answer has values outside {ANSWERS}: {bad}")
+    if (votes["rater_id"].astype(str).str.strip() == "").any() or votes["rater_id"].isna().any():
+        raise ValueError("votes.rater_id has empty values")
+    if votes.duplicated(["rater_id", "file_name", "label"]).any():
+        raise ValueError("votes have duplicate (rater_id, file_name, label) rows")
+
+
+# ------------------------------------------------------------------------- readers
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise VoteFileError(f"{path}: cannot tell the vote format from the suffix {suffix!r}; "
+                            f"use one of {sorted(_SUFFIX_FORMATS)} or pass format= one of {FORMATS}")
+    return _SUFFIX_FORMATS[suffix]
+
+
+def read_votes(path: str | os.PathLike, format: str | None = None) -> pd.DataFrame:
+    """Raw vote rows of one file: the schema's columns as given (not yet validated)
+    plus ``row``, the row's number in the file (see each reader). ``format`` is picked
+    from the suffix when None. Raises VoteFileError for a file that cannot be parsed."""
+    fmt = format or detect_format(path)
+    readers = {"real-npz": read_real_raters_raw, "csv": _read_csv, "jsonl": _read_jsonl,
+               "parquet": _read_parquet}
+    if fmt not in readers:
+        raise VoteFileError(f"{path}: unknown vote format {fmt!r}; expected one of {FORMATS}")
+    if not Path(path).is_file():
+        raise VoteFileError(f"{path}: no such vote file")
+    return readers[fmt](path)
+
+
+def _check_header(path: str | os.PathLike, columns: Sequence[str], where: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise VoteFileError(f"{path}: {where} lacks the field(s) {missing}; "
+                            f"expected {list(REQUIRED_COLUMNS)} (+ optional {list(OPTIONAL_COLUMNS)})")
+
+
+def _keep_schema_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[[c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, "row") if c in frame.columns]]
+
+
+def _read_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """``row`` = data row number: 1 is the first row after the header."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise VoteFileError(f"{path}: not a readable CSV vote file: {e}") from e
+    _check_header(path, list(frame.columns), "the CSV header")
+    frame["row"] = np.arange(1, len(frame) + 1)
+    return _keep_schema_columns(frame)
+
+
+def _read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
+    """``row`` = line number. A line that is not a JSON object is kept as a row with
+    every field missing (the validator quarantines it), so one bad line does not lose
+    the file; blank lines are skipped."""
+    records, rows = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                records.append(record if isinstance(record, dict) else {})
+                rows.append(number)
+    except UnicodeDecodeError as e:
+        raise VoteFileError(f"{path}: not a UTF-8 JSONL vote file: {e}") from e
+    frame = pd.DataFrame.from_records(records, columns=[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS])
+    frame = frame.dropna(axis=1, how="all").reindex(
+        columns=[*REQUIRED_COLUMNS, *[c for c in OPTIONAL_COLUMNS if c in frame.columns]])
+    frame["row"] = np.asarray(rows, dtype=np.int64)
+    return frame
+
+
+def _read_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """``row`` = 1-based row index."""
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise VoteFileError(f"{path}: not a readable Parquet vote file: {e}") from e
+    _check_header(path, list(frame.columns), "the Parquet schema")
+    frame = frame.reset_index(drop=True)
+    frame["row"] = np.arange(1, len(frame) + 1)
+    return _keep_schema_columns(frame)
+
+
+def _load_real_npz(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise VoteFileError(f"{path}: ReaL npz lacks the array(s) {missing} (has {data.files})")
+            return {k: data[k] for k in keys}
+    except (OSError, ValueError) as e:
+        if isinstance(e, VoteFileError):
+            raise
+        raise VoteFileError(f"{path}: not a readable ReaL npz file: {e}") from e
+
+
+def _check_info(path: str | os.PathLike, info: np.ndarray) -> None:
+    if info.ndim != 2 or info.shape[1] != 2:
+        raise VoteFileError(f"{path}: field 'info' must be (questions, 2) = (file name, label), "
+                            f"got shape {info.shape}")
+
+
+def read_real_raters_raw(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Raw votes of a ReaL ``raters.npz`` (default: ``sources.fetch("real_raters")``).
+
+    Vectorised: the 85 x 184,962 x 3 tensor becomes 924,810 rows in about a second.
+    ``row`` = question number (1-based ``info`` row); the rater is in ``rater_id``. A
+    cell that is not one-hot (several answers, or values other than 0/1) gets an answer
+    string outside the vocabulary, which the validator quarantines.
+    """
+    path = sources.fetch("real_raters") if path is None else path
+    arrays = _load_real_npz(path, ("tensor", "info", "ids"))
+    tensor, info, ids = arrays["tensor"], arrays["info"], arrays["ids"]
+    _check_info(path, info)
+    if tensor.ndim != 3 or tensor.shape[2] != len(ANSWERS) or tensor.shape[:2] != (len(ids), len(info)):
+        raise VoteFileError(f"{path}: field 'tensor' must be (raters={len(ids)}, questions={len(info)}, 3), "
+                            f"got shape {tensor.shape}")
+    seen = tensor.any(axis=2)
+    rater_index, question_index = np.nonzero(seen)
+    cells = tensor[rater_index, question_index]  # (votes, 3)
+    one_hot = (cells.sum(axis=1) == 1) & np.isin(cells, (0, 1)).all(axis=1)
+    codes = np.where(one_hot, cells.argmax(axis=1), -1)
+    answers = pd.Categorical.from_codes(codes, dtype=ANSWER_DTYPE).astype(object)
+    if not one_hot.all():
+        bad = ~one_hot
+        answers[bad] = ["one-hot violated: " + np.array2string(c, separator=",") for c in cells[bad]]
+    labels = pd.to_numeric(pd.Series(info[:, 1]), errors="coerce").to_numpy()
+    if np.isfinite(labels).all() and (labels % 1 == 0).all():
+        labels = labels.astype(np.int64)  # the usual case: parse 185k strings, not 925k
+    else:
+        labels = info[:, 1].astype(object)  # left to the validator, which names the rows
+    return pd.DataFrame({
+        "file_name": info[question_index, 0].astype(object),
+        "label": labels[question_index],
+        "rater_id": ids.astype(str).astype(object)[rater_index],
+        "answer": answers,
+        "row": question_index + 1,
+    })
+
+
+def read_real_questions(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The (file_name, label) questions of a ReaL ``raters.npz`` (or ``scores.npz``), in
+    file order of ``info``: the proposals that were put to raters. Raises
+    VoteFileError naming the row for a label that is not an integer."""
+    path = sources.fetch("real_raters") if path is None else path
+    info = _load_real_npz(path, ("info",))["info"]
+    _check_info(path, info)
+    labels = pd.to_numeric(pd.Series(info[:, 1]), errors="coerce")
+    bad = np.flatnonzero(labels.isna().to_numpy() | (labels.to_numpy() % 1 != 0))
+    if bad.size:
+        raise VoteFileError(f"{path}: row {bad[0] + 1}, field 'label': {info[bad[0], 1]!r} is not an integer")
+    return pd.DataFrame({"file_name": info[:, 0].astype(object), "label": labels.astype(np.int64)})
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _clean_text(values: pd.Series, lower: bool = False) -> np.ndarray:
+    """Raw field -> stripped strings (object array), "" where missing. Strips each
+    distinct value once: file names and rater ids repeat across many votes."""
+    codes, uniques = pd.factorize(values.astype(object), use_na_sentinel=True)
+    cleaned = pd.Index(uniques).astype(str).str.strip()
+    if lower:
+        cleaned = cleaned.str.lower()
+    table = np.append(cleaned.to_numpy(dtype=object), "")  # code -1 (missing) -> ""
+    return table[codes]
+
+
+def _parse_labels(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as int64, parsable mask). Integers, or strings of an integer."""
+    if pd.api.types.is_integer_dtype(values):
+        return values.to_numpy(np.int64), np.ones(len(values), dtype=bool)
+    text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
+    parsable = text.str.fullmatch(r"[+-]?\d{1,18}").to_numpy()
+    if pd.api.types.is_float_dtype(values):  # e.g. Parquet with nulls: 3.0 is a fine label
+        numbers = values.to_numpy(np.float64)
+        parsable = np.isfinite(numbers) & (np.mod(numbers, 1) == 0)
+        return np.where(parsable, numbers, -1).astype(np.int64), parsable
+    labels = np.full(len(values), -1, dtype=np.int64)
+    labels[parsable] = text[parsable].astype(np.int64).to_numpy()
+    return labels, parsable
+
+
+def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
+                   source: str | os.PathLike | None = None) -> ValidatedVotes:
+    """Split raw vote rows (``read_votes``) into kept votes (the schema) and a counted
+    quarantine (``QUARANTINE_COLUMNS``: source, row, reason, detail, raw fields).
+
+    A row gets the first reason that applies, in ``REASONS`` order; among otherwise
+    valid rows the first (rater_id, file_name, label) vote is kept and later ones are
+    ``duplicate_vote``. ``source`` names the file (defaults to a ``source`` column of
+    ``raw`` if any, e.g. after concatenating files).
+    """
+    n = len(raw)
+    rows = raw["row"].to_numpy() if "row" in raw.columns else np.arange(1, n + 1)
+    if source is not None:
+        sources_ = np.full(n, str(source), dtype=object)
+    elif "source" in raw.columns:
+        sources_ = raw["source"].astype(str).to_numpy(dtype=object)
+    else:
+        sources_ = np.full(n, "", dtype=object)
+    columns = {c: (raw[c] if c in raw.columns else pd.Series([None] * n, index=raw.index, dtype=object))
+               for c in REQUIRED_COLUMNS}
+
+    reason = np.full(n, "", dtype=object)
+    detail = np.full(n, "", dtype=object)
+
+    def mark(mask: np.ndarray, why: str, text: str | Callable[[pd.Series], object]) -> None:
+        todo = mask & (reason == "")
+        if todo.any():
+            reason[todo] = why
+            detail[todo] = text(todo) if callable(text) else text
+
+    def quoted(field: str, suffix: str) -> Callable[[np.ndarray], list[str]]:
+        return lambda todo: [f"field '{field}': {v!r} {suffix}" for v in columns[field].to_numpy()[todo]]
+
+    text = {c: _clean_text(columns[c], lower=(c == "answer")) for c in ("file_name", "rater_id", "answer")}
+    blank_label = columns["label"].isna().to_numpy()
+    if columns["label"].dtype == object:
+        blank_label |= _clean_text(columns["label"]) == ""
+    for field in ("file_name", "label", "answer"):
+        mark(blank_label if field == "label" else text[field] == "", MISSING_FIELD,
+             f"field '{field}' is missing or empty")
+    labels, parsable = _parse_labels(columns["label"])
+    mark(~parsable, UNPARSABLE_LABEL, quoted("label", "is not an integer"))
+    mark(text["rater_id"] == "", EMPTY_RATER_ID, "field 'rater_id' is empty")
+    outside = parsable & ((labels < 0) | (labels >= num_classes))
+    mark(outside, UNKNOWN_LABEL, f"field 'label' is outside [0, {num_classes})")
+    mark(~np.isin(text["answer"], ANSWERS), UNKNOWN_ANSWER, quoted("answer", f"is not one of {list(ANSWERS)}"))
+
+    valid = reason == ""
+    kept = pd.DataFrame({
+        "file_name": text["file_name"],
+        "label": labels,
+        "rater_id": text["rater_id"],
+        "answer": pd.Categorical(text["answer"], dtype=ANSWER_DTYPE),
+    })
+    for optional in OPTIONAL_COLUMNS:
+        if optional in raw.columns:
+            values = raw[optional].reset_index(drop=True)
+            kept[optional] = _clean_text(values) if optional == "task_id" else values
+    duplicate = np.zeros(n, dtype=bool)
+    duplicate[valid] = kept.loc[valid].duplicated(["rater_id", "file_name", "label"], keep="first").to_numpy()
+    mark(duplicate, DUPLICATE_VOTE, "a vote of this rater on this (file_name, label) came earlier")
+
+    keep = reason == ""
+    bad = ~keep
+    quarantine = pd.DataFrame({
+        "source": sources_[bad], "row": rows[bad], "reason": reason[bad], "detail": detail[bad],
+        **{c: columns[c].astype(object).to_numpy()[bad] for c in REQUIRED_COLUMNS}})
+    return ValidatedVotes(kept.loc[keep].reset_index(drop=True), quarantine)
+
+
+def read_and_validate(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                      num_classes: int = DEFAULT_NUM_CLASSES, format: str | None = None) -> ValidatedVotes:
+    """Read and validate one or several vote files as one batch: duplicates are found
+    across files too, and each quarantined row names its file."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    frames = [read_votes(p, format=format).assign(source=str(p)) for p in paths]
+    raw = pd.concat(frames, ignore_index=True) if frames else empty_votes().assign(row=[], source=[])
+    return validate_votes(raw, num_classes=num_classes)
+
+
+def read_real_votes(path: str | os.PathLike | None = None,
+                    num_classes: int = DEFAULT_NUM_CLASSES) -> ValidatedVotes:
+    """The ReaL votes (default: ``sources.fetch("real_raters")``), validated."""
+    path = sources.fetch("real_raters") if path is None else path
+    return validate_votes(read_real_raters_raw(path), num_classes=num_classes, source=path)
+
+
+def write_quarantine(quarantine: pd.DataFrame | None, path: str | os.PathLike) -> Path:
+    """Write the quarantine as CSV atomically (temp file + rename); None or no rows
+    writes the header only, so the file always exists."""
+    path = Path(path)
+    frame = quarantine if quarantine is not None else pd.DataFrame(columns=list(QUARANTINE_COLUMNS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            frame.to_csv(f, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

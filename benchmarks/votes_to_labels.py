@@ -1,0 +1,82 @@
+"""Wall time and peak memory of the vote half of the pipeline on all ReaL votes.
+
+    python -m benchmarks.votes_to_labels [--method dawid-skene]
+
+read raters.npz -> validate -> aggregate -> label sets for the 50,000 validation images
+(924,810 votes). Target: < 60 s on 2 cores. Reference in the same run: crowd-kit's
+stock MajorityVote on the same votes (the cheapest aggregation there is), as a ratio.
+Each measurement runs in a fresh process so that peak RSS is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _measure(kind: str, method: str) -> dict[str, float]:
+    from auditing import aggregation, labelsets, votes
+
+    timings = {}
+    start = time.perf_counter()
+    raw = votes.read_real_raters_raw()
+    timings["read"] = time.perf_counter() - start
+    t = time.perf_counter()
+    kept = votes.validate_votes(raw).kept
+    del raw
+    timings["validate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if kind == "pipeline":
+        scores = aggregation.aggregate(kept, method=method).scores_
+    else:
+        from crowdkit.aggregation import MajorityVote
+
+        crowd = aggregation.CrowdData.from_votes(kept)
+        probas = MajorityVote().fit_predict_proba(crowd.binary())
+        scores = crowd.questions.assign(score=aggregation.present_scores(probas, len(crowd.questions)))
+    timings["aggregate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sets = aggregation.label_sets(scores, labelsets.original_val_labels(), threshold=0.8)
+    timings["label_sets"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    timings["peak_rss_mib"] = _peak_rss_mib()
+    timings["labels"] = sets.counts["labels"]
+    timings["empty_sets"] = sets.counts["empty_sets"]
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="dawid-skene")
+    parser.add_argument("--child", choices=["pipeline", "majority"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_measure(args.child, args.method)))
+        return 0
+    results = {}
+    for kind in ("majority", "pipeline"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.votes_to_labels", "--child", kind,
+                              "--method", args.method], check=True, capture_output=True, text=True)
+        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{'run':34s} {'read':>6s} {'valid.':>6s} {'aggr.':>6s} {'sets':>5s} {'total':>7s} {'peak RSS':>9s}")
+    for kind, name in (("majority", "crowd-kit MajorityVote (reference)"), ("pipeline", args.method)):
+        r = results[kind]
+        print(f"{name:34s} {r['read']:6.1f} {r['validate']:6.1f} {r['aggregate']:6.1f} {r['label_sets']:5.1f} "
+              f"{r['total']:6.1f}s {r['peak_rss_mib']:7.0f}MiB   {r['labels']:,} labels, "
+              f"{r['empty_sets']:,} empty sets")
+    ratio = results["pipeline"]["total"] / results["majority"]["total"]
+    target = "OK" if results["pipeline"]["total"] < 60 else "OVER"
+    print(f"{args.method}: {results['pipeline']['total']:.1f} s end to end = x{ratio:.2f} the majority-vote "
+          f"run; target < 60 s: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

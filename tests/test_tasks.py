@@ -1,0 +1,188 @@
+"""Stage 4: which images go to raters, grouping labels into tasks, task files and answers."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from auditing import sources, votes
+from auditing import tasks as T
+from pipelines import tasks as tasks_cli
+
+SUNGLASS, SUNGLASSES, LAPTOP, NOTEBOOK = 836, 837, 620, 681
+
+
+def toy_affinity(num_classes: int = 12) -> T.ClassAffinity:
+    """Classes 0-5 form one family, 6-11 another; 0~1 and 6~7 are near-duplicates."""
+    matrix = np.full((num_classes, num_classes), 1)
+    matrix[:6, :6] = matrix[6:, 6:] = 5
+    matrix[0, 1] = matrix[1, 0] = matrix[6, 7] = matrix[7, 6] = 9
+    np.fill_diagonal(matrix, 10)
+    # Show the families interleaved in "depth-first" order, so order alone cannot group them.
+    dfs = np.argsort(np.array([0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]))
+    return T.ClassAffinity(matrix, dfs)
+
+
+def test_split_labels_groups_families_and_caps_the_size():
+    affinity = toy_affinity()
+    assert T.split_labels(list(range(12)), affinity, max_labels=6) == [[0, 1, 2, 3, 4, 5],
+                                                                       [6, 7, 8, 9, 10, 11]]
+    chunks = T.split_labels(list(range(12)), affinity, max_labels=4)
+    assert sorted(map(len, chunks)) == [4, 4, 4] and sorted(sum(chunks, [])) == list(range(12))
+    # 3 tasks of 4 cannot keep two families of 6 apart: one task mixes their leftovers.
+    assert sum(set(c) <= set(range(6)) or set(c) <= set(range(6, 12)) for c in chunks) == 2
+    assert any({0, 1} <= set(c) for c in chunks) and any({6, 7} <= set(c) for c in chunks)
+    assert T.split_labels([3, 8, 1], affinity, max_labels=8) == [[1, 8, 3]]  # one task, DFS order
+
+
+def hand_built_proposals() -> pd.DataFrame:
+    rows = [  # file a: both models agree with the original; b: model m2 disagrees
+        ("a", 1, 2, ["m1:logits", "m1:probs", "m1:top1", "m2:top1", "original"]),
+        ("a", 2, 2, ["m1:logits", "m2:logits"]),
+        ("b", 3, 0, ["m1:top1", "original"]),
+        ("b", 4, 2, ["m2:logits", "m2:probs", "m2:top1"]),
+        ("b", 5, 2, ["m1:probs", "m2:probs"]),
+    ]
+    return pd.DataFrame(rows, columns=["file_name", "label", "count", "sources"])
+
+
+def test_images_whose_models_all_agree_with_the_original_label_are_skipped():
+    proposals = hand_built_proposals()
+    assert list(T.images_to_relabel(proposals)) == ["b"]
+    original = pd.DataFrame({"file_name": ["a", "b"], "label": [1, 3]})
+    top1 = {"m1": pd.DataFrame({"file_name": ["b", "a"], "label": [3, 1]}),
+            "m2": pd.DataFrame({"file_name": ["a", "b"], "label": [1, 4]})}
+    assert list(T.images_to_relabel(proposals, original, top1)) == ["b"]
+    built = T.build_tasks(proposals, affinity=toy_affinity())
+    assert (built.images_with_proposals, built.images_skipped, built.num_tasks) == (2, 1, 1)
+    assert sorted(built.questions["label"]) == [3, 4, 5]
+    # Without models (plain (file_name, label) proposals), nothing is skipped.
+    assert T.build_tasks(proposals[["file_name", "label"]], affinity=toy_affinity()).images_skipped == 0
+    with pytest.raises(ValueError, match="model 'm2' has no top-1 for 1 image"):
+        T.images_to_relabel(proposals, original, {"m2": top1["m2"].iloc[:1]})
+
+
+def test_task_ids_are_deterministic_and_depend_on_image_and_labels():
+    proposals = pd.DataFrame({"file_name": ["x"] * 10 + ["y"] * 3, "label": list(range(10)) + [1, 2, 3]})
+    first = T.build_tasks(proposals, max_labels=4, affinity=toy_affinity())
+    again = T.build_tasks(proposals.sample(frac=1, random_state=3), max_labels=4, affinity=toy_affinity())
+    pd.testing.assert_frame_equal(first.questions, again.questions)
+    ids = first.questions.groupby("task_id")["file_name"].first()
+    assert ids.index.is_unique and len(ids) == first.num_tasks == 4
+    assert T.task_id("x", [2, 1]) == T.task_id("x", [1, 2]) != T.task_id("y", [1, 2])
+
+
+def test_task_files_and_crowd_answers_join_back_by_task_id(tmp_path):
+    proposals = pd.DataFrame({"file_name": ["img_1.JPEG"] * 11 + ["img_2.JPEG"] * 2,
+                              "label": [SUNGLASS, SUNGLASSES, LAPTOP, NOTEBOOK, 1, 2, 3, 4, 5, 6, 7, 9, 10]})
+    built = T.build_tasks(proposals)
+    jsonl = T.write_tasks_jsonl(built, tmp_path / "tasks.jsonl", image_uri_template="gs://b/{file_name}",
+                                example_uri_template="gs://b/train/{wnid}/")
+    T.write_tasks_csv(built, tmp_path / "tasks.csv")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(records) == built.num_tasks == 3
+    first = records[0]["labels"][0]
+    assert set(first) == {"index", "wnid", "name", "lemmas", "gloss", "examples_uri"} and first["gloss"]
+    assert [o["value"] for o in records[0]["answer_options"]] == ["yes", "maybe", "no"]
+    assert records[0]["image_uri"].startswith("gs://b/img_")
+    csv = pd.read_csv(tmp_path / "tasks.csv")
+    assert list(csv["task_id"]) == [r["task_id"] for r in records]
+    assert list(csv["n_labels"]) == [len(r["labels"]) for r in records]
+
+    # A crowd platform answers in the long vote format; auditing.votes reads it back.
+    questions = T.read_tasks_jsonl(jsonl)
+    rng = np.random.default_rng(0)
+    answers = pd.DataFrame([
+        {"task_id": q.task_id, "file_name": q.file_name, "label": q.label, "rater_id": f"r{r}",
+         "answer": rng.choice(["yes", "Maybe", "no"])}
+        for q in questions.itertuples() for r in range(5)])
+    answers.to_csv(tmp_path / "answers.csv", index=False)
+    with open(tmp_path / "answers.jsonl", "w") as f:
+        f.writelines(json.dumps({**row, "label": int(row["label"])}) + "\n" for row in answers.to_dict("records"))
+    for name in ("answers.csv", "answers.jsonl"):
+        kept, quarantine = votes.read_and_validate(tmp_path / name)
+        assert quarantine.empty and len(kept) == 5 * len(questions)
+        joined = kept.merge(questions, on=["task_id", "label"], how="left", suffixes=("", "_task"),
+                            validate="many_to_one")
+        assert joined["position"].notna().all()
+        assert (joined["file_name"] == joined["file_name_task"]).all()
+
+
+def paper_task_groups(raters_path) -> dict[str, list[set[int]]]:
+    """The paper's tasks as far as raters.npz shows them: questions of one image answered
+    by the same set of raters."""
+    with np.load(raters_path) as npz:
+        seen = npz["tensor"].sum(axis=2) > 0
+        info = npz["info"]
+    signature = np.packbits(seen.T, axis=1)
+    groups: dict[str, dict[bytes, set[int]]] = collections.defaultdict(dict)
+    for (file_name, label), sig in zip(info, signature):
+        groups[file_name].setdefault(sig.tobytes(), set()).add(int(label))
+    return {f: list(g.values()) for f, g in groups.items()}
+
+
+def pair_agreement(reference: dict[str, list[set[int]]], ours: dict[str, dict[int, object]]) -> float:
+    """Share of label pairs (images with > 8 labels) that both groupings put together or apart."""
+    same = total = 0
+    for file_name, groups in reference.items():
+        if sum(map(len, groups)) <= 8:
+            continue
+        group_of = {label: i for i, g in enumerate(groups) for label in g}
+        labels = sorted(group_of)
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                total += 1
+                same += (group_of[a] == group_of[b]) == (ours[file_name][a] == ours[file_name][b])
+    return same / total
+
+
+def test_real_questions_become_coherent_tasks(shared_data):
+    """The paper's 184,962 questions (24,889 images): tasks, near-duplicates, the paper's groups."""
+    raters = sources.fetch("real_raters", download=False)
+    proposals = votes.read_real_questions(raters)
+    built = T.build_tasks(proposals)
+    summary = T.summarize_tasks(built)
+    q = built.questions
+    assert summary["images_to_relabel"] == proposals["file_name"].nunique() == 24_889
+    assert len(q) == len(proposals) and not q.duplicated(["file_name", "label"]).any()
+    per_task = q.groupby("task_id").size()
+    assert per_task.max() == 8
+    fewest = int(np.ceil(proposals.groupby("file_name").size() / 8).sum())
+    assert fewest <= summary["tasks"] <= 1.05 * fewest
+    assert abs(summary["tasks"] / 37_988 - 1) < 0.15  # the paper: 37,988 tasks
+
+    task_of = collections.defaultdict(dict)
+    for task, file_name, label in q[["task_id", "file_name", "label"]].itertuples(index=False):
+        task_of[file_name][label] = task
+    for a, b in [(SUNGLASS, SUNGLASSES), (LAPTOP, NOTEBOOK)]:
+        both = [f for f, labels in task_of.items() if a in labels and b in labels]
+        split_images = [f for f in both if len(set(task_of[f].values())) > 1]
+        assert len(split_images) > 100  # images where grouping had a choice to make
+        assert all(task_of[f][a] == task_of[f][b] for f in both)
+
+    # Against the paper's own grouping: better than cutting the WordNet depth-first
+    # order into balanced chunks, which beats chance.
+    reference = paper_task_groups(raters)
+    affinity = T.imagenet_affinity()
+    balanced = {}
+    for file_name, labels in task_of.items():
+        ordered = sorted(labels, key=lambda l: affinity.dfs_position[l])
+        chunks = -(-len(ordered) // 8)
+        balanced[file_name] = {l: i * chunks // len(ordered) for i, l in enumerate(ordered)}
+    assert pair_agreement(reference, task_of) > pair_agreement(reference, balanced) + 0.02
+
+
+def test_tasks_command_on_pipeline_proposals(tmp_path):
+    proposals = hand_built_proposals().assign(file_name=lambda f: f["file_name"] + ".JPEG")
+    proposals.to_parquet(tmp_path / "proposals.parquet")
+    parser = argparse.ArgumentParser()
+    tasks_cli.add_arguments(parser)
+    args = parser.parse_args(["--proposals", str(tmp_path / "proposals.parquet"), "--out", str(tmp_path / "t")])
+    assert tasks_cli.main(args) == 0
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert (summary["images_to_relabel"], summary["images_skipped_all_top1_agree"], summary["tasks"]) == (1, 1, 1)
+    assert len(T.read_tasks_jsonl(tmp_path / "t" / "tasks.jsonl")) == 3

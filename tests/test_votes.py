@@ -1,0 +1,132 @@
+"""Vote readers and the counted quarantine: hand-built files and the real ReaL votes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from auditing import votes
+
+
+def _csv(tmp_path, text, name="votes.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_csv_case_insensitive_answers_and_task_id_carried(tmp_path):
+    path = _csv(tmp_path, "task_id,file_name,label,rater_id,answer\n"
+                          "t1,a.JPEG,3,r1,YES\nt1,a.JPEG,4,r1, Maybe\nt2,b.JPEG,3,r2,no\n")
+    kept, quarantine = votes.validate_votes(votes.read_votes(path), source=path)
+    assert quarantine.empty
+    assert kept["answer"].tolist() == ["yes", "maybe", "no"]
+    assert kept["task_id"].tolist() == ["t1", "t1", "t2"]
+    assert kept["label"].dtype == np.int64
+    votes.check_votes(kept)
+
+
+def test_quarantine_reasons_rows_and_counts(tmp_path):
+    path = _csv(tmp_path, "file_name,label,rater_id,answer\n"
+                          "a.JPEG,3,r1,yes\n"       # 1 kept
+                          "a.JPEG,3,r1,no\n"        # 2 duplicate of row 1
+                          "a.JPEG,1000,r1,yes\n"    # 3 label outside [0, 1000)
+                          "a.JPEG,-1,r1,yes\n"      # 4 label outside
+                          "a.JPEG,x7,r1,yes\n"      # 5 unparsable label
+                          "a.JPEG,5,,yes\n"         # 6 empty rater
+                          "a.JPEG,6,r1,probably\n"  # 7 answer outside the vocabulary
+                          ",7,r1,yes\n"             # 8 missing file name
+                          "a.JPEG,,r1,yes\n"        # 9 missing label
+                          "b.JPEG,3,r1,no\n")       # 10 kept
+    result = votes.validate_votes(votes.read_votes(path), source=path)
+    kept, quarantine = result
+    assert kept[["file_name", "label", "rater_id"]].values.tolist() == [["a.JPEG", 3, "r1"], ["b.JPEG", 3, "r1"]]
+    assert kept["answer"].tolist() == ["yes", "no"]  # the first of the duplicates is kept
+    assert dict(zip(quarantine["row"], quarantine["reason"])) == {
+        2: "duplicate_vote", 3: "unknown_label", 4: "unknown_label", 5: "unparsable_label",
+        6: "empty_rater_id", 7: "unknown_answer", 8: "missing_field", 9: "missing_field"}
+    assert set(quarantine["source"]) == {str(path)}
+    assert "'probably'" in quarantine.loc[quarantine["row"] == 7, "detail"].item()
+    summary = result.summary
+    assert summary.read == 10 == summary.kept + summary.quarantined_total
+    assert summary.quarantined["unknown_label"] == 2 and summary.quarantined["missing_field"] == 2
+
+
+def test_jsonl_bad_line_is_quarantined_not_fatal(tmp_path):
+    path = tmp_path / "votes.jsonl"
+    lines = [json.dumps({"task_id": "t1", "file_name": "a.JPEG", "label": 3, "rater_id": "r1", "answer": "Yes"}),
+             "{not json",
+             "",
+             json.dumps({"file_name": "a.JPEG", "label": "4", "answer": "no"})]  # no rater_id
+    path.write_text("\n".join(lines) + "\n")
+    kept, quarantine = votes.validate_votes(votes.read_votes(path), source=path)
+    assert kept[["label", "answer", "task_id"]].values.tolist() == [[3, "yes", "t1"]]
+    assert dict(zip(quarantine["row"], quarantine["reason"])) == {2: "missing_field", 4: "empty_rater_id"}
+
+
+def test_parquet_and_several_files_find_cross_file_duplicates(tmp_path):
+    frame = pd.DataFrame({"file_name": ["a.JPEG", "b.JPEG"], "label": [1, 2], "rater_id": ["r1", "r1"],
+                          "answer": ["no", "yes"]})
+    frame.to_parquet(tmp_path / "one.parquet")
+    _csv(tmp_path, "file_name,label,rater_id,answer\nb.JPEG,2,r1,no\nc.JPEG,2,r1,no\n", "two.csv")
+    result = votes.read_and_validate([tmp_path / "one.parquet", tmp_path / "two.csv"])
+    assert result.kept["file_name"].tolist() == ["a.JPEG", "b.JPEG", "c.JPEG"]
+    assert result.quarantine[["source", "row", "reason"]].values.tolist() == [
+        [str(tmp_path / "two.csv"), 1, "duplicate_vote"]]
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("v.csv", "file_name,label,answer\na,1,yes\n", r"v\.csv: the CSV header lacks the field\(s\) \['rater_id'\]"),
+    ("v.csv", "file_name,label,rater_id,answer\na,1,r,yes\na,2,r,yes,extra,more\n", r"v\.csv: not a readable CSV.*line 3"),
+    ("v.txt", "", r"cannot tell the vote format from the suffix '\.txt'"),
+    ("v.npz", "not an npz", r"v\.npz: not a readable ReaL npz"),
+])
+def test_unparsable_files_raise_errors_naming_file_and_field(tmp_path, name, text, expected):
+    path = _csv(tmp_path, text, name)
+    with pytest.raises(votes.VoteFileError, match=expected):
+        votes.read_votes(path)
+
+
+def test_npz_reader_on_a_hand_built_tensor_quarantines_non_one_hot(tmp_path):
+    tensor = np.zeros((2, 3, 3))
+    tensor[0, 0, 2] = 1  # rater 7: yes on q0
+    tensor[1, 0, 0] = 1  # rater 9: no on q0
+    tensor[1, 2, [1, 2]] = 1  # rater 9: maybe AND yes on q2 -> quarantined
+    info = np.array([["x.JPEG", "5"], ["x.JPEG", "6"], ["y.JPEG", "5"]])
+    np.savez(tmp_path / "r.npz", tensor=tensor, info=info, ids=np.array([7, 9]))
+    kept, quarantine = votes.read_real_votes(tmp_path / "r.npz")
+    assert kept[["file_name", "label", "rater_id", "answer"]].values.tolist() == [
+        ["x.JPEG", 5, "7", "yes"], ["x.JPEG", 5, "9", "no"]]
+    assert quarantine[["row", "reason", "rater_id"]].values.tolist() == [[3, "unknown_answer", "9"]]
+    questions = votes.read_real_questions(tmp_path / "r.npz")
+    assert questions.values.tolist() == [["x.JPEG", 5], ["x.JPEG", 6], ["y.JPEG", 5]]
+
+
+def test_write_quarantine_is_atomic_and_always_writes_a_header(tmp_path):
+    out = votes.write_quarantine(None, tmp_path / "sub" / "quarantine.csv")
+    assert out.read_text().strip() == ",".join(votes.QUARANTINE_COLUMNS)
+    _, quarantine = votes.validate_votes(pd.DataFrame({"file_name": ["a"], "label": ["9999"], "rater_id": ["r"],
+                                                       "answer": ["yes"]}), source="s.csv")
+    votes.write_quarantine(quarantine, out)
+    assert pd.read_csv(out)["reason"].tolist() == ["unknown_label"]
+    assert [p.name for p in out.parent.iterdir()] == ["quarantine.csv"]  # no temp file left
+
+
+def test_real_raters_read_fast_and_complete(real_raters_path):
+    import time
+
+    start = time.perf_counter()
+    result = votes.read_real_votes(real_raters_path)
+    elapsed = time.perf_counter() - start
+    kept = result.kept
+    assert result.summary.read == len(kept) == 924_810  # 184,962 questions x 5 raters
+    assert kept["rater_id"].nunique() == 85
+    assert kept.groupby(["file_name", "label"]).size().eq(5).all()
+    with np.load(real_raters_path) as data:
+        per_answer = data["tensor"].sum(axis=(0, 1))  # [no, maybe, yes], counted independently
+    assert kept["answer"].value_counts().reindex(list(votes.ANSWERS)).tolist() == per_answer.tolist()
+    votes.check_votes(kept)
+    assert elapsed < 15, f"reading + validating raters.npz took {elapsed:.1f} s"
+    questions = votes.read_real_questions(real_raters_path)
+    assert len(questions) == 184_962 and questions["file_name"].nunique() == 24_889
