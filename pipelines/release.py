@@ -118,18 +118,23 @@ def _read_row_chunk(path: str) -> list[dict[str, Any]]:
         return json.loads(f.read())
 
 
-def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
-                   row_chunks: list[str], class_names: list[str]) -> type:
-    """A GeneratorBasedBuilder named ``name`` at ``version`` whose examples are the rows
-    stored in the JSON files ``row_chunks``."""
+# Builders register themselves by class name when defined. Releases are built at run
+# time with a name from the config, and must not clash with TFDS's catalogue or an
+# earlier release in this process, so neither the base nor the subclasses register.
+with tfds.core.registered.skip_registration():
 
-    class _AuditRelease(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version(version)
-        RELEASE_NOTES = dict(release_notes)
+    class AuditReleaseBuilder(tfds.core.GeneratorBasedBuilder):
+        """A release; subclasses made by ``_builder_class`` set the class attributes."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES: dict[str, str] = {}
+        DESCRIPTION = ""
+        CLASS_NAMES: list[str] = []
+        ROW_CHUNKS: list[str] = []
 
         def _info(self) -> tfds.core.DatasetInfo:
             return tfds.core.DatasetInfo(
-                builder=self, description=description, features=release_features(class_names),
+                builder=self, description=self.DESCRIPTION, features=release_features(self.CLASS_NAMES),
                 homepage=HOMEPAGE, citation=CITATION)
 
         def _split_generators(self, dl_manager):
@@ -140,14 +145,20 @@ def _builder_class(name: str, version: str, release_notes: Mapping[str, str], de
             # Workers read the rows from JSON chunk files rather than from an in-graph
             # beam.Create, which infers a type from every row (~0.5 ms per row) and is
             # pickled into every stage of the job.
-            return ("ListRowChunks" >> beam.Create(row_chunks, reshuffle=True)
+            return ("ListRowChunks" >> beam.Create(self.ROW_CHUNKS, reshuffle=True)
                     | "ReadRows" >> beam.FlatMap(_read_row_chunk)
                     | "ToExample" >> beam.Map(_to_example))
 
-    # Builders register themselves by class name; a release is built at run time and
-    # must not clash with TFDS's catalogue or an earlier release in this process.
+
+def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
+                   row_chunks: list[str], class_names: list[str]) -> type:
+    """A builder named ``name`` at ``version`` whose examples are the rows stored in the
+    JSON files ``row_chunks``."""
     with tfds.core.registered.skip_registration():
-        return type(name, (_AuditRelease,), {"name": name, "__module__": __name__})
+        return type(name, (AuditReleaseBuilder,), {
+            "name": name, "__module__": __name__, "VERSION": tfds.core.Version(version),
+            "RELEASE_NOTES": dict(release_notes), "DESCRIPTION": description,
+            "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks})
 
 
 def _write_json(path: Path, data: Any) -> None:

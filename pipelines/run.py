@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -55,6 +56,7 @@ class RunState:
     votes_key: str = ""
     scores: pd.DataFrame | None = None
     label_sets: dict[str, frozenset[int]] | None = None
+    release_table: pd.DataFrame | None = None
     labels_key: str = ""
     release_path: Path | None = None
     release_status: str = ""
@@ -335,7 +337,14 @@ def stage_aggregate(state: RunState) -> str:
     folder = state.store.get_or_compute("aggregate", key, compute)
     state.scores = pd.read_parquet(folder / "scores.parquet")
     state.label_sets = aggregation.label_sets(state.scores, state.original_labels, threshold=cfg.threshold)
-    state.labels_key = content_key(scores=key, threshold=cfg.threshold, dataset=state.dataset_key)
+    labels = state.original_labels
+    state.release_table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
+                                                    state.label_sets, state.scores)
+    # What a release holds, not how it was computed: a re-audit that reaches the
+    # same labels and scores by another path has nothing new to release.
+    state.labels_key = content_key(
+        table=hashlib.sha256(state.release_table.to_json(orient="records", double_precision=15)
+                             .encode()).hexdigest())
     state.outputs["scores"] = str(folder / "scores.parquet")
     sets = state.label_sets
     n_labels = sum(len(s) for s in sets.values())
@@ -393,9 +402,7 @@ def stage_release(state: RunState) -> str:
 def write_release_version(state: RunState, version: str, release_notes: dict[str, str],
                           diff: dict[str, Any] | None) -> Path:
     cfg = state.config.stages.release
-    labels = state.original_labels
-    table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
-                                      state.label_sets, state.scores)
+    table = state.release_table
     counts = label_counts(state.label_sets) | {
         "questions": int(len(state.scores)),
         "votes_read": state.votes_summary.get("read"),
@@ -455,8 +462,8 @@ def stage_report(state: RunState) -> str:
     if cfg.published_labels:
         from auditing.metrics import agreement_with_published
 
-        published = labelsets.read_real_json(state.config.resolve(cfg.published_labels),
-                                             file_names=state.original_labels["file_name"].tolist())
+        # real.json format: label lists in ImageNet val file order.
+        published = labelsets.read_real_json(state.config.resolve(cfg.published_labels))
         extra["agreement_with_published"] = agreement_with_published(state.scores, state.label_sets,
                                                                      published)
     paths = dict(state.predictions)

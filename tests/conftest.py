@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from auditing import sources
+from auditing import labelsets, sources, votes
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,41 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def real_raters_path(shared_data: Path) -> Path:
     return sources.fetch("real_raters", download=False)
+
+
+N_RATED = 300  # rated images taken from raters.npz
+N_UNRATED = 40  # images nobody rated: they keep their original label
+
+
+@pytest.fixture(scope="session")
+def real_slice(shared_data, tmp_path_factory) -> Path:
+    """A small audit on real data (ReaL votes of the first rated images, their original
+    labels, and unrated images): a folder with audit.yaml, votes_first.csv,
+    votes_later.csv (a few more raters, for re-audits) and labels.tsv."""
+    root = tmp_path_factory.mktemp("real_slice")
+    all_votes = votes.read_real_votes().kept
+    rated = sorted(all_votes["file_name"].unique())[:N_RATED]
+    sliced = all_votes[all_votes["file_name"].isin(rated)]
+    # Split the votes in two files: the second one arrives later (a re-audit).
+    later = sliced["rater_id"].astype(str).isin(sorted(sliced["rater_id"].astype(str).unique())[:8])
+    columns = ["file_name", "label", "rater_id", "answer"]
+    sliced.loc[~later, columns].to_csv(root / "votes_first.csv", index=False)
+    sliced.loc[later, columns].to_csv(root / "votes_later.csv", index=False)
+    originals = labelsets.original_val_labels().set_index("file_name")["label"]
+    unrated = sorted(set(originals.index) - set(all_votes["file_name"]))[:N_UNRATED]
+    names = sorted(rated + unrated)
+    pd.DataFrame({"file_name": names, "label": originals[names].to_numpy()}).to_csv(
+        root / "labels.tsv", sep="\t", index=False)
+    (root / "audit.yaml").write_text(f"""
+output_dir: out
+dataset:
+  original_labels: labels.tsv
+stages:
+  votes: {{paths: [votes_first.csv]}}
+  aggregate: {{method: dawid-skene, threshold: 0.8}}
+  release: {{name: real_slice_audit, version: 1.0.0, release_notes: First audit of the slice.}}
+  report: {{published_labels: "source:real_labels"}}
+""")
+    return root
+
+

@@ -1,0 +1,86 @@
+"""`label-audit run` and `reaudit` end to end on a slice of the real ReaL votes."""
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+from tests.conftest import N_RATED, N_UNRATED
+
+from pipelines import cli, reaudit, release, run
+from pipelines.config import load_config
+
+def test_run_writes_release_and_report_then_rerun_recomputes_nothing(real_slice, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(out)]) == 0
+    version = out / "tfds" / "real_slice_audit" / "1.0.0"
+    counts = json.loads((version / "counts.json").read_text())
+    assert counts["images"] == N_RATED + N_UNRATED
+    assert counts["votes_quarantined"] == 0
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["inputs"]["stages.votes.paths[0]"]["sha256"]
+    table = release.read_release(version)
+    unrated = table[table["score_labels"].map(len) == 0]
+    assert len(unrated) == N_UNRATED
+    assert all(len(s) == 1 for s in unrated["real_label"])  # original label kept
+    report = json.loads((out / "report" / "report.json").read_text())
+    agreement = report["run"]["agreement_with_published"]
+    assert agreement["question_agreement"] > 0.95
+    assert (out / "report" / "index.html").read_text().startswith("<!DOCTYPE html>")
+
+    config = load_config(real_slice / "audit.yaml", output_dir=str(out))
+    state = run.execute(config, echo=lambda *a, **k: None)
+    assert state.store.computed == []
+    assert state.release_status == "unchanged"
+    # Nothing changed: reaudit says so with exit code 3 and writes no version.
+    assert cli.main(["reaudit", str(real_slice / "audit.yaml"), "--out", str(out)]) == reaudit.EXIT_UNCHANGED
+    assert release.released_versions(out, "real_slice_audit") == ["1.0.0"]
+
+
+def test_reaudit_with_new_votes_writes_a_minor_version_with_a_diff(real_slice, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(out)]) == 0
+    config_text = (real_slice / "audit.yaml").read_text().replace(
+        "paths: [votes_first.csv]", "paths: [votes_first.csv, votes_later.csv]")
+    (real_slice / "audit_more_votes.yaml").write_text(config_text)
+    code = cli.main(["reaudit", str(real_slice / "audit_more_votes.yaml"), "--out", str(out)])
+    assert code == reaudit.EXIT_NEW_VERSION
+    assert release.released_versions(out, "real_slice_audit") == ["1.0.0", "1.1.0"]
+    new = out / "tfds" / "real_slice_audit" / "1.1.0"
+    diff = json.loads((new / "diff.json").read_text())
+    assert diff["from_version"] == "1.0.0" and diff["to_version"] == "1.1.0"
+    assert diff["images_changed"] == len(diff["changed"]) > 0
+    notes = (new / "RELEASE_NOTES.md").read_text()
+    assert "## 1.1.0" in notes and "## 1.0.0" in notes and "votes changed" in notes
+    old_sets = dict(zip(*release.read_release(out / "tfds/real_slice_audit/1.0.0")[["file_name", "real_label"]]
+                        .T.values))
+    new_sets = dict(zip(*release.read_release(new)[["file_name", "real_label"]].T.values))
+    changed = {f for f in old_sets if list(old_sets[f]) != list(new_sets[f])}
+    assert changed == {c["file_name"] for c in diff["changed"]}
+    # The earlier votes were kept: every vote of 1.0.0 is still used.
+    summary = json.loads((Path(run.RunState.for_config(load_config(
+        real_slice / "audit_more_votes.yaml", output_dir=str(out))).store.root) / "votes").glob(
+        "*/summary.json").__next__().read_text())
+    assert summary["read"] > 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["run"]["diff"]["to_version"] == "1.1.0"
+    # Running the newer config again changes nothing.
+    assert cli.main(["reaudit", str(real_slice / "audit_more_votes.yaml"), "--out", str(out)]) == 3
+
+
+def test_same_inputs_give_byte_identical_release_files(real_slice, tmp_path):
+    for name in ("a", "b"):
+        assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(tmp_path / name)]) == 0
+    first = tmp_path / "a" / "tfds" / "real_slice_audit" / "1.0.0"
+    second = tmp_path / "b" / "tfds" / "real_slice_audit" / "1.0.0"
+    files = sorted(p.name for p in first.iterdir())
+    assert files == sorted(p.name for p in second.iterdir())
+    match, mismatch, errors = filecmp.cmpfiles(first, second, files, shallow=False)
+    assert mismatch == [] and errors == [], mismatch
+
+
+def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: o\nstages: {aggregate: {method: vote}}\n")
+    assert cli.main(["run", str(bad)]) == 2
+    assert "stages.aggregate.method" in capsys.readouterr().err
