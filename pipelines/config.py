@@ -17,11 +17,13 @@ an input (``propose.questions``: proposals from raters.npz; ``predict.prediction
 NPZ files), so the ImageNet config runs without ImageNet images.
 
 File references are paths relative to the config file, absolute paths, ``gs://``
-URIs, or ``source:NAME`` for a pinned public file of ``auditing.sources`` (local copy
-in ../shared/data, else a checksummed download).
+URIs, ``source:NAME`` for a pinned public file of ``auditing.sources`` (local copy
+in ../shared/data, else a checksummed download), or ``package:PKG/PATH`` for a file
+shipped inside an installed package (the sample photos).
 """
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,10 +56,12 @@ class RunnerConfig(_Section):
 
 
 class ImagesConfig(_Section):
-    """Images to predict: an image folder or a TFDS dataset."""
+    """Images to predict: an image folder, a list of image files, or a TFDS dataset."""
 
-    type: Literal["folder", "tfds"]
+    type: Literal["folder", "files", "tfds"]
     path: FileRef | None = None  # folder
+    paths: list[FileRef] = []  # files
+    labels: FileRef | None = None  # folder/files: file_name<TAB>label TSV
     name: str | None = None  # tfds dataset name
     data_dir: FileRef | None = None  # tfds data_dir
     split: str = "validation"
@@ -66,6 +70,8 @@ class ImagesConfig(_Section):
     def _one_source(self) -> "ImagesConfig":
         if self.type == "folder" and not self.path:
             raise ValueError("images.type 'folder' needs images.path")
+        if self.type == "files" and not self.paths:
+            raise ValueError("images.type 'files' needs images.paths")
         if self.type == "tfds" and not self.name:
             raise ValueError("images.type 'tfds' needs images.name")
         return self
@@ -181,6 +187,13 @@ class AuditConfig(_Section):
 def resolve_ref(ref: str, base_dir: Path) -> str:
     if ref.startswith("source:"):
         return str(sources.fetch(ref.removeprefix("source:")))
+    if ref.startswith("package:"):
+        # A file shipped inside an installed Python package: package:skimage/data/coffee.png
+        package, _, inside = ref.removeprefix("package:").partition("/")
+        try:
+            return str(importlib.resources.files(package) / inside)
+        except ModuleNotFoundError:
+            raise ConfigError(f"{ref}: package {package!r} is not installed") from None
     if "://" in ref or ref == "tfds-wheel":
         return ref
     path = Path(os.path.expanduser(ref))
@@ -191,8 +204,12 @@ def _file_refs(config: AuditConfig) -> list[tuple[str, str]]:
     """(key path, reference) of every input file the config names."""
     refs: list[tuple[str, str]] = [("dataset.original_labels", config.dataset.original_labels)]
     images = config.dataset.images
-    if images is not None and images.path:
-        refs.append(("dataset.images.path", images.path))
+    if images is not None:
+        if images.path:
+            refs.append(("dataset.images.path", images.path))
+        refs += [(f"dataset.images.paths[{i}]", p) for i, p in enumerate(images.paths)]
+        if images.labels:
+            refs.append(("dataset.images.labels", images.labels))
     s = config.stages
     if s.predict:
         refs += [(f"stages.predict.predictions.{k}", v) for k, v in s.predict.predictions.items()]
@@ -252,7 +269,7 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
         for key, ref in _file_refs(config):
             try:
                 resolved = config.resolve(ref)
-            except (sources.SourceError, KeyError) as e:
+            except (sources.SourceError, KeyError, ConfigError) as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
             if "://" not in resolved and resolved != "tfds-wheel" and not os.path.exists(resolved):
                 raise ConfigError(f"{path}: {key}: file not found: {resolved}")

@@ -101,8 +101,9 @@ class AggregationResult:
 
 
 def _dawid_skene(crowd: CrowdData, *, n_iter: int = 100, tol: float = 1e-5, smoothing: float = 1.0,
-                 prior_groups: pd.Series | None = None) -> tuple[np.ndarray, Any]:
-    model = PresenceDawidSkene(n_iter=n_iter, tol=tol, smoothing=smoothing, initial_truth=PRESENCE_OF_ANSWER)
+                 shrinkage: float = 0.0, prior_groups: pd.Series | None = None) -> tuple[np.ndarray, Any]:
+    model = PresenceDawidSkene(n_iter=n_iter, tol=tol, smoothing=smoothing, shrinkage=shrinkage,
+                               initial_truth=PRESENCE_OF_ANSWER)
     probas = model.fit_predict_proba(crowd.data, prior_groups=prior_groups)
     return present_scores(probas, len(crowd.questions)), model
 
@@ -151,7 +152,8 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
               **params: Any) -> AggregationResult:
     """Score every (file_name, label) question of validated ``votes``.
 
-    ``params`` go to the method (dawid-skene: n_iter, tol, smoothing). Class priors
+    ``params`` go to the method (dawid-skene: n_iter, tol, smoothing, shrinkage toward
+    the pooled rater matrix, see ``PresenceDawidSkene``). Class priors
     (dawid-skene only): ``prior="global"`` is one prior for all questions (votes
     alone); ``prior="original-label"`` gives questions about an image's original
     label their own prior, for labels in ``prior_classes`` (a WordNet id such as
