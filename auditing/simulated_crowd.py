@@ -9,6 +9,10 @@ real votes, weighted by the Dawid-Skene posterior of each question it answered (
 M-step of Dawid-Skene, with the posteriors of the aggregation engine). A simulated vote
 on (image, label) draws the answer from the row of the true state given by ``truth``.
 
+A simulated vote carries the id of the real rater it imitates, so that the raters'
+history (``stages.aggregate.rater_history``) applies to it; the votes stage counts them
+as ``simulated``.
+
 Randomness is keyed by (seed, task id), so a task answered in an earlier audit gets the
 same votes again in a re-audit and a new task does not change the old ones.
 """
@@ -74,5 +78,5 @@ def simulate_task_votes(tasks: pd.DataFrame, truth: Mapping[str, frozenset[int]]
             for file_name, label in zip(task["file_name"], task["label"]):
                 state = int(label) in truth[file_name]
                 answer = ANSWERS[rng.choice(3, p=matrix[int(state)])]
-                rows.append((str(task_id), file_name, int(label), f"simulated-{rater}", answer))
+                rows.append((str(task_id), file_name, int(label), rater, answer))
     return pd.DataFrame(rows, columns=["task_id", "file_name", "label", "rater_id", "answer"])

@@ -143,6 +143,10 @@ class AggregateConfig(_Section):
     method: Literal["dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad", "mace"] = "dawid-skene"
     threshold: float = pydantic.Field(0.8, ge=0, lt=1)
     params: dict[str, Any] = {}
+    # Raters' history (dawid-skene): their confusion matrices measured on these votes
+    # (e.g. earlier audits) act as Dirichlet pseudo-counts worth `strength` votes each.
+    rater_history: FileRef | None = None
+    rater_history_strength: float = pydantic.Field(50.0, gt=0)
 
 
 class ReleaseConfig(_Section):
@@ -224,6 +228,8 @@ def _file_refs(config: AuditConfig) -> list[tuple[str, str]]:
         if s.votes.simulate:
             refs.append(("stages.votes.simulate.truth", s.votes.simulate.truth))
             refs.append(("stages.votes.simulate.calibration_votes", s.votes.simulate.calibration_votes))
+    if s.aggregate and s.aggregate.rater_history:
+        refs.append(("stages.aggregate.rater_history", s.aggregate.rater_history))
     if s.report:
         if s.report.published_labels:
             refs.append(("stages.report.published_labels", s.report.published_labels))

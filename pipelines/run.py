@@ -103,19 +103,34 @@ def stage_predict(state: RunState) -> str:
 
     paths = {name: state.config.resolve(p) for name, p in cfg.predictions.items()}
     if cfg.models:
-        images = state.config.dataset.images
-        if images is None:
-            raise StageError("stages.predict.models needs dataset.images (a folder or a TFDS dataset)")
+        from models.registry import get_model
+
+        specs = [get_model(m.name, checkpoint=state.config.resolve(m.checkpoint) if m.checkpoint else None)
+                 for m in cfg.models]
+        runner = state.config.runner
         computed = predict.run_predictions(
-            models=[(m.name, state.config.resolve(m.checkpoint) if m.checkpoint else None)
-                    for m in cfg.models],
-            images=images, base_dir=state.config.base_dir,
-            store_dir=state.store.root, batch_size=cfg.batch_size, top_k=cfg.top_k,
-            dtype=cfg.dtype, options=_options(state.config))
+            specs, image_source(state.config), state.store.root / "predictions",
+            batch_size=cfg.batch_size, dtype=cfg.dtype, top_k=cfg.top_k, runner=runner.name,
+            num_workers=runner.num_workers, beam_args=runner.options)
         paths.update({name: str(p) for name, p in computed.items()})
     state.predictions = paths
     state.predictions_key = content_key(**{name: file_digest(p) for name, p in sorted(paths.items())})
     return f"{len(paths)} model(s): " + ", ".join(sorted(paths))
+
+
+def image_source(config: AuditConfig):
+    """The ``dataset.images`` section as a sharded image source (pipelines/images.py)."""
+    from pipelines import images as images_lib
+
+    cfg = config.dataset.images
+    if cfg is None:
+        raise StageError("stages.predict.models needs dataset.images (a folder, files or a TFDS dataset)")
+    labels = config.resolve(cfg.labels) if cfg.labels else None
+    if cfg.type == "files":
+        return images_lib.ImageFiles.from_paths([config.resolve(p) for p in cfg.paths], split=cfg.split)
+    return images_lib.make_image_source(cfg.type, path=config.resolve(cfg.path) if cfg.path else None,
+                                        name=cfg.name, data_dir=cfg.data_dir, split=cfg.split,
+                                        labels_path=labels)
 
 
 # ---------------------------------------------------------------- stage 2: propose
@@ -294,24 +309,32 @@ def stage_votes(state: RunState) -> str:
             f"{s['votes_used']:,} votes used")
 
 
-def simulate_crowd_votes(state: RunState, cfg) -> pd.DataFrame:
-    """Votes of the clearly labelled simulated crowd (auditing/simulated_crowd.py) on the
-    tasks; rater matrices are calibrated once per calibration file and stored."""
+def calibrated_confusions(state: RunState, votes_ref: str) -> dict[str, np.ndarray]:
+    """Per rater, the 2 x 3 confusion matrix measured on the votes of ``votes_ref``
+    (auditing/simulated_crowd.py: Dawid-Skene posteriors, then counts); stored."""
     from auditing import aggregation, simulated_crowd
     from auditing import votes as votes_lib
 
-    calibration = state.config.resolve(cfg.calibration_votes)
-    key = content_key(calibration=file_digest(calibration))
+    path = state.config.resolve(votes_ref)
 
     def calibrate(out: Path) -> None:
-        kept, _ = votes_lib.read_and_validate([calibration])
+        kept, _ = votes_lib.read_and_validate([path])
         posteriors = aggregation.aggregate(kept).scores_
         confusions = simulated_crowd.rater_confusions(kept, posteriors)
         np.savez(out / "confusions.npz", raters=np.array(sorted(confusions)),
                  matrices=np.stack([confusions[r] for r in sorted(confusions)]))
 
-    with np.load(state.store.get_or_compute("crowd_calibration", key, calibrate) / "confusions.npz") as f:
-        confusions = dict(zip(f["raters"].tolist(), f["matrices"]))
+    folder = state.store.get_or_compute("crowd_calibration", content_key(calibration=file_digest(path)),
+                                        calibrate)
+    with np.load(folder / "confusions.npz") as f:
+        return dict(zip(f["raters"].tolist(), f["matrices"]))
+
+
+def simulate_crowd_votes(state: RunState, cfg) -> pd.DataFrame:
+    """Votes of the clearly labelled simulated crowd (auditing/simulated_crowd.py) on the tasks."""
+    from auditing import simulated_crowd
+
+    confusions = calibrated_confusions(state, cfg.calibration_votes)
     truth = labelsets.read_gold_label_sets(state.config.resolve(cfg.truth))
     return simulated_crowd.simulate_task_votes(state.tasks, truth, confusions,
                                                raters_per_task=cfg.raters_per_task, seed=cfg.seed)
@@ -325,13 +348,19 @@ def stage_aggregate(state: RunState) -> str:
 
     if state.votes is None:
         raise StageError("stages.aggregate needs votes (stages.votes)")
+    history_path = state.config.resolve(cfg.rater_history) if cfg.rater_history else None
     key = content_key(votes=state.votes_key, method=cfg.method, params=cfg.params,
-                      dataset=state.dataset_key)
+                      dataset=state.dataset_key, strength=cfg.rater_history_strength,
+                      rater_history=file_digest(history_path) if history_path else None)
 
     def compute(out: Path) -> None:
+        params = dict(cfg.params)
+        if history_path:
+            params["rater_history"] = calibrated_confusions(state, cfg.rater_history)
+            params["rater_history_strength"] = cfg.rater_history_strength
         # Original labels are an input of the method (a class prior may depend on them).
         result = aggregation.aggregate(state.votes, method=cfg.method,
-                                       original_labels=state.original_labels, **cfg.params)
+                                       original_labels=state.original_labels, **params)
         result.scores_.to_parquet(out / "scores.parquet", index=False)
 
     folder = state.store.get_or_compute("aggregate", key, compute)

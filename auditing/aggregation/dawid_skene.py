@@ -65,6 +65,11 @@ class PresenceDawidSkene(DawidSkene):
     smoothing: float = attr.ib(default=1.0)
     initial_truth: Mapping[Hashable, Hashable] | None = attr.ib(default=None)
     shrinkage: float = attr.ib(default=0.0)
+    # Raters' history: Dirichlet pseudo-counts ((worker, answer) x truth) added to
+    # their counts in every M-step (crowd-kit's initial_error, 'addition'), e.g. matrices
+    # measured on earlier audits. Without it a small audit (a few hundred votes) lets
+    # EM collapse to "nothing is present".
+    rater_pseudo_counts: pd.DataFrame | None = attr.ib(default=None)
 
     n_iter_: int = attr.ib(init=False, default=0)
     converged_: bool = attr.ib(init=False, default=False)
@@ -149,11 +154,15 @@ class PresenceDawidSkene(DawidSkene):
                        truths: list[Hashable]) -> pd.DataFrame | None:
         """``smoothing`` for every (worker, answer) x truth cell, answers never given
         by a worker included, so each matrix column is a smoothed distribution."""
-        if self.smoothing <= 0:
+        if self.smoothing <= 0 and self.rater_pseudo_counts is None:
             return None
         answers = sorted(set(pd.unique(data["label"])) | set(truth_of), key=str)
         index = pd.MultiIndex.from_product([pd.unique(data["worker"]), answers], names=["worker", "label"])
-        return pd.DataFrame(self.smoothing, index=index, columns=pd.Index(truths, name="label"))
+        counts = pd.DataFrame(max(self.smoothing, 0.0), index=index, columns=pd.Index(truths, name="label"))
+        if self.rater_pseudo_counts is not None:
+            history = self.rater_pseudo_counts.reindex(index=index, columns=counts.columns).fillna(0.0)
+            counts = counts + history.to_numpy()
+        return counts
 
     @staticmethod
     def _task_groups(tasks: pd.Index, prior_groups: pd.Series | None) -> np.ndarray | None:

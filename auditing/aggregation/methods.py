@@ -17,7 +17,7 @@ are mapped back to (file_name, label) and rater ids.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping, Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -100,10 +100,33 @@ class AggregationResult:
                           self.threshold if threshold is None else threshold)
 
 
+def rater_history_counts(rater_matrices: Mapping[str, np.ndarray], strength: float) -> pd.DataFrame:
+    """Pseudo-counts from raters' known confusion matrices.
+
+    ``rater_matrices``: rater (crowd-kit worker key) -> (2, 3) P(answer in (no, maybe, yes) | absent, present);
+    ``strength``: how many votes each matrix is worth.
+    """
+    rows, values = [], []
+    for rater, matrix in rater_matrices.items():
+        for a, answer in enumerate(("no", "maybe", "yes")):
+            rows.append((rater, answer))
+            values.append([strength * matrix[ABSENT][a], strength * matrix[PRESENT][a]])
+    return pd.DataFrame(values, index=pd.MultiIndex.from_tuples(rows, names=["worker", "label"]),
+                        columns=pd.Index([ABSENT, PRESENT], name="label"))
+
+
 def _dawid_skene(crowd: CrowdData, *, n_iter: int = 100, tol: float = 1e-5, smoothing: float = 1.0,
-                 shrinkage: float = 0.0, prior_groups: pd.Series | None = None) -> tuple[np.ndarray, Any]:
+                 shrinkage: float = 0.0, prior_groups: pd.Series | None = None,
+                 rater_history: Mapping[str, np.ndarray] | None = None,
+                 rater_history_strength: float = 50.0) -> tuple[np.ndarray, Any]:
+    history = None
+    if rater_history is not None:
+        # crowd-kit sees worker codes; the history is keyed by rater id.
+        code_of = {str(rater): code for code, rater in enumerate(crowd.raters)}
+        known = {code_of[str(r)]: m for r, m in rater_history.items() if str(r) in code_of}
+        history = rater_history_counts(known, rater_history_strength) if known else None
     model = PresenceDawidSkene(n_iter=n_iter, tol=tol, smoothing=smoothing, shrinkage=shrinkage,
-                               initial_truth=PRESENCE_OF_ANSWER)
+                               initial_truth=PRESENCE_OF_ANSWER, rater_pseudo_counts=history)
     probas = model.fit_predict_proba(crowd.data, prior_groups=prior_groups)
     return present_scores(probas, len(crowd.questions)), model
 
