@@ -49,7 +49,12 @@ def _label_tsv_rows(path: os.PathLike | str, num_classes: int) -> list[tuple[str
     wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
     rows: list[tuple[str, int]] = []
     with open(path, newline="", encoding="utf-8") as f:
-        for row_number, fields in enumerate(csv.reader(f, delimiter="\t"), start=1):
+        try:
+            lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise LabelFileError(f"{path}: row {line}: not UTF-8 text ({e.reason})") from None
+        for row_number, fields in enumerate(csv.reader(lines, delimiter="\t"), start=1):
             if not fields or not "".join(fields).strip():
                 continue
             if len(fields) < 2:

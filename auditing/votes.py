@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,12 +52,13 @@ DEFAULT_NUM_CLASSES = 1000
 
 # Quarantine reasons, in the order they are checked: a row gets the first that applies.
 MISSING_FIELD = "missing_field"
+MALFORMED_FIELD = "malformed_field"
 UNPARSABLE_LABEL = "unparsable_label"
 EMPTY_RATER_ID = "empty_rater_id"
 UNKNOWN_LABEL = "unknown_label"
 UNKNOWN_ANSWER = "unknown_answer"
 DUPLICATE_VOTE = "duplicate_vote"
-REASONS: tuple[str, ...] = (MISSING_FIELD, UNPARSABLE_LABEL, EMPTY_RATER_ID, UNKNOWN_LABEL,
+REASONS: tuple[str, ...] = (MALFORMED_FIELD, MISSING_FIELD, UNPARSABLE_LABEL, EMPTY_RATER_ID, UNKNOWN_LABEL,
                             UNKNOWN_ANSWER, DUPLICATE_VOTE)
 QUARANTINE_COLUMNS: tuple[str, ...] = ("source", "row", "reason", "detail", *REQUIRED_COLUMNS)
 
@@ -214,7 +216,7 @@ def _load_real_npz(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, np
             if missing:
                 raise VoteFileError(f"{path}: ReaL npz lacks the array(s) {missing} (has {data.files})")
             return {k: data[k] for k in keys}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         if isinstance(e, VoteFileError):
             raise
         raise VoteFileError(f"{path}: not a readable ReaL npz file: {e}") from e
@@ -340,6 +342,13 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
     def quoted(field: str, suffix: str) -> Callable[[np.ndarray], list[str]]:
         return lambda todo: [f"field '{field}': {v!r} {suffix}" for v in columns[field].to_numpy()[todo]]
 
+    # A JSONL field holding a list or an object is no value of the schema.
+    for field in REQUIRED_COLUMNS:
+        if columns[field].dtype == object:
+            nested = columns[field].map(lambda v: isinstance(v, (list, dict))).to_numpy(dtype=bool)
+            if nested.any():
+                mark(nested, MALFORMED_FIELD, f"field '{field}' holds a list or an object")
+                columns[field] = columns[field].where(~nested, None)
     text = {c: _clean_text(columns[c], lower=(c == "answer")) for c in ("file_name", "rater_id", "answer")}
     blank_label = columns["label"].isna().to_numpy()
     if columns["label"].dtype == object:

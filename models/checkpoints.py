@@ -199,6 +199,13 @@ def cached_conversion(source_path: str | os.PathLike, convert: Callable[[Path], 
                 return target
         except CheckpointError:
             pass  # a corrupt cache entry is simply rebuilt
-    variables = convert(source_path)
+    try:
+        variables = convert(source_path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any conversion failure: name the file
+        if type(e).__name__ == "UnsafeCheckpointError":
+            raise
+        raise CheckpointError(f"{source_path}: cannot convert: {e}") from e
     return save_checkpoint(target, variables, metadata={
         "converter": converter, "source": source_path.name, "source_sha256": sha})

@@ -256,6 +256,8 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -267,6 +269,11 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
         config = AuditConfig.model_validate(raw)
     except pydantic.ValidationError as e:
         raise ConfigError(_format_errors(path, e)) from None
+    if "://" in config.output_dir:
+        # The store and the release commit by renaming local folders; object stores
+        # (gs://) have no atomic rename. Use a local or NFS folder for now.
+        raise ConfigError(f"{path}: output_dir: {config.output_dir!r} is a URI; label-audit writes its "
+                          "outputs to a local or network-mounted folder (inputs may be gs:// URIs)")
     if output_dir is None:
         config = config.model_copy(update={"output_dir": config.resolve(config.output_dir)})
     else:

@@ -197,7 +197,7 @@ def plan_prediction_files(prediction_paths: Mapping[str, str | os.PathLike]
             with np.load(path, allow_pickle=False) as npz:
                 names = npz["file_names"]
                 image_index = npz["image_index"] if "image_index" in npz.files else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
             raise PredictionsFormatError(f"{path}: cannot read 'file_names' of model {model!r}: {e}") from e
         if names.dtype.kind == "S":
             names = np.char.decode(names, "utf-8")

@@ -19,7 +19,7 @@ from pathlib import Path
 from auditing.release_diff import diff_label_sets, next_minor_version
 from pipelines import release as release_lib
 from pipelines import run as run_lib
-from pipelines.config import ConfigError, load_config
+from pipelines.config import load_config
 
 EXIT_NEW_VERSION = 0
 EXIT_UNCHANGED = 3
@@ -70,9 +70,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, output_dir=args.out)
         code, _ = reaudit(config)
-    except (ConfigError, run_lib.StageError, release_lib.ReleaseExistsError) as e:
-        print(f"label-audit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as e:
+        if isinstance(e, run_lib.input_errors()):
+            return run_lib.report_input_error(e)
+        raise
     return code
 
 

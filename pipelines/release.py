@@ -25,6 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 import numpy as np
 import pandas as pd
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from auditing.imagenet import imagenet_wnids
@@ -38,6 +39,17 @@ CITATION = """@article{beyer2020imagenet,
   journal={arXiv preprint arXiv:2002.05709},
   year={2020}
 }"""
+
+
+def _serialize_example_deterministically(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+# Same inputs must give byte-identical release files. protobuf orders the map of a
+# tf.train.Example's features differently in each process unless asked not to, and
+# TFDS has no option for it; this module is imported wherever a release is written
+# (Beam workers unpickle the builder from it), so the patch is in force there too.
+example_serializer.ExampleSerializer.serialize_example = _serialize_example_deterministically
 
 
 class ReleaseExistsError(FileExistsError):

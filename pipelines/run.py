@@ -546,11 +546,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (overrides the config's output_dir)")
 
 
+# Errors that mean "this input cannot be used" (exit 2, one line naming the file, row,
+# field or key), by module; a module not imported by this run cannot have raised its own.
+_INPUT_ERRORS = {
+    "auditing.labelsets": ["LabelFileError"], "auditing.sources": ["SourceError"],
+    "auditing.votes": ["VoteFileError"], "auditing.predictions": ["PredictionsFormatError"],
+    "auditing.tasks": ["TaskFileError"], "pipelines.images": ["ImageSourceError"],
+    "models.registry": ["UnknownModelError"], "models.checkpoints": ["CheckpointError"],
+    "models.torch_checkpoint": ["TorchCheckpointError", "UnsafeCheckpointError"],
+}
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConfigError, StageError, release_lib.ReleaseExistsError]
+    for module_name, names in _INPUT_ERRORS.items():
+        module = sys.modules.get(module_name)
+        errors += [getattr(module, name) for name in names if module and hasattr(module, name)]
+    return tuple(errors)
+
+
+def report_input_error(error: BaseException) -> int:
+    print(f"label-audit: error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, output_dir=args.out)
         execute(config)
-    except (ConfigError, StageError, release_lib.ReleaseExistsError) as e:
-        print(f"label-audit: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if isinstance(e, input_errors()):
+            return report_input_error(e)
+        raise
     return 0
