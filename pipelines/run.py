@@ -109,7 +109,7 @@ def stage_predict(state: RunState) -> str:
                  for m in cfg.models]
         runner = state.config.runner
         computed = predict.run_predictions(
-            specs, image_source(state.config), state.store.root / "predictions",
+            specs, image_source(state.config), state.store.root,
             batch_size=cfg.batch_size, dtype=cfg.dtype, top_k=cfg.top_k, runner=runner.name,
             num_workers=runner.num_workers, beam_args=runner.options)
         paths.update({name: str(p) for name, p in computed.items()})
@@ -125,12 +125,10 @@ def image_source(config: AuditConfig):
     cfg = config.dataset.images
     if cfg is None:
         raise StageError("stages.predict.models needs dataset.images (a folder, files or a TFDS dataset)")
-    labels = config.resolve(cfg.labels) if cfg.labels else None
-    if cfg.type == "files":
-        return images_lib.ImageFiles.from_paths([config.resolve(p) for p in cfg.paths], split=cfg.split)
-    return images_lib.make_image_source(cfg.type, path=config.resolve(cfg.path) if cfg.path else None,
-                                        name=cfg.name, data_dir=cfg.data_dir, split=cfg.split,
-                                        labels_path=labels)
+    return images_lib.make_image_source(
+        cfg.type, path=config.resolve(cfg.path) if cfg.path else None,
+        paths=[config.resolve(p) for p in cfg.paths], name=cfg.name, data_dir=cfg.data_dir,
+        split=cfg.split, labels_path=config.resolve(cfg.labels) if cfg.labels else None)
 
 
 # ---------------------------------------------------------------- stage 2: propose
