@@ -261,7 +261,8 @@ def sets_from_mapping(file_names: Sequence[str], sets: Mapping[str, Collection[i
 
 
 def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[int]],
-                             published: Mapping[str, frozenset[int]]) -> dict[str, float | int]:
+                             published: Mapping[str, frozenset[int]],
+                             original_labels: Mapping[str, int] | None = None) -> dict[str, float | int]:
     """How our audit agrees with published label sets (e.g. ReaL's real.json).
 
     ``scores``: the rated questions (file_name, label, ...). Per question: is the label
@@ -275,7 +276,13 @@ def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[
                                bool, len(files))
     rated = pd.unique(files)
     same_set = np.fromiter((ours[f] == published.get(f, frozenset()) for f in rated), bool, len(rated))
-    return {"questions": int(len(files)), "question_agreement": float((in_ours == in_published).mean()),
+    extra = {}
+    if original_labels is not None:
+        # ReaL accuracy of the original labels under each label set (empty sets excluded).
+        for which, sets in (("ours", ours), ("published", published)):
+            hits = [original_labels[f] in sets[f] for f in ours if f in sets and sets[f]]
+            extra[f"original_labels_real_accuracy_{which}"] = float(np.mean(hits)) if hits else float("nan")
+    return extra | {"questions": int(len(files)), "question_agreement": float((in_ours == in_published).mean()),
             "rated_images": int(len(rated)), "image_exact_match": float(same_set.mean()),
             "all_images_exact_match": float(np.mean([ours[f] == published.get(f, frozenset())
                                                      for f in ours]))}

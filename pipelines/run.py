@@ -491,8 +491,9 @@ def stage_report(state: RunState) -> str:
 
         # real.json format: label lists in ImageNet val file order.
         published = labelsets.read_real_json(state.config.resolve(cfg.published_labels))
+        originals = dict(zip(state.original_labels["file_name"], state.original_labels["label"]))
         extra["agreement_with_published"] = agreement_with_published(state.scores, state.label_sets,
-                                                                     published)
+                                                                     published, originals)
     paths = dict(state.predictions)
     paths.update({n: state.config.resolve(p) for n, p in cfg.predictions.items()})
     written = report.write_report(out_dir, label_sets=state.label_sets,

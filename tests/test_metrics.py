@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from auditing import metrics
@@ -172,3 +173,17 @@ def test_linear_fit_and_halves():
     assert fits["all"].n == 4 and fits["all"].x_range == (1.0, 4.0)
     with pytest.raises(ValueError, match="at least 2 points"):
         metrics.linear_fit(np.array([1.0]), np.array([1.0]))
+
+
+def test_agreement_with_published_by_hand():
+    from auditing.metrics import agreement_with_published
+
+    scores = pd.DataFrame({"file_name": ["a", "a", "b"], "label": [1, 2, 3], "score": [0.9, 0.1, 0.95]})
+    ours = {"a": frozenset({1}), "b": frozenset({3}), "c": frozenset({4})}
+    published = {"a": frozenset({1, 2}), "b": frozenset({3}), "c": frozenset()}
+    got = agreement_with_published(scores, ours, published, {"a": 2, "b": 3, "c": 4})
+    assert got["question_agreement"] == pytest.approx(2 / 3)
+    assert got["image_exact_match"] == pytest.approx(1 / 2)  # rated images a, b
+    assert got["all_images_exact_match"] == pytest.approx(1 / 3)
+    assert got["original_labels_real_accuracy_ours"] == pytest.approx(2 / 3)  # a misses, b and c hit
+    assert got["original_labels_real_accuracy_published"] == pytest.approx(1.0)  # c excluded (empty)
