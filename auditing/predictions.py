@@ -29,10 +29,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from auditing import atomic
 
 REQUIRED_KEYS = ("file_names",)
 OPTIONAL_KEYS = ("logits", "top1", "image_index", "labels", "quarantined_file_names",
@@ -195,14 +196,8 @@ def save_predictions(path: str | os.PathLike, predictions: Predictions) -> Path:
             arrays[key] = value
     if predictions.logits is not None:
         arrays["logits"] = predictions.logits.astype(np.float32, copy=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

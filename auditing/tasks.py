@@ -44,7 +44,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from auditing import atomic
 from auditing.imagenet import ImageNetClasses, WordNetHierarchy, load_classes, load_hierarchy
 
 DEFAULT_MAX_LABELS = 8
@@ -286,19 +286,10 @@ def summarize_tasks(tasks: TaskSet) -> dict[str, Any]:
 # ---------------------------------------------------------------- task files
 
 def _atomic_write_text(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
+    """``write(f)`` into a text file that appears whole or not at all."""
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        write(f)
+    return Path(path)
 
 def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
                  classes: ImageNetClasses | None = None,

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import zipfile
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from auditing import atomic
 from auditing import sources
 
 # The order of raters.npz's one-hot axis; also the order of the answer categories.
@@ -408,13 +408,6 @@ def write_quarantine(quarantine: pd.DataFrame | None, path: str | os.PathLike) -
     writes the header only, so the file always exists."""
     path = Path(path)
     frame = quarantine if quarantine is not None else pd.DataFrame(columns=list(QUARANTINE_COLUMNS))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            frame.to_csv(f, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        frame.to_csv(f, index=False)
     return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from auditing import atomic
 from auditing import sources
 
 FORMAT = "label-audit/flax-variables/v1"
@@ -53,24 +53,12 @@ def _to_numpy_tree(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(path: str | os.PathLike, variables: Variables,
                     metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``variables`` (e.g. ``{"params": ..., "batch_stats": ...}``) in the safe msgpack format."""
     path = Path(path)
     payload = {"format": FORMAT, "metadata": dict(metadata or {}), "variables": _to_numpy_tree(variables)}
-    _write_atomically(path, flax.serialization.msgpack_serialize(payload))
+    atomic.write_bytes(path, flax.serialization.msgpack_serialize(payload))
     return path
 
 

@@ -43,7 +43,6 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from auditing import atomic
 from auditing import labelsets
 from auditing.imagenet import NUM_CLASSES
 from auditing.predictions import PredictionsFormatError
@@ -321,27 +321,12 @@ def _finish_model(model_summary: tuple[str, ModelTopN], num_images: int,
 
 # ---------------------------------------------------------------- writing outputs
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that is renamed onto it on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _offsets(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
 
 
 def write_selections(selections: Sequence[ModelSelections], file_names: np.ndarray, path: Path) -> Path:
-    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, model_names=np.array([s.name for s in selections]), file_names=file_names,
                  num_classes=np.int64(selections[0].num_classes),
                  logits_keys=np.concatenate([s.logits for s in selections]),
@@ -364,13 +349,13 @@ def read_selections(path: str | os.PathLike) -> tuple[list[ModelSelections], np.
 
 
 def write_proposals(pool: ProposalPool, path: Path) -> Path:
-    with _atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         pq.write_table(pool.to_arrow(), tmp)
     return path
 
 
 def _write_json(payload: Mapping[str, Any], path: Path) -> Path:
-    with _atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 
@@ -466,7 +451,7 @@ def _choose_subset(item: PoolInput, gold: Mapping[str, frozenset[int]], recall_t
     models, images = item
     selector = ModelSubsetSelector(recall_target=recall_target).fit(
         candidate_pool(models, images.originals, images.file_names), gold)
-    with _atomic_path(out / "subsets.csv") as tmp:
+    with atomic.atomic_path(out / "subsets.csv") as tmp:
         selector.table_.to_csv(tmp, index=False)
     _write_json(selection_summary(selector), out / "selection.json")
     return [m for m in models if m.name in selector.best_models_], images

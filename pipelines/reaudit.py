@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from auditing.release_diff import diff_label_sets, next_minor_version
 from pipelines import release as release_lib

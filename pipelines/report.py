@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from auditing import cooccurrence, imagenet, labelsets, metrics, report_html, sources
+from auditing import atomic, cooccurrence, imagenet, labelsets, metrics, report_html, sources
 from auditing.metrics import LabelSets
 from auditing.predictions import Predictions, load_predictions
 
@@ -309,17 +308,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection[int]],
                  original_labels: pd.DataFrame | Mapping[str, int],
                  predictions: Mapping[str, Predictions] | None = None,
@@ -355,9 +343,9 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report_json": out / "report.json", "html": out / "index.html"}
-    _write_atomic(paths["report_json"],
+    atomic.write_text(paths["report_json"],
                   json.dumps(report, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
-    _write_atomic(paths["html"], html)
+    atomic.write_text(paths["html"], html)
     return paths
 
 
