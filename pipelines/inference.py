@@ -62,14 +62,16 @@ def jit_predictor(spec: ModelSpec, batch_size: int, dtype: str) -> Any:
 
 # Compiled predictors of this process, so that a second pipeline in the same process
 # (the CLI after ``run``, the benchmark, tests) neither reloads weights nor recompiles.
-_PREDICTORS: dict[tuple[str, str, int, str], Any] = {}
+_PREDICTORS: dict[tuple[Any, ModelSpec, int, str], Any] = {}
 _PREDICTORS_LOCK = threading.RLock()  # a factory may itself call shared_predictor
 _MAX_CACHED_PREDICTORS = 4
 
 
 def shared_predictor(spec: ModelSpec, batch_size: int, dtype: str,
                      factory: PredictorFactory = jit_predictor) -> Any:
-    key = (getattr(factory, "__qualname__", repr(factory)), spec.name, batch_size, dtype)
+    # Keyed by the factory itself (two factories may share a name) and the whole spec
+    # (two resnet50 specs may load different checkpoints).
+    key = (factory, spec, batch_size, dtype)  # spec includes its checkpoint
     with _PREDICTORS_LOCK:
         if key not in _PREDICTORS:
             if len(_PREDICTORS) >= _MAX_CACHED_PREDICTORS:
