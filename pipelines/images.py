@@ -31,7 +31,7 @@ import functools
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -373,6 +373,23 @@ def make_image_source(type: str, *, path: str | None = None, paths: Sequence[str
             raise ImageSourceError("a TFDS image source needs a dataset name")
         return TfdsImages(name=name, split=split, data_dir=data_dir)
     raise ImageSourceError(f"unknown image source type {type!r}; expected 'folder', 'files' or 'tfds'")
+
+
+class EncodedImages(Mapping[str, bytes]):
+    """{file_name: encoded bytes} over image files, read only when asked for (the
+    report shows a few examples)."""
+
+    def __init__(self, files: ImageFiles):
+        self._paths = dict(zip(files.file_names, files.paths))
+
+    def __getitem__(self, name: str) -> bytes:
+        return Path(self._paths[name]).read_bytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
 
 
 # ----------------------------------------------------------------------------- transforms

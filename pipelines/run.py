@@ -45,6 +45,9 @@ class RunState:
     original_labels: pd.DataFrame | None = None  # file_name, label (file order)
     dataset_key: str = ""
     predictions: dict[str, str] = dataclasses.field(default_factory=dict)  # model -> NPZ path
+    # Every model that predicted, also those the subset selection left out (the report
+    # evaluates them all).
+    all_predictions: dict[str, str] = dataclasses.field(default_factory=dict)
     predictions_key: str = ""
     proposals: pd.DataFrame | None = None
     proposals_key: str = ""
@@ -114,6 +117,7 @@ def stage_predict(state: RunState) -> str:
             num_workers=runner.num_workers, beam_args=runner.options)
         paths.update({name: str(p) for name, p in computed.items()})
     state.predictions = paths
+    state.all_predictions = dict(paths)
     state.predictions_key = content_key(**{name: file_digest(p) for name, p in sorted(paths.items())})
     return f"{len(paths)} model(s): " + ", ".join(sorted(paths))
 
@@ -477,7 +481,9 @@ def stage_report(state: RunState) -> str:
     out_dir = Path(state.config.output_dir) / "report"
     extra: dict[str, Any] = {"counts": state.counts or label_counts(state.label_sets)}
     if state.votes_summary:
-        extra["votes"] = state.votes_summary
+        extra["votes"] = {k: v for k, v in state.votes_summary.items() if k != "quarantined_by_reason"}
+        extra["votes"] |= {f"quarantined ({reason})": n for reason, n in
+                           state.votes_summary.get("quarantined_by_reason", {}).items() if n}
     if state.tasks_summary:
         extra["tasks"] = state.tasks_summary
     if state.config.stages.release and state.release_path is not None:
@@ -494,12 +500,18 @@ def stage_report(state: RunState) -> str:
         originals = dict(zip(state.original_labels["file_name"], state.original_labels["label"]))
         extra["agreement_with_published"] = agreement_with_published(state.scores, state.label_sets,
                                                                      published, originals)
-    paths = dict(state.predictions)
+    paths = dict(state.all_predictions or state.predictions)
     paths.update({n: state.config.resolve(p) for n, p in cfg.predictions.items()})
+    examples = None
+    if state.config.dataset.images is not None and state.config.dataset.images.type in ("files", "folder"):
+        from pipelines.images import EncodedImages
+
+        examples = EncodedImages(image_source(state.config))
     written = report.write_report(out_dir, label_sets=state.label_sets,
                                   original_labels=state.original_labels,
                                   predictions={n: load_predictions(p) for n, p in paths.items()},
-                                  extra_summary=extra, model_zoo=report.local_model_zoo())
+                                  extra_summary=extra, example_images=examples,
+                                  model_zoo=report.local_model_zoo())
     state.outputs.update({f"report.{k}": str(v) for k, v in written.items()})
     return f"wrote {out_dir}"
 
