@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import re
 import shutil
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,6 +113,30 @@ class _WriteShardFn(beam.DoFn):
                                        f"{counts}")
 
 
+@contextlib.contextmanager
+def _shard_progress(shards_dir: Path, name: str, todo: int, every_s: float = 10.0) -> Iterator[None]:
+    """Logs finished shards and an ETA every ``every_s`` seconds while a pipeline runs
+    (shard files are the progress: they appear as workers finish them)."""
+    done_before = len(list(shards_dir.glob("*.npz")))
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def report() -> None:
+        while not stop.wait(every_s):
+            done = len(list(shards_dir.glob("*.npz"))) - done_before
+            elapsed = time.monotonic() - started
+            eta = f", ETA {elapsed / done * (todo - done):.0f} s" if 0 < done < todo else ""
+            log.info("%s: %d/%d shards predicted in %.0f s%s", name, done, todo, elapsed, eta)
+
+    thread = threading.Thread(target=report, name="shard-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _shard_predictions(rows: list[ImagePrediction], num_classes: int, name: str) -> Predictions:
     predicted = [r for r in rows if r.scores is not None]
     quarantined = [r for r in rows if r.scores is None]
@@ -146,7 +173,7 @@ def predict_source(spec: ModelSpec, source: ImageSource, out_path: str | Path, *
     if pending:
         shards_dir.mkdir(parents=True, exist_ok=True)
         options = make_options(runner, num_workers, beam_args)
-        with beam.Pipeline(options=options) as pipeline:
+        with _shard_progress(shards_dir, spec.name, len(pending)), beam.Pipeline(options=options) as pipeline:
             _ = (pipeline
                  | "PlanShards" >> beam.Create(pending)
                  | "ReadImages" >> ReadImageShards(source)

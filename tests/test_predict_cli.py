@@ -211,3 +211,16 @@ def test_predict_command_on_real_photos(tmp_path, photo_source, capsys):
     assert block[0].startswith("  1.") and "espresso (n07920052)" in block[0]
     assert all(f"{name}\n  quarantined: " in printed for name in bad)
     assert "9 images read = 6 predicted + 3 quarantined" in printed
+
+
+def test_shard_progress_logs_counts_and_an_eta(tmp_path, caplog):
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO, logger="label-audit.predict")
+    caplog.set_level(logging.INFO)
+    with predict._shard_progress(tmp_path, "lite0", todo=4, every_s=0.05):
+        (tmp_path / "shard-00000-of-00004.npz").write_bytes(b"")
+        time.sleep(0.3)
+    messages = [r.getMessage() for r in caplog.records if "shards predicted" in r.getMessage()]
+    assert messages and "lite0: 1/4 shards predicted" in messages[-1] and "ETA" in messages[-1]
