@@ -10,7 +10,7 @@ Every key maps to one field below and every stage section to one module:
     stages.votes          -> auditing/votes.py
     stages.aggregate      -> auditing/aggregation/
     stages.release        -> pipelines/release.py
-    stages.report         -> pipelines/report.py      (auditing/metrics.py, cooccurrence.py)
+    stages.report         -> pipelines/report.py      (auditing/report.py, metrics.py, cooccurrence.py)
 
 A stage whose section is absent is skipped; a stage's output can instead be given as
 an input (``propose.questions``: proposals from raters.npz; ``predict.predictions``:

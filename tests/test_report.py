@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from auditing import imagenet, labelsets, report_html, sources
+from auditing import report as audit_report
 from auditing.metrics import LabelSets
 from auditing.predictions import Predictions, save_predictions
 from pipelines import report
@@ -165,7 +166,7 @@ def test_write_report_on_a_hand_case(shared_data, tmp_path):
 
 
 def test_display_names_tell_apart_classes_sharing_a_first_lemma(shared_data):
-    names = report.display_names(imagenet.load_classes(), imagenet.load_hierarchy())
+    names = audit_report.display_names(imagenet.load_classes(), imagenet.load_hierarchy())
     cranes = [n for n in names if n.startswith("crane")]
     assert len(cranes) == 2 and len(set(cranes)) == 2 and "crane (wading bird)" in cranes
     assert len(set(names)) == 1000
