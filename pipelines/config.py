@@ -16,8 +16,8 @@ A stage whose section is absent is skipped; a stage's output can instead be give
 an input (``propose.questions``: proposals from raters.npz; ``predict.predictions``:
 NPZ files), so the ImageNet config runs without ImageNet images.
 
-File references are paths relative to the config file, absolute paths, ``gs://``
-URIs, ``source:NAME`` for a pinned public file of ``auditing.sources`` (local copy
+File references are paths relative to the config file, absolute paths, URIs such as
+``gs://...`` (fetched once through Beam's FileSystems: pipelines/remote.py), ``source:NAME`` for a pinned public file of ``auditing.sources`` (local copy
 in ../shared/data, else a checksummed download), or ``package:PKG/PATH`` for a file
 shipped inside an installed package (the sample photos).
 """
@@ -198,8 +198,15 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
             return str(importlib.resources.files(package) / inside)
         except ModuleNotFoundError:
             raise ConfigError(f"{ref}: package {package!r} is not installed") from None
-    if "://" in ref or ref == "tfds-wheel":
+    if ref == "tfds-wheel":
         return ref
+    if "://" in ref:
+        from pipelines.remote import RemoteInputError, localize
+
+        try:
+            return str(localize(ref))
+        except RemoteInputError as e:
+            raise ConfigError(str(e)) from None
     path = Path(os.path.expanduser(ref))
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
@@ -284,6 +291,6 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
                 resolved = config.resolve(ref)
             except (sources.SourceError, KeyError, ConfigError) as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
-            if "://" not in resolved and resolved != "tfds-wheel" and not os.path.exists(resolved):
+            if resolved != "tfds-wheel" and not os.path.exists(resolved):
                 raise ConfigError(f"{path}: {key}: file not found: {resolved}")
     return config
