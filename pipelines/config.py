@@ -154,6 +154,9 @@ class ReleaseConfig(_Section):
     version: str = pydantic.Field("1.0.0", pattern=r"^\d+\.\d+\.\d+$")
     description: str = ""
     release_notes: str = "Initial audit."
+    # Put the images (RGB) into the release as an `image` feature; needs dataset.images
+    # of type files or folder. Off by default: ImageNet's are not ours to redistribute.
+    include_images: bool = False
 
 
 class ReportConfig(_Section):

@@ -12,6 +12,7 @@ a crash leaves no partial version, and an existing version is never overwritten.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 import pandas as pd
+import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -70,9 +72,11 @@ def released_versions(out_dir: str | os.PathLike, name: str) -> list[str]:
     return sorted(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
-def release_features(class_names: list[str]) -> tfds.features.FeaturesDict:
+def release_features(class_names: list[str], with_images: bool = False) -> tfds.features.FeaturesDict:
     label = tfds.features.ClassLabel(names=class_names)
+    images = {"image": tfds.features.Image(shape=(None, None, 3))} if with_images else {}
     return tfds.features.FeaturesDict({
+        **images,
         "file_name": tfds.features.Text(),
         "original_label": label,
         "real_label": tfds.features.Sequence(tfds.features.ClassLabel(names=class_names)),
@@ -106,8 +110,26 @@ def release_table(file_names: list[str], original_labels: np.ndarray,
     return pd.DataFrame(rows)
 
 
+def _rgb_encoded(path: str) -> bytes:
+    """The image file's bytes if it is an RGB JPEG or PNG, else the image converted to
+    RGB as the models see it (grayscale, CMYK, RGBA) and encoded as PNG. Encoded bytes,
+    because TFDS encodes decoded arrays with TensorFlow, which is optional here."""
+    with FileSystems.open(path) as f:
+        data = f.read()
+    with PIL.Image.open(io.BytesIO(data)) as decoded:
+        if decoded.mode == "RGB" and decoded.format in ("JPEG", "PNG"):
+            return data
+        buffer = io.BytesIO()
+        decoded.convert("RGB").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
 def _to_example(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    image = {}
+    if row.get("image_path"):
+        image = {"image": _rgb_encoded(row["image_path"])}
     return row["file_name"], {
+        **image,
         "file_name": row["file_name"],
         "original_label": row["original_label"],
         "real_label": row["real_label"],
@@ -142,11 +164,12 @@ with tfds.core.registered.skip_registration():
         RELEASE_NOTES: dict[str, str] = {}
         DESCRIPTION = ""
         CLASS_NAMES: list[str] = []
+        WITH_IMAGES = False
         ROW_CHUNKS: list[str] = []
 
         def _info(self) -> tfds.core.DatasetInfo:
             return tfds.core.DatasetInfo(
-                builder=self, description=self.DESCRIPTION, features=release_features(self.CLASS_NAMES),
+                builder=self, description=self.DESCRIPTION, features=release_features(self.CLASS_NAMES, self.WITH_IMAGES),
                 homepage=HOMEPAGE, citation=CITATION)
 
         def _split_generators(self, dl_manager):
@@ -163,14 +186,15 @@ with tfds.core.registered.skip_registration():
 
 
 def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
-                   row_chunks: list[str], class_names: list[str]) -> type:
+                   row_chunks: list[str], class_names: list[str], table_columns: list[str]) -> type:
     """A builder named ``name`` at ``version`` whose examples are the rows stored in the
     JSON files ``row_chunks``."""
     with tfds.core.registered.skip_registration():
         return type(name, (AuditReleaseBuilder,), {
             "name": name, "__module__": __name__, "VERSION": tfds.core.Version(version),
             "RELEASE_NOTES": dict(release_notes), "DESCRIPTION": description,
-            "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks})
+            "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks,
+            "WITH_IMAGES": "image_path" in table_columns})
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -199,7 +223,8 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
         row_chunks = _write_row_chunks(table, staging / "rows")
         builder_cls = _builder_class(name, version, release_notes,
                                      description or f"Audited labels ({name} {version}).",
-                                     row_chunks, class_names or list(imagenet_wnids()))
+                                     row_chunks, class_names or list(imagenet_wnids()),
+                                     list(table.columns))
         builder = builder_cls(data_dir=str(staging), file_format="array_record")
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(beam_options=options))

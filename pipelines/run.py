@@ -371,16 +371,36 @@ def stage_aggregate(state: RunState) -> str:
     labels = state.original_labels
     state.release_table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
                                                     state.label_sets, state.scores)
+    image_digests = None
+    if state.config.stages.release and state.config.stages.release.include_images:
+        paths = release_image_paths(state)
+        state.release_table["image_path"] = state.release_table["file_name"].map(paths)
+        image_digests = [file_digest(paths[f]) for f in state.release_table["file_name"]]
     # What a release holds, not how it was computed: a re-audit that reaches the
     # same labels and scores by another path has nothing new to release.
+    labels_only = state.release_table.drop(columns=["image_path"], errors="ignore")
     state.labels_key = content_key(
-        table=hashlib.sha256(state.release_table.to_json(orient="records", double_precision=15)
-                             .encode()).hexdigest())
+        table=hashlib.sha256(labels_only.to_json(orient="records", double_precision=15).encode()).hexdigest(),
+        images=image_digests)
     state.outputs["scores"] = str(folder / "scores.parquet")
     sets = state.label_sets
     n_labels = sum(len(s) for s in sets.values())
     n_empty = sum(1 for s in sets.values() if not s)
     return f"{len(state.scores):,} questions scored; {n_labels:,} labels, {n_empty:,} empty sets"
+
+
+def release_image_paths(state: RunState) -> dict[str, str]:
+    """file_name -> image file, for ``stages.release.include_images``."""
+    images = state.config.dataset.images
+    if images is None or images.type not in ("files", "folder"):
+        raise StageError("stages.release.include_images needs dataset.images of type files or folder")
+    source = image_source(state.config)
+    paths = dict(zip(source.file_names, source.paths))
+    missing = sorted(set(state.release_table["file_name"]) - set(paths))
+    if missing:
+        raise StageError(f"stages.release.include_images: no image file for {len(missing)} image(s), "
+                         f"e.g. {missing[:3]}")
+    return paths
 
 
 # ---------------------------------------------------------------- stage 7: release

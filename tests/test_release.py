@@ -48,3 +48,17 @@ def test_release_round_trips_through_tfds_and_is_never_overwritten(tmp_path):
         release.write_release(tmp_path, "tiny_audit", "1.0.0", _table(), **kwargs)
     # No staging leftovers beside the version.
     assert sorted(p.name for p in path.parent.iterdir()) == ["1.0.0"]
+
+
+def test_release_with_images_stores_rgb_photos(tmp_path):
+    from models.sample_photos import photo_path
+
+    table = _table()
+    # A grayscale PNG, an RGBA PNG and an RGB JPEG: all come back as RGB uint8 arrays.
+    table["image_path"] = [str(photo_path(n)) for n in ("camera", "horse", "china")]
+    path = release.write_release(tmp_path, "photo_audit", "1.0.0", table, release_notes={"1.0.0": "x"},
+                                 manifest={}, counts={}, options=make_options("direct"))
+    source = tfds.builder_from_directory(str(path)).as_data_source(split="validation")
+    images = {ex["file_name"].decode(): ex["image"] for ex in source}
+    assert images["a.JPEG"].shape == (512, 512, 3) and images["a.JPEG"].dtype == np.uint8
+    assert images["b.JPEG"].shape[2] == 3 and images["c.JPEG"].shape == (427, 640, 3)
