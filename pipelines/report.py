@@ -113,10 +113,12 @@ def _release_version_dir(path: Path) -> Path:
     return versions[-1]
 
 
-def read_tfds_release(path: str | os.PathLike, batch: int = 4096
+def read_tfds_release(path: str | os.PathLike, batch: int = 4096, images: dict[str, bytes] | None = None
                       ) -> tuple[dict[str, frozenset[int]], pd.DataFrame | None]:
     """Label sets (and original labels, if present) of a TFDS release's validation split,
-    by feature name: ``file_name``, ``real_label``, optional ``original_label``."""
+    by feature name: ``file_name``, ``real_label``, optional ``original_label``. If the
+    release has an ``image`` feature and ``images`` is a dict, it is filled with the
+    encoded image of every example (for the report's examples)."""
     import tensorflow_datasets as tfds  # only this input needs TFDS
 
     folder = _release_version_dir(Path(path))
@@ -126,7 +128,10 @@ def read_tfds_release(path: str | os.PathLike, batch: int = 4096
     if missing:
         raise ReportInputError(f"{folder}: the release has no feature(s) {sorted(missing)} "
                                f"(has {sorted(features.keys())})")
-    source = builder.as_data_source(split="validation")
+    with_images = "image" in features.keys()
+    # Encoded bytes as stored: nothing to decode, and what the report embeds.
+    decoders = {"image": tfds.decode.SkipDecoding()} if with_images else None
+    source = builder.as_data_source(split="validation", decoders=decoders)
     sets: dict[str, frozenset[int]] = {}
     originals: list[tuple[str, int]] = []
     for start in range(0, len(source), batch):
@@ -134,18 +139,22 @@ def read_tfds_release(path: str | os.PathLike, batch: int = 4096
             name = example["file_name"]
             name = name.decode() if isinstance(name, bytes) else str(name)
             sets[name] = frozenset(int(v) for v in example["real_label"])
+            if with_images and images is not None:
+                images[name] = example["image"]
             if "original_label" in example:
                 originals.append((name, int(example["original_label"])))
     original = pd.DataFrame(originals, columns=["file_name", "label"]) if originals else None
     return sets, original
 
 
-def read_label_sets(path: str | os.PathLike) -> tuple[dict[str, frozenset[int]], pd.DataFrame | None]:
+def read_label_sets(path: str | os.PathLike, images: dict[str, bytes] | None = None
+                    ) -> tuple[dict[str, frozenset[int]], pd.DataFrame | None]:
     """Label sets from a TFDS release, real.json, gold JSON or gold TSV (see module doc);
-    the original labels too when the file carries them (a release)."""
+    the original labels too when the file carries them (a release), and its images into
+    ``images`` when it has them."""
     path = Path(path)
     if path.is_dir():
-        return read_tfds_release(path)
+        return read_tfds_release(path, images=images)
     if not path.is_file():
         raise ReportInputError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".json":
@@ -211,7 +220,8 @@ def _percent(value: float | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    sets, release_original = read_label_sets(args.labels)
+    release_images: dict[str, bytes] = {}
+    sets, release_original = read_label_sets(args.labels, images=release_images)
     if args.original_labels == "imagenet":
         original = labelsets.original_val_labels()
     elif args.original_labels:
@@ -229,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         args.out, sets, original, predictions,
         extra_summary={"labels": str(args.labels),
                        "original_labels": str(args.original_labels or "release")},
-        example_images=ImageFolder(args.images) if args.images else None,
+        example_images=ImageFolder(args.images) if args.images else (release_images or None),
         model_zoo=local_model_zoo() if args.model_zoo else None)
     report = json.loads(paths["report_json"].read_text())
     summary = report["summary"]

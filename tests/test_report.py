@@ -280,3 +280,24 @@ def test_reads_a_tfds_release_by_feature_names(tmp_path):
         assert original.sort_values("file_name")["label"].tolist() == [5, 7, 9]
     with pytest.raises(report.ReportInputError, match="not a TFDS dataset folder"):
         report.read_label_sets(tmp_path)
+
+
+def test_report_shows_example_images_stored_in_a_release(tmp_path):
+    from models.sample_photos import photo_path
+    from pipelines import release
+    from pipelines.beam_options import make_options
+
+    names = ["camera.png", "coffee.png", "chelsea.png"]
+    scores = pd.DataFrame({"file_name": names, "label": [872, 967, 281], "score": [0.99, 0.95, 0.1]})
+    sets = {"camera.png": frozenset({872}), "coffee.png": frozenset({967}), "chelsea.png": frozenset()}
+    table = release.release_table(names, np.array([759, 968, 281]), sets, scores)
+    table["image_path"] = [str(photo_path(n.split(".")[0])) for n in names]
+    path = release.write_release(tmp_path / "rel", "photo_report", "1.0.0", table,
+                                 release_notes={"1.0.0": "x"}, manifest={}, counts={},
+                                 options=make_options("direct"))
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    assert report.main(parser.parse_args(["--labels", str(path), "--out", str(tmp_path / "rep"),
+                                          "--no-model-zoo"])) == 0
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert "coffee.png" in html and html.count("data:image/jpeg") >= 2
