@@ -173,8 +173,6 @@ def stage_propose(state: RunState) -> str:
 
 def stage_select_subset(state: RunState) -> str:
     cfg = state.config.stages.select_subset
-    from auditing import subset_selection
-
     gold_path = state.config.resolve(cfg.gold)
     key = content_key(predictions=state.predictions_key, gold=file_digest(gold_path),
                       recall_target=cfg.recall_target, top_n=state.config.stages.propose.top_n
@@ -197,7 +195,6 @@ def stage_select_subset(state: RunState) -> str:
     state.predictions = {m: state.predictions[m] for m in chosen}
     state.predictions_key = content_key(**{m: file_digest(p) for m, p in sorted(state.predictions.items())})
     stage_propose(state)
-    del subset_selection
     return f"chose {chosen} (precision {selection['precision']:.3f}, recall {selection['recall']:.3f})"
 
 
