@@ -269,6 +269,7 @@ def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[
     in our set exactly when it is in the published set. Per rated image: are the two
     sets equal. For measuring only: published labels never feed the labels.
     """
+    scores = scores[scores["file_name"].isin(ours.keys())]  # questions about our images
     files = scores["file_name"].to_numpy()
     labels = scores["label"].to_numpy()
     in_ours = np.fromiter((int(l) in ours[f] for f, l in zip(files, labels)), bool, len(files))

@@ -78,6 +78,8 @@ class ImagesConfig(_Section):
 
 
 class DatasetConfig(_Section):
+    # Descriptive: recorded in the release manifest and the report. The release's split
+    # is always `validation`, as in TFDS imagenet2012_real.
     name: str = "imagenet2012"
     split: str = "validation"
     # TSV file_name<TAB>label, or 'tfds-wheel' for the 50k ILSVRC-2012 val labels.
@@ -141,6 +143,12 @@ class VotesConfig(_Section):
 
 class AggregateConfig(_Section):
     method: Literal["dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad", "mace"] = "dawid-skene"
+
+    @pydantic.model_validator(mode="after")
+    def _history_needs_dawid_skene(self) -> "AggregateConfig":
+        if self.rater_history is not None and self.method != "dawid-skene":
+            raise ValueError(f"rater_history is a dawid-skene option, not one of {self.method!r}")
+        return self
     threshold: float = pydantic.Field(0.8, ge=0, lt=1)
     params: dict[str, Any] = {}
     # Raters' history (dawid-skene): their confusion matrices measured on these votes
@@ -214,7 +222,7 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
-def _file_refs(config: AuditConfig) -> list[tuple[str, str]]:
+def file_refs(config: AuditConfig) -> list[tuple[str, str]]:
     """(key path, reference) of every input file the config names."""
     refs: list[tuple[str, str]] = [("dataset.original_labels", config.dataset.original_labels)]
     images = config.dataset.images
@@ -289,7 +297,7 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
     else:
         config = config.model_copy(update={"output_dir": str(Path(output_dir).resolve())})
     if check_files:
-        for key, ref in _file_refs(config):
+        for key, ref in file_refs(config):
             try:
                 resolved = config.resolve(ref)
             except (sources.SourceError, KeyError, ConfigError) as e:

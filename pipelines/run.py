@@ -27,7 +27,7 @@ from auditing import labelsets
 from auditing.imagenet import NUM_CLASSES
 from pipelines import release as release_lib
 from pipelines.beam_options import make_options
-from pipelines.config import AuditConfig, ConfigError, load_config
+from pipelines.config import AuditConfig, ConfigError, ProposeConfig, file_refs, load_config
 from pipelines.store import Store, content_key, file_digest
 
 log = logging.getLogger("label-audit")
@@ -60,6 +60,7 @@ class RunState:
     scores: pd.DataFrame | None = None
     label_sets: dict[str, frozenset[int]] | None = None
     release_table: pd.DataFrame | None = None
+    images_outside_dataset: list[str] = dataclasses.field(default_factory=list)
     labels_key: str = ""
     release_path: Path | None = None
     release_status: str = ""
@@ -137,8 +138,13 @@ def image_source(config: AuditConfig):
 
 # ---------------------------------------------------------------- stage 2: propose
 
+def _propose_config(state: RunState) -> ProposeConfig:
+    # select_subset pools the chosen models' proposals even when propose is not declared.
+    return state.config.stages.propose or ProposeConfig()
+
+
 def stage_propose(state: RunState) -> str:
-    cfg = state.config.stages.propose
+    cfg = _propose_config(state)
     if cfg.questions:
         from auditing.votes import read_real_questions
 
@@ -174,17 +180,16 @@ def stage_propose(state: RunState) -> str:
 def stage_select_subset(state: RunState) -> str:
     cfg = state.config.stages.select_subset
     gold_path = state.config.resolve(cfg.gold)
+    top_n = _propose_config(state).top_n
     key = content_key(predictions=state.predictions_key, gold=file_digest(gold_path),
-                      recall_target=cfg.recall_target, top_n=state.config.stages.propose.top_n
-                      if state.config.stages.propose else None)
+                      recall_target=cfg.recall_target, top_n=top_n, dataset=state.dataset_key)
 
     def compute(out: Path) -> None:
         from pipelines import propose
 
         result = propose.run_subset_selection(
             prediction_paths=state.predictions, original_labels=state.original_labels,
-            gold=labelsets.read_gold_label_sets(gold_path), recall_target=cfg.recall_target,
-            top_n=state.config.stages.propose.top_n if state.config.stages.propose else None)
+            gold=labelsets.read_gold_label_sets(gold_path), recall_target=cfg.recall_target, top_n=top_n)
         (out / "selection.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     folder = state.store.get_or_compute("select_subset", key, compute)
@@ -265,10 +270,18 @@ def stage_votes(state: RunState) -> str:
     previous = state.previous_manifest()
     previous_votes = None
     if previous and previous.get("stage_keys", {}).get("votes"):
-        candidate = state.store.path("votes", previous["stage_keys"]["votes"]) / "votes.parquet"
-        previous_votes = candidate if candidate.is_file() else None
-    key = content_key(votes=[file_digest(p) for p in paths], format=cfg.format,
-                      simulate=cfg.simulate.model_dump() if cfg.simulate else None,
+        previous_votes = state.store.path("votes", previous["stage_keys"]["votes"]) / "votes.parquet"
+        if not previous_votes.is_file():
+            # Pairs asked before are not asked again, so their votes must carry over.
+            raise StageError(f"re-audit of {state.previous_release}: its votes ({previous_votes}) are "
+                             "missing from the store; restore them, or run a new audit into another "
+                             "output_dir")
+    simulate = None
+    if cfg.simulate:
+        simulate = cfg.simulate.model_dump() | {
+            "truth": file_digest(state.config.resolve(cfg.simulate.truth)),
+            "calibration_votes": file_digest(state.config.resolve(cfg.simulate.calibration_votes))}
+    key = content_key(votes=[file_digest(p) for p in paths], format=cfg.format, simulate=simulate,
                       tasks=state.tasks_key if cfg.simulate else None,
                       previous_votes=file_digest(previous_votes) if previous_votes else None)
 
@@ -284,9 +297,10 @@ def stage_votes(state: RunState) -> str:
             frames.append(simulated)
             summary["simulated"] = int(len(simulated))
         if previous_votes is not None:
-            # Re-audit: earlier audits' votes are kept and merged with the new ones.
+            # Re-audit: earlier audits' votes are kept and merged with the new ones; they
+            # come last, so a vote file that corrects an answer wins over the old answer.
             carried = pd.read_parquet(previous_votes)
-            frames.insert(0, carried)
+            frames.append(carried)
             summary["carried_over"] = int(len(carried))
         # The same vote read again (a re-audit re-reads its vote files) counts once.
         kept = pd.concat(frames, ignore_index=True).drop_duplicates(
@@ -364,7 +378,12 @@ def stage_aggregate(state: RunState) -> str:
 
     folder = state.store.get_or_compute("aggregate", key, compute)
     state.scores = pd.read_parquet(folder / "scores.parquet")
-    state.label_sets = aggregation.label_sets(state.scores, state.original_labels, threshold=cfg.threshold)
+    sets = aggregation.label_sets(state.scores, state.original_labels, threshold=cfg.threshold)
+    in_dataset = set(state.original_labels["file_name"])
+    # Votes about images that are not in the dataset (another split, a typo) make no
+    # label set: the release and its counts hold the dataset's images only.
+    state.images_outside_dataset = sorted(set(sets) - in_dataset)
+    state.label_sets = {name: labels for name, labels in sets.items() if name in in_dataset}
     labels = state.original_labels
     state.release_table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
                                                     state.label_sets, state.scores)
@@ -383,7 +402,10 @@ def stage_aggregate(state: RunState) -> str:
     sets = state.label_sets
     n_labels = sum(len(s) for s in sets.values())
     n_empty = sum(1 for s in sets.values() if not s)
-    return f"{len(state.scores):,} questions scored; {n_labels:,} labels, {n_empty:,} empty sets"
+    outside = state.images_outside_dataset
+    note = (f"; {len(outside):,} rated image(s) not in the dataset left out, e.g. {outside[0]}"
+            if outside else "")
+    return f"{len(state.scores):,} questions scored; {n_labels:,} labels, {n_empty:,} empty sets{note}"
 
 
 def release_image_paths(state: RunState) -> dict[str, str]:
@@ -411,21 +433,17 @@ def label_counts(label_sets: dict[str, frozenset[int]]) -> dict[str, int]:
 def _manifest(state: RunState) -> dict[str, Any]:
     cfg = state.config
     inputs = {}
-    refs = {"dataset.original_labels": cfg.dataset.original_labels}
-    if cfg.stages.votes:
-        refs.update({f"stages.votes.paths[{i}]": p for i, p in enumerate(cfg.stages.votes.paths)})
-    if cfg.stages.propose and cfg.stages.propose.questions:
-        refs["stages.propose.questions"] = cfg.stages.propose.questions
-    for key, ref in refs.items():
+    for key, ref in file_refs(cfg):  # every file the config names
         resolved = cfg.resolve(ref)
         inputs[key] = {"ref": ref, "sha256": None if resolved == "tfds-wheel" else file_digest(resolved)}
-    for name, path in state.predictions.items():
+    for name, path in state.all_predictions.items():  # also models the subset selection left out
         inputs[f"predictions.{name}"] = {"ref": Path(path).name, "sha256": file_digest(path)}
     config_dump = cfg.model_dump(exclude={"base_dir", "output_dir"}, mode="json")
     stage_keys = {"dataset": state.dataset_key, "proposals": state.proposals_key,
                   "tasks": state.tasks_key, "votes": state.votes_key,
                   "predictions": {name: file_digest(p) for name, p in sorted(state.predictions.items())}}
     return {"content_key": state.labels_key, "inputs": inputs, "stage_keys": stage_keys,
+            "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split},
             "config": config_dump, "config_sha256": content_key(config=config_dump)}
 
 
@@ -454,7 +472,8 @@ def write_release_version(state: RunState, version: str, release_notes: dict[str
     counts = label_counts(state.label_sets) | {
         "questions": int(len(state.scores)),
         "votes_read": state.votes_summary.get("read"),
-        "votes_quarantined": state.votes_summary.get("quarantined")}
+        "votes_quarantined": state.votes_summary.get("quarantined"),
+        "rated_images_not_in_dataset": len(state.images_outside_dataset)}
     state.counts = counts
     state.release_path = release_lib.write_release(
         state.config.output_dir, cfg.name, version, table, release_notes=release_notes,
@@ -496,7 +515,8 @@ def stage_report(state: RunState) -> str:
     if state.label_sets is None:
         raise StageError("stages.report needs label sets (stages.aggregate)")
     out_dir = Path(state.config.output_dir) / "report"
-    extra: dict[str, Any] = {"counts": state.counts or label_counts(state.label_sets)}
+    extra: dict[str, Any] = {"dataset": f"{state.config.dataset.name} ({state.config.dataset.split})",
+                             "counts": state.counts or label_counts(state.label_sets)}
     if state.votes_summary:
         extra["votes"] = {k: v for k, v in state.votes_summary.items() if k != "quarantined_by_reason"}
         extra["votes"] |= {f"quarantined ({reason})": n for reason, n in

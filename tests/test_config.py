@@ -76,3 +76,10 @@ def test_missing_config_file():
 def test_shipped_configs_validate(name, shared_data):
     config = load_config(REPO / "configs" / name)
     assert config.stages.release is not None
+
+
+def test_rater_history_only_with_dawid_skene(tmp_path):
+    path = _write(tmp_path, "output_dir: o\nstages: {aggregate: {method: majority-vote, "
+                            "rater_history: 'source:real_raters'}}")
+    with pytest.raises(ConfigError, match=r"stages\.aggregate: Value error, rater_history is a dawid-skene"):
+        load_config(path, check_files=False)

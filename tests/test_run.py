@@ -5,6 +5,10 @@ import filecmp
 import json
 from pathlib import Path
 
+import shutil
+
+import pandas as pd
+
 from tests.conftest import N_RATED, N_UNRATED
 
 from pipelines import cli, reaudit, release, run
@@ -84,3 +88,49 @@ def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
     bad.write_text("output_dir: o\nstages: {aggregate: {method: vote}}\n")
     assert cli.main(["run", str(bad)]) == 2
     assert "stages.aggregate.method" in capsys.readouterr().err
+
+
+def test_votes_about_images_outside_the_dataset_make_no_label_set(real_slice, tmp_path):
+    labels = pd.read_csv(real_slice / "labels.tsv", sep="\t")
+    votes = pd.read_csv(real_slice / "votes_first.csv")
+    dropped = sorted(set(votes["file_name"]))[0]
+    labels[labels["file_name"] != dropped].to_csv(tmp_path / "labels.tsv", sep="\t", index=False)
+    shutil.copy(real_slice / "votes_first.csv", tmp_path / "votes_first.csv")
+    (tmp_path / "audit.yaml").write_text((real_slice / "audit.yaml").read_text())
+    assert cli.main(["run", str(tmp_path / "audit.yaml"), "--out", str(tmp_path / "out")]) == 0
+    version = tmp_path / "out" / "tfds" / "real_slice_audit" / "1.0.0"
+    counts = json.loads((version / "counts.json").read_text())
+    assert counts["images"] == N_RATED + N_UNRATED - 1 == len(release.read_release(version))
+    assert counts["rated_images_not_in_dataset"] == 1
+
+
+def test_reaudit_refuses_when_earlier_votes_are_gone(real_slice, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(out)]) == 0
+    shutil.rmtree(out / "store" / "votes")
+    (tmp_path / "more.yaml").write_text((real_slice / "audit.yaml").read_text().replace(
+        "paths: [votes_first.csv]", f"paths: [{real_slice}/votes_later.csv]").replace(
+        "labels.tsv", f"{real_slice}/labels.tsv"))
+    assert cli.main(["reaudit", str(tmp_path / "more.yaml"), "--out", str(out)]) == 2
+    assert "missing from the store" in capsys.readouterr().err
+    assert release.released_versions(out, "real_slice_audit") == ["1.0.0"]
+
+
+def test_a_corrected_vote_file_wins_over_the_carried_vote(real_slice, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(out)]) == 0
+    votes = pd.read_csv(real_slice / "votes_first.csv")
+    # A rater's "yes" on a question becomes "no" in the re-exported file.
+    row = votes.index[votes["answer"] == "yes"][0]
+    votes.loc[row, "answer"] = "no"
+    votes.to_csv(tmp_path / "votes_corrected.csv", index=False)
+    (tmp_path / "fixed.yaml").write_text((real_slice / "audit.yaml").read_text().replace(
+        "paths: [votes_first.csv]", "paths: [votes_corrected.csv]").replace(
+        "labels.tsv", f"{real_slice}/labels.tsv").replace('"source:real_labels"', '"source:real_labels"'))
+    assert cli.main(["reaudit", str(tmp_path / "fixed.yaml"), "--out", str(out)]) == 0
+    store_votes = [pd.read_parquet(p) for p in (out / "store" / "votes").glob("*/votes.parquet")]
+    newest = max(store_votes, key=len)
+    key = votes.loc[row, ["file_name", "label", "rater_id"]]
+    used = newest[(newest["file_name"] == key["file_name"]) & (newest["label"] == key["label"])
+                  & (newest["rater_id"].astype(str) == str(key["rater_id"]))]
+    assert used["answer"].astype(str).tolist() == ["no"]
