@@ -186,7 +186,7 @@ with tfds.core.registered.skip_registration():
 
 
 def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
-                   row_chunks: list[str], class_names: list[str], table_columns: list[str]) -> type:
+                   row_chunks: list[str], class_names: list[str], table_columns: list[str] = ()) -> type:
     """A builder named ``name`` at ``version`` whose examples are the rows stored in the
     JSON files ``row_chunks``."""
     with tfds.core.registered.skip_registration():
