@@ -217,7 +217,7 @@ def build_report(file_names: list[str], original: np.ndarray, sets: LabelSets,
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "summary": _summary(original, sets),
         "run": dict(extra_summary or {}),
-        "oracle": {"class_mean_accuracy": _finite(np.nanmean(oracle)),
+        "oracle": {"class_mean_accuracy": _finite(np.nanmean(oracle)) if np.isfinite(oracle).any() else None,
                    "most_affected_classes": [int(c) for c in ranked[:MOST_AFFECTED]]},
         "subsets": {k: _subset_summary(original, sets, subsets[k], oracle)
                     for k in SUBSET_ORDER if k in subsets},

@@ -135,7 +135,7 @@ def plot_class_curves(report: Mapping[str, Any]) -> str:
     ax.set_xlabel("classes, sorted by accuracy")
     ax.set_ylabel("accuracy vs original label")
     _percent_axis(ax)
-    ax.set_xlim(0, max(len(oracle), 1) - 1)
+    ax.set_xlim(0, max(len(oracle) - 1, 1))
     ax.legend(frameon=False, loc="lower left")
     return _figure_uri(fig)
 
