@@ -58,6 +58,10 @@ class GoldPairs:
         if (image_of < 0).any():
             missing = [n for n, i in zip(gold_names, image_of) if i < 0]
             raise ValueError(f"{len(missing)} gold image(s) have no predictions, e.g. {missing[:3]}")
+        bad = sorted({label for name in gold_names for label in gold[name]
+                      if not 0 <= int(label) < pool.num_classes})
+        if bad:
+            raise ValueError(f"gold labels {bad[:5]} are outside the models' {pool.num_classes} classes")
         gold_keys = np.array(sorted(int(i) * pool.num_classes + int(label)
                                     for i, name in zip(image_of, gold_names) for label in gold[name]),
                              dtype=np.int64)

@@ -60,8 +60,27 @@ def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return (pixels.astype(np.float32) - mean_arr) / std_arr
 
 
+# Above this many pixels after the resize (a thin banner: 20000 x 1 becomes 5,120,000 x
+# 256), only the centre-crop region is resampled, straight from the original.
+_MAX_RESIZED_PIXELS = 16 * 1024 * 1024
+
+
+def resize_and_center_crop(image: Image.Image, resize_size: int, crop_size: int) -> Image.Image:
+    """``center_crop(resize_shorter_side(image, resize_size), crop_size)`` in bounded memory."""
+    width, height = image.size
+    scale = resize_size / min(width, height)
+    new_width, new_height = max(resize_size, round(width * scale)), max(resize_size, round(height * scale))
+    if new_width * new_height <= _MAX_RESIZED_PIXELS:
+        return center_crop(resize_shorter_side(image, resize_size), crop_size)
+    left = int(round((new_width - crop_size) / 2.0))
+    top = int(round((new_height - crop_size) / 2.0))
+    sx, sy = width / new_width, height / new_height
+    box = (left * sx, top * sy, (left + crop_size) * sx, (top + crop_size) * sy)
+    return image.resize((crop_size, crop_size), Image.Resampling.BILINEAR, box=box)
+
+
 def preprocess(image: Image.Image, resize_size: int, crop_size: int,
                mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """A PIL image as a float32 (crop_size, crop_size, 3) RGB array, normalised."""
-    image = center_crop(resize_shorter_side(to_rgb(image), resize_size), crop_size)
+    image = resize_and_center_crop(to_rgb(image), resize_size, crop_size)
     return normalize(np.asarray(image, dtype=np.uint8), mean, std)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import struct
@@ -233,11 +234,18 @@ def _read_zip(path: str) -> tuple[Any, dict[str, np.ndarray]]:
             byteorder = "<" if archive.read(f"{prefix}byteorder").strip() == b"little" else ">"
         arrays = {}
         for key, ref in refs.items():
+            name = f"{prefix}data/{key}"
             try:
-                raw = archive.read(f"{prefix}data/{key}")
+                info = archive.getinfo(name)
             except KeyError:
-                raise TorchCheckpointError(f"{path}: storage {prefix}data/{key} is missing") from None
-            arrays[key] = _storage_array(raw, ref, byteorder, path)
+                raise TorchCheckpointError(f"{path}: storage {name} is missing") from None
+            expected = ref.numel * ref.dtype.itemsize
+            # Checked before reading: a small compressed entry may inflate to gigabytes.
+            if info.file_size != expected:
+                raise TorchCheckpointError(f"{path}: storage {name} holds {info.file_size} bytes, its "
+                                           f"header says {ref.numel} x {ref.dtype} = {expected}")
+            with archive.open(info) as f:
+                arrays[key] = _storage_array(f.read(expected), ref, byteorder, path)
     return obj, arrays
 
 
@@ -264,6 +272,11 @@ def _tensor_array(ref: _TensorRef, storage: np.ndarray, path: str) -> np.ndarray
     if any(s == 0 for s in ref.size):
         return np.zeros(ref.size, dtype=storage.dtype)
     start = ref.storage.view_offset + ref.offset
+    if math.prod(ref.size) > storage.size:
+        # A state dict's tensors are views no larger than their storage; a stride-0
+        # "expanded" tensor of a tiny storage could otherwise allocate any size.
+        raise TorchCheckpointError(f"{path}: tensor of size {ref.size} has more elements than its "
+                                   f"storage ({storage.size})")
     last = start + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
     if start < 0 or last >= storage.size:
         raise TorchCheckpointError(f"{path}: tensor of size {ref.size} stride {ref.stride} at offset "

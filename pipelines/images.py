@@ -159,6 +159,10 @@ class ImageFiles(ImageSource):
             raise ImageSourceError(f"{folder}: not a folder")
         flat = sorted(p for p in folder.iterdir() if _is_image(p))
         class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+        if flat and class_dirs:
+            raise ImageSourceError(
+                f"{folder}: holds both image files ({flat[0].name}, ...) and sub-folders "
+                f"({class_dirs[0].name}, ...): use a flat folder, or one sub-folder per class")
         if flat or not class_dirs:
             if not flat:
                 raise ImageSourceError(f"{folder}: no image files ({sorted(IMAGE_EXTENSIONS)}) "

@@ -20,7 +20,7 @@ import argparse
 import collections
 import contextlib
 import logging
-import re
+import urllib.parse
 import shutil
 import threading
 import time
@@ -53,11 +53,17 @@ class ShardIncompleteError(RuntimeError):
 
 
 def _path_safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+    """A file-name-safe form of ``text``, one-to-one (``validation[:1000]`` and
+    ``validation[1000:]`` must not share a store path)."""
+    return urllib.parse.quote(text, safe="._-")
 
 
 def model_key(spec: ModelSpec, dtype: str = "float32") -> str:
     """``<name>-<sha256 of the weights>[:12]``, plus the dtype when it is not float32."""
+    if dtype == "auto":  # what it means on this machine: bfloat16 results are other results
+        from models.predictor import default_dtype
+
+        dtype = default_dtype()
     key = f"{spec.name}-{spec.checkpoint_sha256()[:12]}"
     return key if dtype == "float32" else f"{key}-{dtype}"
 
@@ -135,6 +141,8 @@ def _shard_progress(shards_dir: Path, name: str, todo: int, every_s: float = 10.
     finally:
         stop.set()
         thread.join()
+        done = len(list(shards_dir.glob("*.npz"))) - done_before
+        log.info("%s: %d/%d shards predicted in %.0f s", name, done, todo, time.monotonic() - started)
 
 
 def _shard_predictions(rows: list[ImagePrediction], num_classes: int, name: str) -> Predictions:

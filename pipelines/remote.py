@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from auditing import atomic, sources
@@ -39,6 +40,9 @@ def localize(uri: str) -> Path:
     target = sources.cache_dir() / "remote" / key / os.path.basename(uri.rstrip("/"))
     if target.is_file():
         return target
-    with atomic.atomic_path(target) as tmp, FileSystems.open(uri) as src, open(tmp, "wb") as dst:
+    # The bytes as stored: Beam would otherwise decompress a .gz under its .gz name.
+    with (atomic.atomic_path(target) as tmp,
+          FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as src,
+          open(tmp, "wb") as dst):
         shutil.copyfileobj(src, dst, 1 << 20)
     return target

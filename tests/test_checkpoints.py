@@ -287,3 +287,31 @@ def test_resnet50_random_init_save_load_and_forward(tmp_path: Path) -> None:
     logits = np.asarray(apply(loaded, images))
     assert logits.shape == (2, 1000) and np.isfinite(logits).all() and logits.std() > 0
     np.testing.assert_array_equal(logits, np.asarray(apply(variables, images)))
+
+
+def test_crafted_tensors_cannot_blow_up_memory(tmp_path):
+    """A stride-0 "expanded" tensor of a 1-element storage, and a zip entry that inflates
+    far beyond its declared storage, are refused before anything large is allocated."""
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    from models.torch_checkpoint import TorchCheckpointError, load_torch_state_dict
+
+    expanded = tmp_path / "expanded.pth"
+    torch.save({"w": torch.zeros(1).expand(25_000, 25_000)}, expanded)
+    with pytest.raises(TorchCheckpointError, match="more elements than its storage"):
+        load_torch_state_dict(expanded)
+
+    small = tmp_path / "small.pth"
+    torch.save({"w": torch.zeros(1)}, small)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(small) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if "/data/" in info.filename and not info.filename.endswith(".pkl"):
+                data = bytes(64 << 20)  # 64 MiB of zeros where 4 bytes belong
+                dst.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(info, data)
+    with pytest.raises(TorchCheckpointError, match="holds 67108864 bytes"):
+        load_torch_state_dict(bomb)

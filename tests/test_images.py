@@ -305,3 +305,13 @@ def test_tfds_tfrecord_source(tmp_path):
     builder = tfds.builder("label_audit_tiny_photos", data_dir=str(tmp_path))
     assert builder.info.file_format == tfds.core.FileFormat.TFRECORD  # read by split slices
     _check_reads_every_photo_once(TfdsImages("label_audit_tiny_photos", "validation", data_dir=str(tmp_path)))
+
+
+def test_folder_with_loose_images_and_class_folders_is_refused(tmp_path):
+    from pipelines.images import ImageFiles, ImageSourceError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "preview.jpg")
+    (tmp_path / "n01440764").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "n01440764" / "a.jpg")
+    with pytest.raises(ImageSourceError, match="both image files .* and sub-folders"):
+        ImageFiles.from_folder(tmp_path)

@@ -152,3 +152,18 @@ def test_depthwise_conv_equals_grouped_convolution(kernel_size: int, stride: int
     grouped = nn.Conv(6, (kernel_size, kernel_size), strides=stride, padding="SAME", feature_group_count=6,
                       use_bias=False)
     np.testing.assert_allclose(depthwise.apply(variables, x), grouped.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_thin_banner_preprocesses_in_bounded_memory_and_like_the_full_resize(monkeypatch):
+    """A 20000 x 1 image would be resized to 5,120,000 x 256 before the crop; only the
+    crop region is resampled instead, with the same pixels as resize-then-crop."""
+    from PIL import Image
+
+    from models import preprocessing, sample_photos
+
+    wide = sample_photos.load_photos(["china"])["china"].convert("RGB").resize((3000, 300))
+    full = np.asarray(preprocessing.center_crop(preprocessing.resize_shorter_side(wide, 256), 224))
+    monkeypatch.setattr(preprocessing, "_MAX_RESIZED_PIXELS", 1)
+    np.testing.assert_array_equal(np.asarray(preprocessing.resize_and_center_crop(wide, 256, 224)), full)
+    banner = preprocessing.preprocess(Image.new("RGB", (20_000, 1)), 256, 224, (127,) * 3, (128,) * 3)
+    assert banner.shape == (224, 224, 3)

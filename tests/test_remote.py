@@ -79,3 +79,12 @@ def test_run_reads_votes_and_labels_from_uris(real_slice, bucket, tmp_path, monk
     remote_table = release.read_release(tmp_path / "out" / "tfds" / "real_slice_audit" / "1.0.0")
     local_table = release.read_release(local / "tfds" / "real_slice_audit" / "1.0.0")
     assert remote_table["real_label"].tolist() == local_table["real_label"].tolist()
+
+
+def test_compressed_remote_files_arrive_as_stored(bucket, tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
+    packed = gzip.compress(b"file_name\tlabel\na.JPEG\t1\n")
+    (bucket / "labels.tsv.gz").write_bytes(packed)
+    assert localize("fakebucket://labels.tsv.gz").read_bytes() == packed

@@ -164,3 +164,13 @@ def test_propose_pipeline_with_gold_pools_the_chosen_subset(tmp_path):
                                 models=result["selected_models"]).to_frame()
     got = pd.read_parquet(tmp_path / "out" / "proposals.parquet")
     pd.testing.assert_frame_equal(got.drop(columns="sources"), expected.drop(columns="sources"))
+
+
+def test_gold_labels_outside_the_models_classes_are_refused():
+    rng = np.random.default_rng(0)
+    models, _ = random_models(rng, num_models=2, num_images=4, num_classes=10)
+    names = np.array([f"f{i}" for i in range(4)])
+    originals = rng.integers(10, size=4)
+    gold = {names[0]: frozenset({15})}  # would silently count as label 5 of the next image
+    with pytest.raises(ValueError, match=r"gold labels \[15\] are outside the models' 10 classes"):
+        ModelSubsetSelector().fit(P.candidate_pool(models, originals, names), gold)
