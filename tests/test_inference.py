@@ -3,31 +3,18 @@ from __future__ import annotations
 
 import apache_beam as beam
 import numpy as np
-import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from auditing.predictions import softmax
 from models.predictor import JitPredictor
-from models.registry import get_model
 from pipelines.beam_options import make_options
 from pipelines.images import ReadImageShards, plan_shards
 from pipelines.inference import FlaxClassifierHandler, PredictImages, shared_predictor
-from tests.test_images import write_photo_source
 
 BATCH = 4
 ESPRESSO, TABBY, TIGER_CAT, EGYPTIAN_CAT = 967, 281, 282, 285
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return get_model("efficientnet-lite0")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_photo_source(tmp_path_factory.mktemp("photos"))
 
 
 def test_handler_batches_at_the_predictor_batch_size(spec):
@@ -38,8 +25,8 @@ def test_handler_batches_at_the_predictor_batch_size(spec):
     assert handler.get_num_bytes(images) == 3 * 224 * 224 * 3 * 4
 
 
-def test_predict_images_matches_a_bare_predictor(spec, photos):
-    source, bad = photos
+def test_predict_images_matches_a_bare_predictor(spec, photo_source):
+    source, bad = photo_source
     with BeamTestPipeline(options=make_options()) as pipeline:
         outputs = (pipeline | beam.Create(plan_shards(len(source), 4)) | ReadImageShards(source)
                    | PredictImages(spec, batch_size=BATCH, top_k=3))
@@ -86,8 +73,8 @@ def recording_predictor(spec, batch_size: int, dtype: str) -> RecordingPredictor
     return RecordingPredictor(shared_predictor(spec, batch_size, dtype))
 
 
-def test_the_model_gets_full_batches_and_compiles_once(spec, photos):
-    source, bad = photos
+def test_the_model_gets_full_batches_and_compiles_once(spec, photo_source):
+    source, bad = photo_source
     # Shards of 2 images: batches must span shards, not stop at each shard's end.
     with BeamTestPipeline(options=make_options()) as pipeline:
         _ = (pipeline | beam.Create(plan_shards(len(source), 2)) | ReadImageShards(source)

@@ -10,11 +10,10 @@ from PIL import Image
 
 from auditing.predictions import (Predictions, PredictionsFormatError, concatenate_sorted,
                                   load_predictions, save_predictions, softmax)
-from models.registry import get_model
 from pipelines import predict
 from pipelines.images import TfdsImages
 # tfds_dir is a fixture: imported so that pytest finds it here too.
-from tests.test_images import tfds_dir, tfds_photos, tiny_photos_label, write_photo_source  # noqa: F401
+from tests.test_images import tfds_dir, tfds_photos, tiny_photos_label  # noqa: F401
 
 # ----------------------------------------------------------------------------- NPZ format
 
@@ -120,16 +119,6 @@ def stand_in():
     StandInPredictor.fail_from_call = None
     yield StandInPredictor
     StandInPredictor.fail_from_call = None
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return get_model("efficientnet-lite0")
-
-
-@pytest.fixture(scope="module")
-def photo_source(tmp_path_factory):
-    return write_photo_source(tmp_path_factory.mktemp("photos"))
 
 
 def _expected_logits(spec, source, file_names):
