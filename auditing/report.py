@@ -268,13 +268,15 @@ def align_inputs(label_sets: Mapping[str, Collection[int]],
     return names, labels, metrics.sets_from_mapping(names, label_sets, num_classes), unmatched
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` in JSON types: numpy scalars and arrays as numbers and lists, NaN and
+    infinities as None, paths as strings, mapping keys as strings."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, np.integer):

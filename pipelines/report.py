@@ -30,7 +30,7 @@ import pandas as pd
 
 from auditing import atomic, imagenet, labelsets, report_html, sources
 from auditing.predictions import Predictions, load_predictions
-from auditing.report import ReportInputError, _jsonable, align_inputs, build_report
+from auditing.report import ReportInputError, align_inputs, build_report, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
         log.warning("%d images have a label set but no original label (e.g. %s); left out",
                     len(unmatched), unmatched[0])
         extra["images_without_original_label"] = len(unmatched)
-    report = _jsonable(build_report(names, original, sets, predictions, extra, model_zoo, classes))
+    report = jsonable(build_report(names, original, sets, predictions, extra, model_zoo, classes))
     examples = []
     if example_images is not None:
         available = np.array([n in example_images for n in names])

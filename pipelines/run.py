@@ -49,6 +49,7 @@ class RunState:
     # evaluates them all).
     all_predictions: dict[str, str] = dataclasses.field(default_factory=dict)
     predictions_key: str = ""
+    subset_selected: bool = False
     proposals: pd.DataFrame | None = None
     proposals_key: str = ""
     tasks: pd.DataFrame | None = None
@@ -145,6 +146,9 @@ def _propose_config(state: RunState) -> ProposeConfig:
 
 def stage_propose(state: RunState) -> str:
     cfg = _propose_config(state)
+    if state.config.stages.select_subset is not None and not state.subset_selected:
+        # Pooling all models would be thrown away: select_subset pools the chosen ones.
+        return "pooled after the model-subset selection"
     if cfg.questions:
         from auditing.votes import read_real_questions
 
@@ -196,6 +200,7 @@ def stage_select_subset(state: RunState) -> str:
     selection = json.loads((folder / "selection.json").read_text())
     state.outputs["subset_selection"] = str(folder / "selection.json")
     chosen = selection["selected_models"]
+    state.subset_selected = True
     # Proposals from now on come from the chosen subset only.
     state.predictions = {m: state.predictions[m] for m in chosen}
     state.predictions_key = content_key(**{m: file_digest(p) for m, p in sorted(state.predictions.items())})
