@@ -11,7 +11,11 @@ from auditing import labelsets, sources, votes
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real-data root (../shared/data). Skips the test in a checkout without it."""
+    """The real-data root (../shared/data). Skips the test in a checkout without it.
+
+    Also asked for by tests that only need pinned reference files (WordNet lemmas,
+    hierarchy): without ../shared/data those would be downloaded, which a checkout
+    with no network cannot do."""
     root = sources.shared_data_dir()
     if root is None:
         pytest.skip("needs the real data in ../shared/data (or $LABEL_AUDIT_DATA); "

@@ -185,7 +185,7 @@ def test_tfds_predictions_are_sorted_by_file_name(tmp_path, spec, tfds_dir, stan
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_predict_command_on_real_photos(tmp_path, photo_source, capsys):
+def test_predict_command_on_real_photos(tmp_path, photo_source, capsys, shared_data):  # class names
     source, bad = photo_source
     parser = argparse.ArgumentParser()
     predict.add_arguments(parser)

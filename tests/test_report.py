@@ -282,7 +282,7 @@ def test_reads_a_tfds_release_by_feature_names(tmp_path):
         report.read_label_sets(tmp_path)
 
 
-def test_report_shows_example_images_stored_in_a_release(tmp_path):
+def test_report_shows_example_images_stored_in_a_release(tmp_path, shared_data):  # class names
     from models.sample_photos import photo_path
     from pipelines import release
     from pipelines.beam_options import make_options

@@ -76,7 +76,7 @@ def test_task_ids_are_deterministic_and_depend_on_image_and_labels():
     assert T.task_id("x", [2, 1]) == T.task_id("x", [1, 2]) != T.task_id("y", [1, 2])
 
 
-def test_task_files_and_crowd_answers_join_back_by_task_id(tmp_path):
+def test_task_files_and_crowd_answers_join_back_by_task_id(tmp_path, shared_data):  # WordNet glosses
     proposals = pd.DataFrame({"file_name": ["img_1.JPEG"] * 11 + ["img_2.JPEG"] * 2,
                               "label": [SUNGLASS, SUNGLASSES, LAPTOP, NOTEBOOK, 1, 2, 3, 4, 5, 6, 7, 9, 10]})
     built = T.build_tasks(proposals)
@@ -176,7 +176,7 @@ def test_real_questions_become_coherent_tasks(shared_data):
     assert pair_agreement(reference, task_of) > pair_agreement(reference, balanced) + 0.02
 
 
-def test_tasks_command_on_pipeline_proposals(tmp_path):
+def test_tasks_command_on_pipeline_proposals(tmp_path, shared_data):  # WordNet hierarchy
     proposals = hand_built_proposals().assign(file_name=lambda f: f["file_name"] + ".JPEG")
     proposals.to_parquet(tmp_path / "proposals.parquet")
     parser = argparse.ArgumentParser()
