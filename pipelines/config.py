@@ -32,9 +32,11 @@ import pydantic
 import yaml
 
 from auditing import sources
+from auditing.errors import InputError
+from auditing.labelsets import TFDS_WHEEL
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be used; the message names the file and the key."""
 
 
@@ -83,7 +85,7 @@ class DatasetConfig(_Section):
     name: str = "imagenet2012"
     split: str = "validation"
     # TSV file_name<TAB>label, or 'tfds-wheel' for the 50k ILSVRC-2012 val labels.
-    original_labels: FileRef = "tfds-wheel"
+    original_labels: FileRef = TFDS_WHEEL
     images: ImagesConfig | None = None
 
 
@@ -190,6 +192,9 @@ class AuditConfig(_Section):
     runner: RunnerConfig = RunnerConfig()
     dataset: DatasetConfig = DatasetConfig()
     stages: StagesConfig
+    # Artifacts given as files instead of computed by their stage, by artifact name:
+    # `label_sets: real.json` (real.json, or gold TSV / JSON) replaces the aggregate stage.
+    inputs: dict[str, FileRef] = {}
 
     # Set by load_config: where relative paths are resolved from.
     base_dir: str = "."
@@ -209,7 +214,7 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
             return str(importlib.resources.files(package) / inside)
         except ModuleNotFoundError:
             raise ConfigError(f"{ref}: package {package!r} is not installed") from None
-    if ref == "tfds-wheel":
+    if ref == TFDS_WHEEL:
         return ref
     if "://" in ref:
         from pipelines.remote import RemoteInputError, localize
@@ -248,6 +253,7 @@ def file_refs(config: AuditConfig) -> list[tuple[str, str]]:
             refs.append(("stages.votes.simulate.calibration_votes", s.votes.simulate.calibration_votes))
     if s.aggregate and s.aggregate.rater_history:
         refs.append(("stages.aggregate.rater_history", s.aggregate.rater_history))
+    refs += [(f"inputs.{k}", v) for k, v in config.inputs.items()]
     if s.report:
         if s.report.published_labels:
             refs.append(("stages.report.published_labels", s.report.published_labels))
@@ -302,6 +308,6 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
                 resolved = config.resolve(ref)
             except (sources.SourceError, KeyError, ConfigError) as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
-            if resolved != "tfds-wheel" and not os.path.exists(resolved):
+            if resolved != TFDS_WHEEL and not os.path.exists(resolved):
                 raise ConfigError(f"{path}: {key}: file not found: {resolved}")
     return config

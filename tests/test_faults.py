@@ -138,7 +138,7 @@ def assert_store_complete(store: Path) -> None:
             assert json.loads(key_file.read_text())["stage"] == stage.name
 
 
-def rerun(config: Path, out: Path) -> run.RunState:
+def rerun(config: Path, out: Path) -> run.RunResult:
     return run.execute(load_config(config, output_dir=str(out)), echo=quiet)
 
 

@@ -1,0 +1,104 @@
+"""``stages.aggregate``: votes -> one score P(label present) per (image, label)
+question (auditing/aggregation/: ``method`` names the algorithm, ``params`` its typed
+parameters) -> label sets by the ReaL rule (score > ``threshold``; unrated images keep
+their original label). Label sets can instead be given as a file
+(``inputs.label_sets``: real.json, or a gold TSV / JSON).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
+from pipelines.stages.dataset import original_labels
+from pipelines.stages.votes import calibrated_confusions, read_votes
+from pipelines.store import content_key, file_digest
+
+
+class AggregateStage(Stage):
+    name = "aggregate"
+    produces = "label_sets"
+    consumes = ("dataset", "votes")
+
+    def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
+        cfg = ctx.config.stages.aggregate
+        history = ctx.resolve(cfg.rater_history) if cfg.rater_history else None
+        return {"method": cfg.method, "params": cfg.params, "threshold": cfg.threshold,
+                "rater_history": file_digest(history) if history else None,
+                "rater_history_strength": cfg.rater_history_strength if history else None}
+
+    def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
+        from auditing import aggregation
+
+        cfg = ctx.config.stages.aggregate
+        params = dict(cfg.params)
+        if cfg.rater_history:
+            params["rater_history"] = calibrated_confusions(ctx, cfg.rater_history)
+            params["rater_history_strength"] = cfg.rater_history_strength
+        labels = original_labels(inputs["dataset"])
+        # Original labels are an input of the method (a class prior may depend on them).
+        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method,
+                                       original_labels=labels, **params)
+        result.scores_.to_parquet(out / "scores.parquet", index=False)
+        sets = aggregation.label_sets(result.scores_, labels, threshold=cfg.threshold)
+        return write_label_sets(out, sets, labels) | {"questions": int(len(result.scores_))}
+
+    def describe(self, artifact: Artifact) -> str:
+        c = artifact.counts
+        outside = c.get("rated_images_not_in_dataset", 0)
+        note = f"; {outside:,} rated image(s) not in the dataset left out" if outside else ""
+        return f"{c['questions']:,} questions scored; {c['labels']:,} labels, {c['empty_sets']:,} empty sets{note}"
+
+    def outputs(self, artifact: Artifact) -> dict[str, str]:
+        return {"scores": str(artifact.file("scores.parquet"))}
+
+
+def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.DataFrame) -> dict[str, Any]:
+    """label_sets.parquet (file_name, labels) for the dataset's images, in its order.
+
+    Votes about images that are not in the dataset (another split, a typo) make no
+    label set: the release and its counts hold the dataset's images only."""
+    from auditing.labelsets import label_set_counts
+
+    names = labels["file_name"].astype(str).tolist()
+    outside = sorted(set(sets) - set(names))
+    missing = [n for n in names if n not in sets]
+    if missing:
+        raise StageError(f"no label set for {len(missing)} image(s) of the dataset, e.g. {missing[:3]}")
+    pd.DataFrame({"file_name": names, "labels": [sorted(sets[n]) for n in names]}).to_parquet(
+        out / "label_sets.parquet", index=False)
+    return label_set_counts({n: sets[n] for n in names}) | {
+        "rated_images_not_in_dataset": len(outside), "outside_examples": outside[:3]}
+
+
+def read_label_sets(artifact: Artifact) -> dict[str, frozenset[int]]:
+    frame = pd.read_parquet(artifact.file("label_sets.parquet"))
+    return {f: frozenset(int(v) for v in labels) for f, labels in zip(frame["file_name"], frame["labels"])}
+
+
+def read_scores(artifact: Artifact) -> pd.DataFrame | None:
+    """file_name, label, score per rated question; None for label sets given as a file."""
+    path = artifact.file("scores.parquet")
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def label_sets_from_file(ctx: Context, ref: str) -> Artifact:
+    """``inputs.label_sets``: real.json (file order), or a gold TSV / JSON, as the artifact."""
+    from auditing import labelsets
+    from pipelines.stages.base import load_artifact, write_json
+
+    path = ctx.resolve(ref)
+    labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
+
+    def fill(out: Path) -> None:
+        if Path(path).suffix == ".json" and Path(path).read_text().lstrip().startswith("["):
+            sets = labelsets.read_real_json(path)
+        else:
+            sets = labelsets.read_gold_label_sets(path)
+        write_json(out / "summary.json", write_label_sets(out, sets, labels) | {"questions": 0})
+
+    key = content_key(label_sets=file_digest(path), dataset=file_digest(ctx.resolve(ctx.config.dataset.original_labels)))
+    folder = ctx.store.get_or_compute("label_sets_input", key, fill, describe={"params": {"file": path}})
+    return load_artifact("label_sets", folder)
