@@ -48,4 +48,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_lib.guarded(lambda: reaudit(load_config(args.config, output_dir=args.out))[0])
+    return reaudit(load_config(args.config, output_dir=args.out))[0]

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from auditing.errors import InputError
 from pipelines.config import AuditConfig, load_config
 from pipelines.stages import STAGES, SUPPLIERS
 from pipelines.stages.base import Artifact, Context, Stage, StageError
@@ -114,23 +112,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (overrides the config's output_dir)")
 
 
-def report_input_error(error: BaseException) -> int:
-    print(f"label-audit: error: {error}", file=sys.stderr)
-    return EXIT_INPUT
-
-
-def guarded(body: Callable[[], int]) -> int:
-    """Run a command body: input errors exit 2 with their one-line message; anything
-    else propagates (the CLI prints the traceback and exits 1)."""
-    try:
-        return body()
-    except InputError as e:
-        return report_input_error(e)
-
-
 def main(args: argparse.Namespace) -> int:
-    def body() -> int:
-        execute(load_config(args.config, output_dir=args.out))
-        return EXIT_OK
-
-    return guarded(body)
+    execute(load_config(args.config, output_dir=args.out))
+    return EXIT_OK

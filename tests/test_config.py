@@ -73,9 +73,15 @@ def test_missing_config_file():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_shipped_configs_validate(name, shared_data):
+def test_shipped_configs_validate_and_plan_every_declared_stage(name, shared_data):
+    from pipelines.run import plan
+
     config = load_config(REPO / "configs" / name)
-    assert config.stages.release is not None
+    declared = ["dataset"] + [key for key, section in config.stages if section is not None]
+    planned = [stage.name for stage in plan(config)]
+    # Every declared section runs (select_subset pools through propose even undeclared).
+    assert set(declared) <= set(planned) <= set(declared) | {"propose"}
+    assert planned[-2:] == ["release", "report"]
 
 
 def test_rater_history_only_with_dawid_skene(tmp_path):
