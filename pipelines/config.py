@@ -108,6 +108,8 @@ class ProposeConfig(_Section):
     top_n: int | None = pydantic.Field(None, ge=1)
     # Instead of pooling: take the (image, label) questions of a ReaL raters.npz.
     questions: FileRef | None = None
+    # Rows of logits per Beam element (default: 5M values / number of classes).
+    rows_per_shard: int | None = pydantic.Field(None, ge=1)
 
 
 class SelectSubsetConfig(_Section):
@@ -174,6 +176,10 @@ class ReportConfig(_Section):
     published_labels: FileRef | None = None
     # Extra model predictions to evaluate: {name: NPZ (file_names + logits or top1)}.
     predictions: dict[str, FileRef] = {}
+    # timm's published original-vs-ReaL results, where a local copy exists.
+    model_zoo: bool = True
+    # Where index.html and report.json are published (default: <output_dir>/report).
+    out_dir: str | None = None
 
 
 class StagesConfig(_Section):

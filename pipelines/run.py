@@ -87,7 +87,7 @@ def execute(config: AuditConfig, target: str | None = None, *, mode: str = "run"
              f"({how}, {time.monotonic() - t0:.1f} s)", flush=True)
     echo(f"done in {time.monotonic() - started:.1f} s; computed this run: {', '.join(computed) or 'nothing'}")
     for stage in stages:
-        for what, path in stage.outputs(artifacts[stage.produces]).items():
+        for what, path in stage.outputs(ctx, artifacts[stage.produces]).items():
             echo(f"  {what:<20} {path}")
     return RunResult(artifacts, ctx.store, computed)
 

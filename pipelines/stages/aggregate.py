@@ -51,22 +51,25 @@ class AggregateStage(Stage):
         note = f"; {outside:,} rated image(s) not in the dataset left out" if outside else ""
         return f"{c['questions']:,} questions scored; {c['labels']:,} labels, {c['empty_sets']:,} empty sets{note}"
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"scores": str(artifact.file("scores.parquet"))}
 
 
-def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.DataFrame) -> dict[str, Any]:
+def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.DataFrame,
+                     every_image: bool = True) -> dict[str, Any]:
     """label_sets.parquet (file_name, labels) for the dataset's images, in its order.
 
     Votes about images that are not in the dataset (another split, a typo) make no
-    label set: the release and its counts hold the dataset's images only."""
+    label set: the release and its counts hold the dataset's images only. Label sets
+    given as a file may cover only some images (``every_image=False``)."""
     from auditing.labelsets import label_set_counts
 
     names = labels["file_name"].astype(str).tolist()
     outside = sorted(set(sets) - set(names))
     missing = [n for n in names if n not in sets]
-    if missing:
+    if missing and every_image:
         raise StageError(f"no label set for {len(missing)} image(s) of the dataset, e.g. {missing[:3]}")
+    names = [n for n in names if n in sets]
     pd.DataFrame({"file_name": names, "labels": [sorted(sets[n]) for n in names]}).to_parquet(
         out / "label_sets.parquet", index=False)
     return label_set_counts({n: sets[n] for n in names}) | {
@@ -85,20 +88,20 @@ def read_scores(artifact: Artifact) -> pd.DataFrame | None:
 
 
 def label_sets_from_file(ctx: Context, ref: str) -> Artifact:
-    """``inputs.label_sets``: real.json (file order), or a gold TSV / JSON, as the artifact."""
+    """``inputs.label_sets``: a TFDS release folder, real.json (file order), or a gold
+    TSV / JSON (pipelines/report.py ``read_label_sets``), as the artifact."""
     from auditing import labelsets
+    from pipelines.report import read_label_sets as read_label_file
     from pipelines.stages.base import load_artifact, write_json
 
     path = ctx.resolve(ref)
     labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
 
     def fill(out: Path) -> None:
-        if Path(path).suffix == ".json" and Path(path).read_text().lstrip().startswith("["):
-            sets = labelsets.read_real_json(path)
-        else:
-            sets = labelsets.read_gold_label_sets(path)
-        write_json(out / "summary.json", write_label_sets(out, sets, labels) | {"questions": 0})
+        sets, _ = read_label_file(path)
+        write_json(out / "summary.json", write_label_sets(out, sets, labels, every_image=False) | {"questions": 0})
 
-    key = content_key(label_sets=file_digest(path), dataset=file_digest(ctx.resolve(ctx.config.dataset.original_labels)))
+    digest = file_digest(path) if Path(path).is_file() else content_key(folder=path)
+    key = content_key(label_sets=digest, dataset=file_digest(ctx.resolve(ctx.config.dataset.original_labels)))
     folder = ctx.store.get_or_compute("label_sets_input", key, fill, describe={"params": {"file": path}})
     return load_artifact("label_sets", folder)

@@ -113,7 +113,7 @@ class Stage:
                          f"{k.replace('_', ' ')}: {v}" for k, v in artifact.counts.items()
                          if not isinstance(v, (dict, list)))
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         """Paths printed in the run's summary."""
         return {}
 

@@ -5,6 +5,7 @@ With ``stages.select_subset`` only the chosen models are pooled.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ class ProposeStage(Stage):
         cfg = propose_config(ctx.config)
         if cfg.questions:
             return {"questions": file_digest(ctx.resolve(cfg.questions))}
-        return {"top_n": cfg.top_n, "models": chosen_models(inputs)}
+        return {"top_n": cfg.top_n, "models": chosen_models(inputs), "rows_per_shard": cfg.rows_per_shard}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         cfg = propose_config(ctx.config)
@@ -54,8 +55,9 @@ class ProposeStage(Stage):
             from pipelines import propose
 
             propose.propose(prediction_paths(inputs["predictions"], chosen_models(inputs)),
-                            original_labels(inputs["dataset"]), out, cfg.top_n, ctx.beam_options())
-            proposals = read_proposals(out)
+                            original_labels(inputs["dataset"]), out, cfg.top_n, ctx.beam_options(),
+                            rows_per_shard=cfg.rows_per_shard)
+            return json.loads((out / "summary.json").read_text())  # propose's own counts
         n_images = int(proposals["file_name"].nunique())
         return {"proposals": len(proposals), "images": n_images,
                 "proposals_per_image": round(len(proposals) / max(n_images, 1), 2)}
@@ -64,7 +66,7 @@ class ProposeStage(Stage):
         c = artifact.counts
         return f"{c['proposals']:,} proposals on {c['images']:,} images ({c['proposals_per_image']:.2f} per image)"
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"proposals": str(artifact.file("proposals.parquet"))}
 
 

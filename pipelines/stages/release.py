@@ -135,7 +135,7 @@ class ReleaseStage(Stage):
     def describe(self, artifact: Artifact) -> str:
         return f"{artifact.folder.parent.name} {artifact.folder.name}: {artifact.folder}"
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"release": str(artifact.folder)}
 
 

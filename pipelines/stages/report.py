@@ -29,7 +29,7 @@ class ReportStage(Stage):
         return {"published_labels": file_digest(ctx.resolve(cfg.published_labels)) if cfg.published_labels else None,
                 "predictions": {n: file_digest(ctx.resolve(p)) for n, p in sorted(cfg.predictions.items())},
                 "images": images.model_dump(mode="json") if images is not None else None,
-                "dataset": [ctx.config.dataset.name, ctx.config.dataset.split]}
+                "dataset": [ctx.config.dataset.name, ctx.config.dataset.split], "model_zoo": cfg.model_zoo}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         from auditing.predictions import load_predictions
@@ -73,7 +73,8 @@ class ReportStage(Stage):
             examples = EncodedImages(image_source(ctx.config))
         report.write_report(out, label_sets=sets, original_labels=labels,
                             predictions={n: load_predictions(p) for n, p in paths.items()},
-                            extra_summary=extra, example_images=examples, model_zoo=report.local_model_zoo())
+                            extra_summary=extra, example_images=examples,
+                            model_zoo=report.local_model_zoo() if cfg.model_zoo else None)
         return {"models": sorted(paths), "images": len(sets)}
 
     def finish(self, ctx: Context, artifact: Artifact) -> None:
@@ -82,14 +83,15 @@ class ReportStage(Stage):
     def describe(self, artifact: Artifact) -> str:
         return f"{artifact.counts['images']:,} images, {len(artifact.counts['models'])} model(s)"
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
-        report_dir = Path(artifact.folder).parents[2] / "report"
-        return {"report.html": str(report_dir / "index.html"), "report.json": str(report_dir / "report.json")}
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
+        folder = published_dir(ctx.config)
+        return {"report.html": str(folder / "index.html"), "report.json": str(folder / "report.json")}
 
 
 def publish(ctx: Context, artifact: Artifact) -> None:
-    """Copy the stored report to ``<out>/report/`` unless that is already this one."""
-    target = Path(ctx.config.output_dir) / "report"
+    """Copy the stored report to ``<out>/report/`` (or ``stages.report.out_dir``)
+    unless that is already this one."""
+    target = published_dir(ctx.config)
     marker = target / ".key"
     if marker.is_file() and marker.read_text() == artifact.key:
         return
@@ -98,3 +100,8 @@ def publish(ctx: Context, artifact: Artifact) -> None:
         with atomic.atomic_path(target / name) as tmp:
             shutil.copyfile(artifact.file(name), tmp)
     atomic.write_text(marker, artifact.key)
+
+
+def published_dir(config) -> Path:
+    out_dir = config.stages.report.out_dir
+    return Path(config.resolve(out_dir)) if out_dir else Path(config.output_dir) / "report"

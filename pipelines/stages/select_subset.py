@@ -47,7 +47,7 @@ class SelectSubsetStage(Stage):
         c = artifact.counts
         return f"chose {c['selected_models']} (precision {c['precision']:.3f}, recall {c['recall']:.3f})"
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"subset_selection": str(artifact.file("selection.json"))}
 
 

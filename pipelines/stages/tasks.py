@@ -61,7 +61,7 @@ class TasksStage(Stage):
         tasks_lib.write_tasks_csv(built, out / "tasks.csv", image_uri_template=cfg.image_uri_template)
         return tasks_lib.summarize_tasks(built)
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"tasks": str(artifact.file("tasks.jsonl"))}
 
 

@@ -108,7 +108,7 @@ class VotesStage(Stage):
         return (f"read {s['read']:,} votes: kept {s['kept']:,}, quarantined {s['quarantined']:,}{extra}; "
                 f"{s['votes_used']:,} votes used")
 
-    def outputs(self, artifact: Artifact) -> dict[str, str]:
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"quarantine": str(artifact.file("quarantine.csv"))}
 
 
