@@ -7,15 +7,14 @@ pinned commit, its size and its sha256, as TFDS's ``checksums.tsv`` does.
 ``fetch(name)`` looks, in order, in ``$LABEL_AUDIT_DATA`` and in ``shared/data``
 beside the checkout (where CI and developers have the files), then in the download
 cache (``$LABEL_AUDIT_CACHE`` or ``~/.cache/label-audit``); only then does it
-download, and a download whose sha256 does not match is deleted and refused.
+download (pipelines/download.py: the network is not this layer's), and a download
+whose sha256 does not match is deleted and refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
-import tempfile
-import urllib.request
 from pathlib import Path
 
 from auditing.errors import InputError
@@ -160,6 +159,17 @@ def fetch_folder(name: str) -> Path:
                       f"{[str(r) for r in data_roots()]}; its files come from {folder.url}")
 
 
+# The network lives in the pipelines layer (pipelines/download.py registers itself on
+# import): this module only declares the files and finds local copies.
+_DOWNLOADER: list = []
+
+
+def register_downloader(download) -> None:
+    """``download(name, source, target)`` fetches ``source.url`` into ``target``,
+    checked against ``source.sha256``."""
+    _DOWNLOADER[:] = [download]
+
+
 def fetch(name: str, *, download: bool = True) -> Path:
     """Path to the declared source ``name``: local copy, cache, or pinned download."""
     if name in FOLDERS:
@@ -170,24 +180,9 @@ def fetch(name: str, *, download: bool = True) -> Path:
     if found is not None:
         return found
     source = SOURCES[name]
+    if not download or not _DOWNLOADER:
+        raise SourceError(f"{name}: no local copy of {source.path} under {[str(r) for r in data_roots()]}"
+                          + ("" if download else " (download not allowed)"))
     target = cache_dir() / source.path
-    if not download:
-        raise SourceError(f"{name}: no local copy of {source.path} under {[str(r) for r in data_roots()]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".download-")
-    os.close(fd)
-    try:
-        try:
-            urllib.request.urlretrieve(source.url, tmp)
-        except OSError as e:
-            raise SourceError(
-                f"{name}: no local copy of {source.path} (looked in {[str(r) for r in data_roots()]}) "
-                f"and the download from {source.url} failed: {e}") from e
-        got = sha256_file(tmp)
-        if got != source.sha256:
-            raise SourceError(f"{name}: {source.url} has sha256 {got}, expected {source.sha256}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _DOWNLOADER[0](name, source, target)
     return target
