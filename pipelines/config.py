@@ -49,11 +49,17 @@ FileRef = Annotated[str, pydantic.Field(min_length=1)]
 
 
 class RunnerConfig(_Section):
-    """Where Beam runs. 'direct' is in-process; 'dataflow' needs the extra flags in
+    """Where Beam runs. 'direct' is in-process; 'direct-multiprocess' uses worker
+    processes; 'portable' submits to a job service (``job_endpoint``: 'embed' for Beam's
+    own, or a Flink / Spark job server HOST:PORT) executed by SDK workers over the Fn
+    API, as Dataflow Runner v2 does (a worker pool is started in isolated directories
+    unless ``environment_config`` names one); 'dataflow' needs the extra flags in
     ``options`` (see README: --project, --region, --temp_location, --setup_file...)."""
 
-    name: Literal["direct", "direct-multiprocess", "dataflow"] = "direct"
+    name: Literal["direct", "direct-multiprocess", "portable", "dataflow"] = "direct"
     num_workers: int = pydantic.Field(1, ge=1)
+    job_endpoint: str = "embed"
+    environment_config: str | None = None  # HOST:PORT of a running worker pool
     options: list[str] = []
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines import release as release_lib
 from pipelines import run as run_lib
-from pipelines.config import AuditConfig, load_config
+from pipelines.config import AuditConfig
 from pipelines.stages import StageError
 
 EXIT_NEW_VERSION = run_lib.EXIT_OK
@@ -48,4 +48,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    return reaudit(load_config(args.config, output_dir=args.out))[0]
+    return reaudit(run_lib.config_from_args(args))[0]

@@ -109,9 +109,27 @@ def run_stage(stage: Stage, ctx: Context, inputs: dict[str, Artifact], key: str,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
-    parser.add_argument("--out", help="output directory (overrides the config's output_dir)")
+    parser.add_argument("--out", help="output directory or URI (overrides the config's output_dir)")
+    parser.add_argument("--runner", choices=["direct", "direct-multiprocess", "portable", "dataflow"],
+                        help="overrides runner.name")
+    parser.add_argument("--num-workers", type=int, help="overrides runner.num_workers")
+    parser.add_argument("--job-endpoint", help="portable: a job server HOST:PORT (default: embed)")
+    parser.add_argument("--environment-config", help="portable: a running worker pool HOST:PORT")
+
+
+def config_from_args(args: argparse.Namespace) -> AuditConfig:
+    """The config, with the command line's runner flags over its ``runner`` section."""
+    config = load_config(args.config, output_dir=args.out)
+    overrides = {key: value for key, value in (
+        ("name", getattr(args, "runner", None)), ("num_workers", getattr(args, "num_workers", None)),
+        ("job_endpoint", getattr(args, "job_endpoint", None)),
+        ("environment_config", getattr(args, "environment_config", None))) if value is not None}
+    if overrides:
+        runner = type(config.runner).model_validate(config.runner.model_dump() | overrides)
+        config = config.model_copy(update={"runner": runner})
+    return config
 
 
 def main(args: argparse.Namespace) -> int:
-    execute(load_config(args.config, output_dir=args.out))
+    execute(config_from_args(args))
     return EXIT_OK
