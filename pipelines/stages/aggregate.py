@@ -13,6 +13,7 @@ import pandas as pd
 
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import original_labels
+from pipelines.stages.tasks import read_tasks
 from pipelines.stages.votes import calibrated_confusions, read_votes
 from pipelines.store import content_key, file_digest
 
@@ -21,6 +22,7 @@ class AggregateStage(Stage):
     name = "aggregate"
     produces = "label_sets"
     consumes = ("dataset", "votes")
+    consumes_if_present = ("tasks",)
 
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
         cfg = ctx.config.stages.aggregate
@@ -43,12 +45,26 @@ class AggregateStage(Stage):
                                        original_labels=labels, **params)
         result.scores_.to_parquet(out / "scores.parquet", index=False)
         sets = aggregation.label_sets(result.scores_, labels, threshold=cfg.threshold)
-        return write_label_sets(out, sets, labels) | {"questions": int(len(result.scores_))}
+        counts = write_label_sets(out, sets, labels) | {"questions": int(len(result.scores_))}
+        if "tasks" in inputs:
+            # Proposed pairs nobody has answered yet are awaiting a crowd: they make no
+            # label (never a silent "no"), and their images are flagged in the release.
+            from auditing.reaudit import unasked
+
+            questions = read_tasks(inputs["tasks"])[["file_name", "label"]].drop_duplicates()
+            awaiting = unasked(questions, result.scores_[["file_name", "label"]])
+            awaiting = awaiting[awaiting["file_name"].isin(set(labels["file_name"]))]
+            awaiting.to_parquet(out / "awaiting.parquet", index=False)
+            counts |= {"pairs_awaiting_votes": int(len(awaiting)),
+                       "images_awaiting_votes": int(awaiting["file_name"].nunique())}
+        return counts
 
     def describe(self, artifact: Artifact) -> str:
         c = artifact.counts
         outside = c.get("rated_images_not_in_dataset", 0)
         note = f"; {outside:,} rated image(s) not in the dataset left out" if outside else ""
+        if c.get("pairs_awaiting_votes"):
+            note += f"; {c['pairs_awaiting_votes']:,} pairs awaiting votes on {c['images_awaiting_votes']:,} images"
         return f"{c['questions']:,} questions scored; {c['labels']:,} labels, {c['empty_sets']:,} empty sets{note}"
 
     def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
@@ -105,3 +121,9 @@ def label_sets_from_file(ctx: Context, ref: str) -> Artifact:
     key = content_key(label_sets=digest, dataset=file_digest(ctx.resolve(ctx.config.dataset.original_labels)))
     folder = ctx.store.get_or_compute("label_sets_input", key, fill, describe={"params": {"file": path}})
     return load_artifact("label_sets", folder)
+
+
+def images_awaiting_votes(artifact: Artifact) -> set[str]:
+    """Images with proposed pairs that no rater has answered yet."""
+    path = artifact.file("awaiting.parquet")
+    return set(pd.read_parquet(path)["file_name"]) if path.is_file() else set()
