@@ -123,7 +123,7 @@ def test_shrinkage_mixes_each_rater_matrix_with_the_pooled_one():
     assert abs(own_evidence.loc[("r3", "yes")]) < 0.2 < evidence.loc[("r3", "yes")] < evidence.loc[("r0", "yes")]
     scores = half.scores_.set_index("label")["score"]
     assert (scores.loc[:5] > 0.9).all() and (scores.loc[6:] < 0.1).all()
-    with pytest.raises(ValueError, match="shrinkage must be in"):
+    with pytest.raises(aggregation.AggregationParamsError, match="parameter 'shrinkage' of aggregation method 'dawid-skene'"):
         aggregation.aggregate(crowd, shrinkage=1.5)
 
 
@@ -131,7 +131,8 @@ def test_shrinkage_mixes_each_rater_matrix_with_the_pooled_one():
 def test_every_method_scores_every_question(method):
     crowd = _hand_built_crowd()
     params = {"n_restarts": 1} if method == "mace" else {}
-    result = aggregation.aggregate(crowd, method=method, **params)
+    gold = _hand_built_gold() if method in aggregation.methods.NEEDS_GOLD else None
+    result = aggregation.aggregate(crowd, method=method, gold=gold, **params)
     scores = result.scores_
     assert len(scores) == 20 and scores["score"].between(0, 1).all()
     assert scores.loc[scores["label"] < 6, "score"].min() > scores.loc[scores["label"] >= 6, "score"].max()
@@ -144,8 +145,13 @@ def test_bad_method_and_prior_arguments_are_errors():
     with pytest.raises(ValueError, match="needs original_labels"):
         aggregation.aggregate(crowd, prior="original-label")
     original = pd.DataFrame({"file_name": [f"img{q}" for q in range(20)], "label": range(20)})
-    with pytest.raises(ValueError, match="dawid-skene option"):
+    with pytest.raises(aggregation.AggregationParamsError, match="unknown parameter 'prior' for aggregation method "
+                                                                 "'glad'; valid: n_iter, tol, m_step_max_iter"):
         aggregation.aggregate(crowd, method="glad", prior="original-label", original_labels=original)
+    with pytest.raises(ValueError, match="dawid-skene options, not 'glad'"):
+        aggregation.aggregate(crowd, method="glad", prior_groups=original.assign(group="g"))
+    with pytest.raises(ValueError, match="gold-confusion needs gold questions"):
+        aggregation.aggregate(crowd, method="gold-confusion")
 
 
 def test_original_label_prior_groups():
