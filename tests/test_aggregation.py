@@ -8,6 +8,7 @@ import pytest
 from crowdkit.aggregation import DawidSkene, MajorityVote
 
 from auditing import aggregation, labelsets, sources, votes
+from auditing import gold as gold_lib
 from auditing.aggregation import PresenceDawidSkene
 
 
@@ -52,6 +53,19 @@ def _hand_built_crowd() -> pd.DataFrame:
             rows.append((f"img{q}", q, f"r{r}", answer))
         rows.append((f"img{q}", q, "r3", "yes"))
     return _votes(rows)
+
+
+def _hand_built_gold() -> gold_lib.Gold:
+    """10 gold questions (gold0..3 present): r0 answers them right with yes / no, r1
+    with maybe / no, r3 says yes to all; r2 answered none."""
+    truth = pd.DataFrame({"file_name": [f"gold{k}" for k in range(10)], "label": range(10),
+                          "truth": [k < 4 for k in range(10)]})
+    rows = []
+    for k in range(10):
+        present = k < 4
+        rows += [(f"gold{k}", k, "r0", "yes" if present else "no"), (f"gold{k}", k, "r1", "maybe" if present else "no"),
+                 (f"gold{k}", k, "r3", "yes")]
+    return gold_lib.Gold.from_frames(truth, _votes(rows))
 
 
 def test_presence_ds_learns_2x3_matrices_and_ignores_a_rater_who_always_says_yes():
