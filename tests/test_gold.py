@@ -2,6 +2,7 @@
 them, the counted quarantine of bad gold rows, and errors for unreadable files."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,14 +22,26 @@ def real_gold_paths(shared_data) -> tuple[Path, Path]:
     return folder / "golden.npz", folder / "raters_golden.npz"
 
 
+# Cached by path: the fixtures below are imported by other test modules, where pytest
+# would otherwise read the real files once per module.
+@functools.lru_cache(maxsize=1)
+def _read_kept(path: str) -> pd.DataFrame:
+    return votes.read_real_votes(path).kept
+
+
+@functools.lru_cache(maxsize=1)
+def _read_gold(experts: str, raters: str, votes_path: str) -> gold.Gold:
+    return gold.read_real_gold(experts, raters, known_raters=set(_read_kept(votes_path)["rater_id"]))
+
+
 @pytest.fixture(scope="session")
 def real_kept(real_raters_path) -> pd.DataFrame:
-    return votes.read_real_votes(real_raters_path).kept
+    return _read_kept(str(real_raters_path))
 
 
 @pytest.fixture(scope="session")
-def real_gold(real_gold_paths, real_kept) -> gold.Gold:
-    return gold.read_real_gold(*real_gold_paths, known_raters=set(real_kept["rater_id"]))
+def real_gold(real_gold_paths, real_raters_path) -> gold.Gold:
+    return _read_gold(str(real_gold_paths[0]), str(real_gold_paths[1]), str(real_raters_path))
 
 
 def test_real_gold_npz(real_gold, real_kept):

@@ -184,3 +184,14 @@ def test_dawid_skene_with_gold_on_the_real_files(shared_data, real_raters_path, 
     gold_tasks = result.model_.probas_.index >= len(scores)
     fixed = result.model_.probas_.loc[gold_tasks, aggregation.PRESENT]
     assert set(fixed.unique()) == {0.0, 1.0} and len(fixed) == 2 * 1135  # raters' and pseudo-rater's gold
+
+
+def test_gold_confusion_falls_back_to_log_space_when_both_products_underflow():
+    """3,000 votes on one question, half yes, half no, from a rater whose matrix is
+    symmetric: both products underflow to 0.0, the odds stay even, score = prior."""
+    gold = pd.DataFrame({"task": [10, 11, 12, 13, 14, 15, 16, 17], "worker": 0,
+                         "label": ["yes"] * 4 + ["no"] * 4})
+    true_labels = pd.Series([1] * 4 + [0] * 4, index=range(10, 18))
+    data = pd.DataFrame({"task": 0, "worker": 0, "label": ["yes", "no"] * 1500})
+    model = aggregation.GoldConfusion().fit(data, gold, true_labels)
+    assert model.probas_.loc[0, aggregation.PRESENT] == pytest.approx(0.5, abs=1e-9)

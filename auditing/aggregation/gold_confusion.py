@@ -6,9 +6,10 @@ max |difference| 0.0 by ``tests/test_aggregation.py``):
 1. For each rater r with gold answers, for truth t in {absent, present} and answer a in
    (no, maybe, yes): p_t[r, a] = (n_t[r, a] + alpha) / (N_t[r] + 3 alpha), counted on
    the gold questions (additive smoothing; ReaL: alpha = 1).
-2. Raters without gold answers: the mean of the other raters' matrices
-   (``raters_without_gold="mean"``, ReaL) or the matrix of all gold answers pooled as
-   one rater (``"pooled"``). Pseudo-raters (``default_excludes``) take no part in either.
+2. Raters without gold answers (or with gold answers on one truth only): the mean of
+   the other raters' matrices (``raters_without_gold="mean"``, ReaL) or the matrix of
+   all gold answers pooled as one rater (``"pooled"``). Pseudo-raters
+   (``default_excludes``) take no part in either.
 3. prior = P(present), the share of present gold questions unless given.
 4. score = prior * prod p_present / (prior * prod p_present + (1 - prior) * prod p_absent)
    over the question's votes: one E-step, no EM.
@@ -60,6 +61,7 @@ class GoldConfusion:
     smoothing: float = attr.ib(default=1.0)
     raters_without_gold: str = attr.ib(default="mean")
     prior: float | None = attr.ib(default=None)
+    # Workers left out of the mean / pooled default (pseudo-raters such as the original label).
     default_excludes: Sequence[Hashable] = attr.ib(default=())
     answers: Sequence[str] = attr.ib(default=ANSWERS)
 
@@ -153,7 +155,8 @@ class GoldConfusion:
         np.multiply.at(like_present, tasks, matrices[workers, PRESENT, answers])
         np.multiply.at(like_absent, tasks, matrices[workers, ABSENT, answers])
         numerator = prior * like_present
-        score = numerator / (numerator + (1.0 - prior) * like_absent)
+        with np.errstate(invalid="ignore"):  # 0 / 0 where both underflow: replaced below
+            score = numerator / (numerator + (1.0 - prior) * like_absent)
         underflow = (like_present == 0) & (like_absent == 0)
         if underflow.any():
             log_ratio = np.zeros(n_tasks)

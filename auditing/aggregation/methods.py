@@ -286,7 +286,8 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     ``params`` are the method's (``PARAMS[method]``, checked by ``validate_params``).
     Inputs besides the votes: ``original_labels`` (file_name, label; for the
     original-label prior and pseudo-rater), ``gold`` (``auditing.gold.Gold``; needed by
-    gold-confusion, used by dawid-skene), ``prior_groups`` (file_name, label, group;
+    gold-confusion, used by dawid-skene unless ``use_gold=False``, ignored by the
+    others), ``prior_groups`` (file_name, label, group;
     dawid-skene's class-prior groups set directly), ``rater_history`` (rater ->
     2 x 3 matrix, dawid-skene pseudo-counts worth ``rater_history_strength`` votes).
     """
