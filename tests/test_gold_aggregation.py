@@ -128,6 +128,9 @@ def test_every_method_declares_typed_params_that_refuse_unknown_keys():
     ("gold-confusion", {"raters_without_gold": "median"}, r"parameter 'raters_without_gold' .*'mean' or 'pooled'"),
     ("gold-confusion", {"smoothing": -1}, r"parameter 'smoothing' of .*greater than or equal to 0 \(got -1\)"),
     ("majority-vote", {"n_iter": 3}, r"unknown parameter 'n_iter' for aggregation method 'majority-vote'; valid: \(none\)"),
+    ("gold-confusion", {"original_label_rater": {"present_if": {"min_yes": 6, "of": 5}}},
+     r"parameter 'original_label_rater.present_if' .*min_yes=6 cannot exceed of=5"),
+    ("dawid-skene", [1], r"parameters of aggregation method 'dawid-skene' must be a mapping"),
     ("ds", {}, r"unknown aggregation method 'ds'; expected one of \['dawid-skene', 'glad', 'gold-confusion'"),
 ])
 def test_bad_params_name_the_key_and_the_valid_ones(method, params, expected):

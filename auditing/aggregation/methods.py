@@ -261,6 +261,9 @@ def validate_params(method: str, params: Mapping[str, Any]) -> pydantic.BaseMode
         raise AggregationParamsError(f"unknown aggregation method {method!r}; expected one of {sorted(PARAMS)}",
                                      method=method, key="method", valid=sorted(PARAMS))
     model = PARAMS[method]
+    if not isinstance(params, Mapping):
+        raise AggregationParamsError(f"parameters of aggregation method {method!r} must be a mapping, got "
+                                     f"{params!r}", method=method, key="params", valid=list(model.model_fields))
     try:
         return model.model_validate(dict(params))
     except pydantic.ValidationError as e:
