@@ -130,3 +130,13 @@ def test_real_raters_read_fast_and_complete(real_raters_path):
     assert elapsed < 15, f"reading + validating raters.npz took {elapsed:.1f} s"
     questions = votes.read_real_questions(real_raters_path)
     assert len(questions) == 184_962 and questions["file_name"].nunique() == 24_889
+
+
+def test_jsonl_without_optional_fields_has_no_optional_columns_and_provenance_is_kept(tmp_path):
+    path = tmp_path / "votes.jsonl"
+    path.write_text(json.dumps({"file_name": "a.JPEG", "label": 3, "rater_id": "r1", "answer": "yes"}) + "\n"
+                    + json.dumps({"file_name": "a.JPEG", "label": 3, "rater_id": "r1", "answer": "no"}) + "\n")
+    kept, quarantine = votes.validate_votes(votes.read_votes(path), source=path, provenance=True)
+    assert list(kept.columns) == [*votes.REQUIRED_COLUMNS, "source", "row"]
+    assert kept[["source", "row"]].values.tolist() == [[str(path), 1]]
+    assert quarantine["row"].tolist() == [2]
