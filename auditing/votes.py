@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from auditing.errors import InputError
 from auditing import atomic
 from auditing import sources
 
@@ -63,7 +64,7 @@ REASONS: tuple[str, ...] = (MALFORMED_FIELD, MISSING_FIELD, UNPARSABLE_LABEL, EM
 QUARANTINE_COLUMNS: tuple[str, ...] = ("source", "row", "reason", "detail", *REQUIRED_COLUMNS)
 
 
-class VoteFileError(ValueError):
+class VoteFileError(InputError):
     """A vote file that cannot be parsed at all; the message names file, row and field."""
 
 

@@ -33,6 +33,7 @@ import yaml
 
 from auditing import sources
 from auditing.errors import InputError
+from auditing.gold import PresenceRule
 from auditing.labelsets import TFDS_WHEEL
 
 
@@ -139,10 +140,31 @@ class SimulatedCrowdConfig(_Section):
     calibration_votes: FileRef = "source:real_raters"
 
 
+class GoldConfig(_Section):
+    """Gold (control) questions: their truth, and the raters' answers on them
+    (auditing/gold.py). The truth comes from experts' votes with a rule ("present if at
+    least ``min_yes`` of ``of`` experts said yes") or from a ``file_name, label, truth``
+    file."""
+
+    experts: FileRef | None = None  # ReaL golden.npz, or a long vote file of the experts
+    truth: FileRef | None = None  # file_name, label, truth (CSV / JSONL / Parquet)
+    raters: list[FileRef]  # the raters' answers on the gold questions (any vote format)
+    format: Literal["auto", "real-npz", "csv", "jsonl", "parquet"] = "auto"
+    # With experts: a gold question is present if at least min_yes of its `of` experts said yes.
+    present_if: PresenceRule = PresenceRule(min_yes=3, of=5)
+
+    @pydantic.model_validator(mode="after")
+    def _one_truth(self) -> "GoldConfig":
+        if (self.experts is None) == (self.truth is None):
+            raise ValueError("gold needs exactly one of experts (expert votes) and truth (a truth file)")
+        return self
+
+
 class VotesConfig(_Section):
     paths: list[FileRef] = []
     format: Literal["auto", "real-npz", "csv", "jsonl", "parquet"] = "auto"
     simulate: SimulatedCrowdConfig | None = None
+    gold: GoldConfig | None = None
 
     @pydantic.model_validator(mode="after")
     def _some_votes(self) -> "VotesConfig":
@@ -152,19 +174,29 @@ class VotesConfig(_Section):
 
 
 class AggregateConfig(_Section):
-    method: Literal["dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad", "mace"] = "dawid-skene"
+    """``method`` names one module of auditing/aggregation/; ``params`` are its typed
+    parameters (auditing/aggregation/methods.py ``PARAMS``), checked before any stage runs."""
 
-    @pydantic.model_validator(mode="after")
-    def _history_needs_dawid_skene(self) -> "AggregateConfig":
-        if self.rater_history is not None and self.method != "dawid-skene":
-            raise ValueError(f"rater_history is a dawid-skene option, not one of {self.method!r}")
-        return self
+    method: Literal["gold-confusion", "dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad",
+                    "mace"] = "dawid-skene"
     threshold: float = pydantic.Field(0.8, ge=0, lt=1)
     params: dict[str, Any] = {}
     # Raters' history (dawid-skene): their confusion matrices measured on these votes
     # (e.g. earlier audits) act as Dirichlet pseudo-counts worth `strength` votes each.
     rater_history: FileRef | None = None
     rater_history_strength: float = pydantic.Field(50.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _valid_params(self) -> "AggregateConfig":
+        from auditing.aggregation import AggregationParamsError, validate_params
+
+        if self.rater_history is not None and self.method != "dawid-skene":
+            raise ValueError(f"rater_history is a dawid-skene option, not one of {self.method!r}")
+        try:
+            validate_params(self.method, self.params)
+        except AggregationParamsError as e:
+            raise ValueError(f"params.{e.key}: {e}") from None
+        return self
 
 
 class ReleaseConfig(_Section):
@@ -260,6 +292,10 @@ def file_refs(config: AuditConfig) -> list[tuple[str, str]]:
         refs.append(("stages.select_subset.gold", s.select_subset.gold))
     if s.votes:
         refs += [(f"stages.votes.paths[{i}]", p) for i, p in enumerate(s.votes.paths)]
+        if s.votes.gold:
+            gold = s.votes.gold
+            refs += [(f"stages.votes.gold.{k}", getattr(gold, k)) for k in ("experts", "truth") if getattr(gold, k)]
+            refs += [(f"stages.votes.gold.raters[{i}]", p) for i, p in enumerate(gold.raters)]
         if s.votes.simulate:
             refs.append(("stages.votes.simulate.truth", s.votes.simulate.truth))
             refs.append(("stages.votes.simulate.calibration_votes", s.votes.simulate.calibration_votes))

@@ -40,6 +40,7 @@ from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionPara
 from auditing.aggregation.label_sets import LabelSets, label_sets
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers, resolve
 from auditing.aggregation.priors import original_label_prior_groups, resolve_prior_classes
+from auditing.errors import InputError
 from auditing.gold import Gold
 
 DEFAULT_METHOD = "dawid-skene"
@@ -79,7 +80,7 @@ class MaceParams(_Params):
     beta: float = pydantic.Field(0.5, gt=0)
 
 
-class AggregationParamsError(ValueError):
+class AggregationParamsError(InputError):
     """A bad ``stages.aggregate`` method or parameter: one line naming the key and the valid ones."""
 
     def __init__(self, message: str, *, method: str, key: str, valid: list[str]):

@@ -14,7 +14,7 @@ import pandas as pd
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import original_labels
 from pipelines.stages.tasks import read_tasks
-from pipelines.stages.votes import calibrated_confusions, read_votes
+from pipelines.stages.votes import calibrated_confusions, read_gold, read_votes
 from pipelines.store import content_key, file_digest
 
 
@@ -41,8 +41,8 @@ class AggregateStage(Stage):
             params["rater_history_strength"] = cfg.rater_history_strength
         labels = original_labels(inputs["dataset"])
         # Original labels are an input of the method (a class prior may depend on them).
-        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method,
-                                       original_labels=labels, **params)
+        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method, original_labels=labels,
+                                       gold=read_gold(inputs["votes"]), **params)
         result.scores_.to_parquet(out / "scores.parquet", index=False)
         sets = aggregation.label_sets(result.scores_, labels, threshold=cfg.threshold)
         counts = write_label_sets(out, sets, labels) | {"questions": int(len(result.scores_))}

@@ -70,8 +70,13 @@ class VotesStage(Stage):
                 "truth": file_digest(ctx.resolve(cfg.simulate.truth)),
                 "calibration_votes": file_digest(ctx.resolve(cfg.simulate.calibration_votes))}
         carried = previous_votes(ctx)
+        gold = None
+        if cfg.gold:
+            gold = cfg.gold.model_dump() | {k: file_digest(ctx.resolve(getattr(cfg.gold, k)))
+                                            for k in ("experts", "truth") if getattr(cfg.gold, k)}
+            gold["raters"] = [file_digest(ctx.resolve(p)) for p in cfg.gold.raters]
         return {"votes": [file_digest(ctx.resolve(p)) for p in cfg.paths], "format": cfg.format,
-                "simulate": simulate, "previous_votes": file_digest(carried) if carried else None}
+                "simulate": simulate, "gold": gold, "previous_votes": file_digest(carried) if carried else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         from auditing import labelsets
@@ -99,12 +104,19 @@ class VotesStage(Stage):
         summary["votes_used"] = int(len(kept))
         kept.to_parquet(out / "votes.parquet", index=False)
         votes_lib.write_quarantine(validated.quarantine, out / "quarantine.csv")
+        if cfg.gold:
+            summary["gold"] = write_gold(ctx, out, known_raters=set(kept["rater_id"].astype(str)))
         return summary
 
     def describe(self, artifact: Artifact) -> str:
         s = artifact.counts
         extra = "".join(f", {what.replace('_', ' ')} {s[what]:,}" for what in ("simulated", "carried_over")
                         if what in s)
+        if "gold" in s:
+            g = s["gold"]
+            extra += (f"; gold: {g['questions']:,} questions ({g['present']:,} present), "
+                      f"{g['kept']['raters']:,} rater answers, {sum(map(sum, map(dict.values, g['quarantined'].values()))):,} "
+                      "gold rows quarantined")
         return (f"read {s['read']:,} votes: kept {s['kept']:,}, quarantined {s['quarantined']:,}{extra}; "
                 f"{s['votes_used']:,} votes used")
 
@@ -114,3 +126,37 @@ class VotesStage(Stage):
 
 def read_votes(artifact: Artifact) -> pd.DataFrame:
     return pd.read_parquet(artifact.file("votes.parquet"))
+
+
+def write_gold(ctx: Context, out: Path, known_raters: set[str]) -> dict[str, Any]:
+    """``stages.votes.gold`` validated (auditing/gold.py) into the votes artifact:
+    gold_questions.parquet, gold_votes.parquet and gold_quarantine.csv."""
+    from auditing import gold as gold_lib
+
+    cfg = ctx.config.stages.votes.gold
+    fmt = None if cfg.format == "auto" else cfg.format
+    gold = gold_lib.read_gold(
+        raters=[ctx.resolve(p) for p in cfg.raters],
+        experts=ctx.resolve(cfg.experts) if cfg.experts else None,
+        truth=ctx.resolve(cfg.truth) if cfg.truth else None,
+        rule=cfg.present_if, known_raters=known_raters, format=fmt)
+    gold.questions.to_parquet(out / "gold_questions.parquet", index=False)
+    gold.rater_votes.to_parquet(out / "gold_votes.parquet", index=False)
+    gold.quarantine.to_csv(out / "gold_quarantine.csv", index=False)
+    summary = gold.summary.as_dict()
+    return summary | {"questions": int(len(gold.questions)), "present": int(gold.questions["truth"].sum()),
+                      "rule": gold.rule.model_dump() if gold.rule else None}
+
+
+def read_gold(artifact: Artifact):
+    """The votes artifact's gold questions (auditing.gold.Gold), or None."""
+    if "gold" not in artifact.counts:
+        return None
+    from auditing import gold as gold_lib
+
+    counts = artifact.counts["gold"]
+    rule = gold_lib.PresenceRule(**counts["rule"]) if counts["rule"] else None
+    return gold_lib.Gold(questions=pd.read_parquet(artifact.file("gold_questions.parquet")),
+                         rater_votes=pd.read_parquet(artifact.file("gold_votes.parquet")),
+                         quarantine=pd.read_csv(artifact.file("gold_quarantine.csv")), rule=rule,
+                         read=counts["read"])
