@@ -158,25 +158,49 @@ def split_labels(labels: list[int] | np.ndarray, affinity: ClassAffinity,
     labels = sorted({int(l) for l in labels}, key=lambda l: affinity.dfs_position[l])
     if len(labels) <= max_labels:
         return [labels]
-    target = math.ceil(len(labels) / max_labels)
-    groups = [[l] for l in labels]
-    total = affinity.matrix[np.ix_(labels, labels)].astype(np.float64)  # affinity summed over groups
-    sizes = np.ones(len(labels))
-    while len(groups) > target:
-        mean = total / np.outer(sizes, sizes)
-        fits = (sizes[:, None] + sizes[None, :] <= max_labels) & ~np.eye(len(groups), dtype=bool)
-        if not fits.any():
-            break
-        i, j = np.unravel_index(np.argmax(np.where(fits, mean, -np.inf)), mean.shape)
-        i, j = min(i, j), max(i, j)  # argmax takes the first best pair: deterministic
-        groups[i] += groups.pop(j)
-        total[i, :] += total[j, :]
-        total[:, i] += total[:, j]
-        total = np.delete(np.delete(total, j, axis=0), j, axis=1)
-        sizes[i] += sizes[j]
-        sizes = np.delete(sizes, j)
-    tasks = [sorted(g, key=lambda l: affinity.dfs_position[l]) for g in groups]
-    return sorted(tasks, key=lambda t: affinity.dfs_position[t[0]])
+    owner = cluster_labels(np.asarray([labels]), affinity, max_labels)[0]
+    return [[l for l, o in zip(labels, owner) if o == head] for head in np.unique(owner)]
+
+
+def cluster_labels(labels: np.ndarray, affinity: ClassAffinity, max_labels: int) -> np.ndarray:
+    """``split_labels``' clustering for n images of k labels at once, in lockstep.
+
+    ``labels``: (n, k), each row one image's distinct labels in depth-first order.
+    Returns (n, k): the group of each label, named by its first member's column (so
+    groups in the order of their first labels are the tasks in ``split_labels``' order).
+    Each step merges, in every image still merging, the pair with the highest mean
+    affinity that fits (argmax over the row-major (k, k) scores: ties go to the first
+    pair, as for one image). A merge changes only row and column i of the scores and
+    retires j, whose row and column become -inf and keep their place.
+    """
+    n, k = labels.shape
+    total = affinity.matrix[labels[:, :, None], labels[:, None, :]].astype(np.float64)  # summed affinity
+    sizes = np.ones((n, k))
+    score = np.where(sizes[:, :, None] + sizes[:, None, :] <= max_labels,
+                     total / (sizes[:, :, None] * sizes[:, None, :]), -np.inf)
+    score[:, np.arange(k), np.arange(k)] = -np.inf
+    owner = np.tile(np.arange(k), (n, 1))
+    live = np.ones((n, k), dtype=bool)
+    for _ in range(k - math.ceil(k / max_labels)):
+        flat = np.argmax(score.reshape(n, k * k), axis=1)
+        merging = np.flatnonzero(score.reshape(n, k * k)[np.arange(n), flat] > -np.inf)
+        if not merging.size:
+            break  # no two groups fit together in any image
+        a, first, second = merging, *np.divmod(flat[merging], k)
+        i, j = np.minimum(first, second), np.maximum(first, second)
+        total[a, i, :] += total[a, j, :]
+        total[a, :, i] += total[a, :, j]
+        sizes[a, i] += sizes[a, j]
+        live[a, j] = False
+        owner[a] = np.where(owner[a] == j[:, None], i[:, None], owner[a])
+        size_i, size_all = sizes[a, i][:, None], sizes[a]
+        row = np.where(live[a] & (size_i + size_all <= max_labels), total[a, i, :] / (size_i * size_all), -np.inf)
+        row[np.arange(len(a)), i] = -np.inf
+        score[a, i, :] = row
+        score[a, :, i] = row
+        score[a, j, :] = -np.inf
+        score[a, :, j] = -np.inf
+    return owner
 
 
 def task_id(file_name: str, labels: list[int]) -> str:
@@ -212,10 +236,15 @@ def images_to_relabel(proposals: pd.DataFrame, original_labels: pd.DataFrame | N
             differs |= predicted.reindex(images).to_numpy() != original.reindex(images).to_numpy()
         return images[differs.to_numpy()]
     if "sources" in proposals.columns:
-        has_top1 = proposals["sources"].map(lambda s: any(str(x).endswith(":top1") for x in s))
-        is_original = proposals["sources"].map(lambda s: "original" in list(s))
+        # One row per (proposal, source), then back to one flag per proposal.
+        source = proposals["sources"].reset_index(drop=True).explode()
+        text = source.dropna().astype(str)
+        has_top1 = text.str.endswith(":top1").groupby(level=0).any().reindex(
+            range(len(proposals)), fill_value=False).to_numpy()
+        is_original = (source == "original").groupby(level=0).any().reindex(
+            range(len(proposals)), fill_value=False).to_numpy()
         if has_top1.any():
-            other_top1 = proposals.loc[(has_top1 & ~is_original).to_numpy(), "file_name"].astype(str)
+            other_top1 = proposals.loc[has_top1 & ~is_original, "file_name"].astype(str)
             return images[images.isin(other_top1)]
     return images
 
@@ -254,15 +283,42 @@ def build_tasks(proposals: pd.DataFrame, original_labels: pd.DataFrame | None = 
     keep = images_to_relabel(proposals, original_labels, top1)
     pairs = proposals.loc[proposals["file_name"].astype(str).isin(keep), ["file_name", "label"]]
     pairs = pairs.astype({"file_name": str, "label": np.int64}).drop_duplicates()
-    rows: list[tuple[str, str, int, int]] = []
-    for file_name, image_labels in pairs.groupby("file_name", sort=True)["label"]:
-        for chunk in split_labels(image_labels.to_numpy(), affinity, max_labels):
-            tid = task_id(file_name, chunk)
-            rows.extend((tid, file_name, label, position) for position, label in enumerate(chunk))
-    questions = pd.DataFrame(rows, columns=list(QUESTION_COLUMNS)).astype(
-        {"task_id": object, "file_name": object, "label": np.int64, "position": np.int64})
+    questions = _grouped_questions(pairs, affinity, max_labels)
     n_images = int(proposals["file_name"].nunique())
     return TaskSet(questions, n_images, n_images - len(keep), max_labels)
+
+
+def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels: int) -> pd.DataFrame:
+    """Questions (``QUESTION_COLUMNS``) of distinct (file_name, label) ``pairs``: images in
+    file-name order, each image's tasks as ``split_labels`` orders them.
+
+    Vectorised: an image with <= ``max_labels`` labels is one task in depth-first
+    order (a sort); larger images are clustered together, all images with the same
+    number of labels in one ``cluster_labels`` call.
+    """
+    frame = pairs.assign(dfs=affinity.dfs_position[pairs["label"].to_numpy()])
+    frame = frame.sort_values(["file_name", "dfs"], kind="stable").reset_index(drop=True)
+    file_names, labels = frame["file_name"].to_numpy(dtype=object), frame["label"].to_numpy(np.int64)
+    starts = np.flatnonzero(np.r_[True, file_names[1:] != file_names[:-1]])
+    counts = np.diff(np.r_[starts, len(frame)])
+    task = np.zeros(len(frame), np.int64)  # task number within the image
+    position = np.arange(len(frame)) - np.repeat(starts, counts)
+    for k in np.unique(counts[counts > max_labels]):
+        rows = starts[counts == k][:, None] + np.arange(k)  # (images with k labels, k)
+        owner = cluster_labels(labels[rows], affinity, max_labels)
+        heads = owner == np.arange(k)  # a group's first label (depth-first) names it
+        task[rows] = np.take_along_axis(np.cumsum(heads, axis=1) - 1, owner, axis=1)
+        earlier = np.tril(np.ones((k, k), dtype=bool), -1)  # column q before column p
+        position[rows] = ((owner[:, :, None] == owner[:, None, :]) & earlier).sum(axis=2)
+    order = np.lexsort((position, task, np.repeat(np.arange(len(starts)), counts)))
+    file_names, labels, task, position = file_names[order], labels[order], task[order], position[order]
+    # Task id: sha256 of "<file_name>\t<sorted labels>", one string per task.
+    new_task = np.r_[True, (task[1:] != task[:-1]) | (file_names[1:] != file_names[:-1])]
+    bounds = np.r_[np.flatnonzero(new_task), len(labels)]
+    label_list = labels.tolist()
+    ids = [task_id(file_names[b], label_list[b:e]) for b, e in zip(bounds[:-1], bounds[1:])]
+    return pd.DataFrame({"task_id": np.repeat(np.asarray(ids, dtype=object), np.diff(bounds)),
+                         "file_name": file_names, "label": labels, "position": position})
 
 
 def summarize_tasks(tasks: TaskSet) -> dict[str, Any]:
@@ -291,6 +347,15 @@ def _atomic_write_text(path: Path, write) -> Path:
         write(f)
     return Path(path)
 
+def label_entry(classes: ImageNetClasses, label: int, example_uri_template: str | None = None) -> dict[str, Any]:
+    """One label of a task record: index, wnid, name, lemmas, gloss (+ examples_uri)."""
+    entry = {"index": label, "wnid": classes.wnids[label], "name": classes.names[label],
+             "lemmas": classes.lemmas[label], "gloss": classes.glosses[label]}
+    if example_uri_template:
+        entry["examples_uri"] = example_uri_template.format(wnid=classes.wnids[label], index=label)
+    return entry
+
+
 def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
                  classes: ImageNetClasses | None = None,
                  example_uri_template: str | None = None) -> list[dict[str, Any]]:
@@ -299,42 +364,65 @@ def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
     records = []
     q = tasks.questions.sort_values(["file_name", "task_id", "position"], kind="stable")
     for (file_name, tid), task in q.groupby(["file_name", "task_id"], sort=False):
-        labels = []
-        for label in task["label"].tolist():
-            entry = {"index": label, "wnid": classes.wnids[label], "name": classes.names[label],
-                     "lemmas": classes.lemmas[label], "gloss": classes.glosses[label]}
-            if example_uri_template:
-                entry["examples_uri"] = example_uri_template.format(wnid=classes.wnids[label], index=label)
-            labels.append(entry)
+        labels = [label_entry(classes, label, example_uri_template) for label in task["label"].tolist()]
         records.append({"task_id": tid, "file_name": file_name,
                         "image_uri": image_uri_template.format(file_name=file_name),
                         "labels": labels, "answer_options": list(ANSWER_OPTIONS)})
     return records
 
 
+def _task_bounds(tasks: TaskSet) -> tuple[pd.DataFrame, np.ndarray]:
+    """Questions in task-file order (file_name, task_id, position) and the row where
+    each task starts (plus the end): the order of ``task_records``."""
+    q = tasks.questions.sort_values(["file_name", "task_id", "position"], kind="stable")
+    file_names, ids = q["file_name"].to_numpy(dtype=object), q["task_id"].to_numpy(dtype=object)
+    starts = np.flatnonzero(np.r_[True, (file_names[1:] != file_names[:-1]) | (ids[1:] != ids[:-1])])
+    return q, np.r_[starts, len(q)]
+
+
 def write_tasks_jsonl(tasks: TaskSet, path: str | os.PathLike, image_uri_template: str = "{file_name}",
                       classes: ImageNetClasses | None = None,
                       example_uri_template: str | None = None) -> Path:
-    records = task_records(tasks, image_uri_template, classes, example_uri_template)
+    """``task_records`` as JSON lines. Each class's label entry is serialised once and
+    the lines are put together from the pieces: the same text as ``json.dumps`` of
+    each record (default separators, ``ensure_ascii=False``), without a dict per task."""
+    classes = classes or load_classes()
+    entries = [json.dumps(label_entry(classes, label, example_uri_template), ensure_ascii=False)
+               for label in range(len(classes.wnids))]
+    options = json.dumps(list(ANSWER_OPTIONS), ensure_ascii=False)
+    q, bounds = _task_bounds(tasks)
+    file_names, ids, labels = q["file_name"].tolist(), q["task_id"].tolist(), q["label"].tolist()
+
+    def line(begin: int, end: int) -> str:
+        head = json.dumps({"task_id": ids[begin], "file_name": file_names[begin],
+                           "image_uri": image_uri_template.format(file_name=file_names[begin])},
+                          ensure_ascii=False)
+        body = ", ".join(entries[label] for label in labels[begin:end])
+        return f'{head[:-1]}, "labels": [{body}], "answer_options": {options}}}\n'
+
     return _atomic_write_text(Path(path), lambda f: f.writelines(
-        json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        line(b, e) for b, e in zip(bounds[:-1], bounds[1:])))
 
 
 def write_tasks_csv(tasks: TaskSet, path: str | os.PathLike, image_uri_template: str = "{file_name}",
                     classes: ImageNetClasses | None = None) -> Path:
-    records = task_records(tasks, image_uri_template, classes)
-    width = max((len(r["labels"]) for r in records), default=0)
-    rows = []
-    for r in records:
-        row = {"task_id": r["task_id"], "file_name": r["file_name"], "image_uri": r["image_uri"],
-               "n_labels": len(r["labels"])}
-        for i in range(width):
-            label = r["labels"][i] if i < len(r["labels"]) else {}
-            row.update({f"label_{i + 1}": label.get("index", ""), f"wnid_{i + 1}": label.get("wnid", ""),
-                        f"name_{i + 1}": label.get("name", ""), f"gloss_{i + 1}": label.get("gloss", "")})
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=["task_id", "file_name", "image_uri", "n_labels"] + [
-        f"{field}_{i + 1}" for i in range(width) for field in ("label", "wnid", "name", "gloss")])
+    classes = classes or load_classes()
+    q, bounds = _task_bounds(tasks)
+    starts, n_labels = bounds[:-1], np.diff(bounds)
+    first_names = q["file_name"].to_numpy(dtype=object)[starts]
+    columns: dict[str, Any] = {
+        "task_id": q["task_id"].to_numpy(dtype=object)[starts], "file_name": first_names,
+        "image_uri": [image_uri_template.format(file_name=f) for f in first_names], "n_labels": n_labels}
+    labels = q["label"].to_numpy(np.int64)
+    fields = {"wnid": np.asarray(classes.wnids, dtype=object), "name": np.asarray(classes.names, dtype=object),
+              "gloss": np.asarray(classes.glosses, dtype=object)}
+    for i in range(int(n_labels.max()) if len(n_labels) else 0):
+        has = n_labels > i  # tasks with an i-th label; the others get empty cells
+        label = labels[np.where(has, starts + i, 0)]
+        columns[f"label_{i + 1}"] = label if has.all() else np.where(has, label.astype(object), "")
+        for field, values in fields.items():
+            columns[f"{field}_{i + 1}"] = np.where(has, values[label], "")
+    frame = pd.DataFrame(columns)
     return _atomic_write_text(Path(path), lambda f: frame.to_csv(f, index=False))
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -186,3 +188,71 @@ def test_tasks_command_on_pipeline_proposals(tmp_path, shared_data):  # WordNet 
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert (summary["images_to_relabel"], summary["images_skipped_all_top1_agree"], summary["tasks"]) == (1, 1, 1)
     assert len(T.read_tasks_jsonl(tmp_path / "t" / "tasks.jsonl")) == 3
+
+
+# Digests of the tasks the per-image implementation (before vectorising, commit 299e23a) built from the
+# 184,962 ReaL questions: the questions table as CSV, and the two task files with these templates.
+OLD_QUESTIONS_SHA256 = "5947be12dd4c9a7d5f860b4b967f8fd6b0eb6fcd2ac4a84eb81c2fdf3216ef5b"
+OLD_JSONL_SHA256 = "85b91caa882db98f137f663510b611dee6570165599845613cd757562c979c66"
+OLD_CSV_SHA256 = "12e80baa167196ea74c4d34a2a4155c494f0927273688464d1fc2666bc4ef488"
+
+
+def test_vectorised_tasks_equal_the_per_image_implementation_on_real_questions(tmp_path, shared_data):
+    built = T.build_tasks(votes.read_real_questions(sources.fetch("real_raters", download=False)))
+    assert hashlib.sha256(built.questions.to_csv(index=False).encode()).hexdigest() == OLD_QUESTIONS_SHA256
+    T.write_tasks_jsonl(built, tmp_path / "t.jsonl", image_uri_template="gs://b/val/{file_name}",
+                        example_uri_template="gs://b/ex/{wnid}/{index}")
+    T.write_tasks_csv(built, tmp_path / "t.csv", image_uri_template="gs://b/val/{file_name}")
+    assert hashlib.sha256((tmp_path / "t.jsonl").read_bytes()).hexdigest() == OLD_JSONL_SHA256
+    assert hashlib.sha256((tmp_path / "t.csv").read_bytes()).hexdigest() == OLD_CSV_SHA256
+    # The file's lines are task_records' dicts (checked on the first 300 images' tasks).
+    first = built.questions[built.questions["file_name"].isin(sorted(built.questions["file_name"].unique())[:300])]
+    records = T.task_records(dataclasses.replace(built, questions=first), "gs://b/val/{file_name}",
+                             example_uri_template="gs://b/ex/{wnid}/{index}")
+    lines = (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines[:len(records)]] == records
+
+
+def per_image_split_labels(labels, affinity, max_labels):
+    """The clustering as first written (one image, np.delete per merge): the reference."""
+    labels = sorted({int(l) for l in labels}, key=lambda l: affinity.dfs_position[l])
+    if len(labels) <= max_labels:
+        return [labels]
+    target = int(np.ceil(len(labels) / max_labels))
+    groups = [[l] for l in labels]
+    total = affinity.matrix[np.ix_(labels, labels)].astype(np.float64)
+    sizes = np.ones(len(labels))
+    while len(groups) > target:
+        mean = total / np.outer(sizes, sizes)
+        fits = (sizes[:, None] + sizes[None, :] <= max_labels) & ~np.eye(len(groups), dtype=bool)
+        if not fits.any():
+            break
+        i, j = np.unravel_index(np.argmax(np.where(fits, mean, -np.inf)), mean.shape)
+        i, j = min(i, j), max(i, j)
+        groups[i] += groups.pop(j)
+        total[i, :] += total[j, :]
+        total[:, i] += total[:, j]
+        total = np.delete(np.delete(total, j, axis=0), j, axis=1)
+        sizes[i] += sizes[j]
+        sizes = np.delete(sizes, j)
+    tasks = [sorted(g, key=lambda l: affinity.dfs_position[l]) for g in groups]
+    return sorted(tasks, key=lambda t: affinity.dfs_position[t[0]])
+
+
+def test_lockstep_clustering_matches_the_per_image_one_with_many_ties():
+    rng = np.random.default_rng(7)
+    num_classes = 40
+    for trial in range(60):
+        values = rng.integers(0, 3, (num_classes, num_classes))  # few distinct values: ties everywhere
+        affinity = T.ClassAffinity(np.triu(values) + np.triu(values, 1).T, rng.permutation(num_classes))
+        max_labels = int(rng.integers(2, 9))
+        images = [rng.choice(num_classes, int(rng.integers(1, 30)), replace=False) for _ in range(8)]
+        proposals = pd.DataFrame({"file_name": np.repeat([f"i{n}" for n in range(8)], [len(x) for x in images]),
+                                  "label": np.concatenate(images)})
+        built = T.build_tasks(proposals, max_labels=max_labels, affinity=affinity).questions
+        for n, labels in enumerate(images):
+            expected = per_image_split_labels(labels, affinity, max_labels)
+            assert T.split_labels(labels, affinity, max_labels) == expected, (trial, n)
+            mine = built[built["file_name"] == f"i{n}"]
+            assert [list(t["label"]) for _, t in mine.groupby("task_id", sort=False)] == expected, (trial, n)
+            assert all(list(t["position"]) == list(range(len(t))) for _, t in mine.groupby("task_id"))
