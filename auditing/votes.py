@@ -348,7 +348,10 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
 
     # A JSONL field holding a list or an object is no value of the schema.
     for field in REQUIRED_COLUMNS:
-        if columns[field].dtype == object:
+        # infer_dtype scans in C: only a column that is not all strings (or numbers)
+        # is looked at value by value.
+        if columns[field].dtype == object and pd.api.types.infer_dtype(columns[field], skipna=True) not in (
+                "string", "integer", "floating", "empty"):
             nested = columns[field].map(lambda v: isinstance(v, (list, dict))).to_numpy(dtype=bool)
             if nested.any():
                 mark(nested, MALFORMED_FIELD, f"field '{field}' holds a list or an object")
