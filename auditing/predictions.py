@@ -255,6 +255,23 @@ def read_top1_csv(path: str | os.PathLike, num_classes: int = 1000) -> Predictio
     return Predictions(file_names=names, top1=classes.to_numpy().astype(np.int64), source=str(path))
 
 
+def read_class_folder_top1(predictions_npy: str | os.PathLike, index_json: str | os.PathLike) -> Predictions:
+    """Top-1 labels stored in class-folder order (Northcutt et al.'s label_errors
+    ``.npy``) with the JSON list of ``"val/<wnid>/<file name>"`` that orders them."""
+    import json
+
+    try:
+        paths = json.loads(Path(index_json).read_text())
+        top1 = np.load(predictions_npy, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PredictionsFormatError(f"{predictions_npy} / {index_json}: unreadable: {e}") from e
+    if not isinstance(paths, list) or len(paths) != len(top1) or top1.ndim != 1:
+        raise PredictionsFormatError(f"{index_json}: {len(paths)} paths for {top1.shape} predictions in "
+                                     f"{predictions_npy}")
+    return Predictions(file_names=np.array([str(p).rsplit("/", 1)[-1] for p in paths]),
+                       top1=top1.astype(np.int64), source=str(predictions_npy))
+
+
 def predictions_npz_bytes(predictions: Predictions) -> bytes:
     """``predictions`` in the NPZ format (logits float32, features float16), in memory."""
     arrays = {"file_names": predictions.file_names}
