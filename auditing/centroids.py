@@ -190,3 +190,26 @@ def labels_added(proposed: np.ndarray, sets: LabelSets, pool: LabelSets) -> np.n
     valid = proposed >= 0
     safe = np.where(valid, proposed, 0)
     return valid & sets.contains(safe) & ~pool.contains(safe)
+
+
+def centroid_summary(original: np.ndarray, nearest: np.ndarray, top1: Mapping[str, np.ndarray],
+                     sets: LabelSets, pool: LabelSets) -> dict[str, object]:
+    """The centroid proposer measured against reference sets (e.g. ReaL), beside the
+    models' top-1 (JSON-ready): for the images where each disagrees with the original
+    label, how often its label is in the set; the set labels only the centroid finds
+    (not in ``pool``); and the suspected label errors."""
+    def check(proposed: np.ndarray) -> dict[str, object]:
+        c = check_disagreements(original, proposed, sets)
+        return {"n_images": c.n_images, "n_disagreeing": c.n_disagreeing, "n_in_set": c.n_in_set,
+                "share_in_set": None if c.n_disagreeing == 0 else c.share_in_set}
+
+    suspects = suspected_label_errors(original, nearest, top1)
+    rated = sets.sizes > 0
+    return {"centroid": check(nearest),
+            "top1": {name: check(values) for name, values in top1.items()},
+            "set_labels_only_the_centroid_finds": int(labels_added(nearest, sets, pool).sum()),
+            "nearest_is_original": float(np.mean(np.asarray(nearest) == np.asarray(original))),
+            "suspected_label_errors": int(suspects.sum()),
+            "suspected_with_a_set": int((suspects & rated).sum()),
+            "suspected_with_original_not_in_set": int(
+                (suspects & rated & ~sets.contains(np.asarray(original, np.int64))).sum())}

@@ -59,6 +59,12 @@ def test_disagreement_checks_and_added_labels_on_a_hand_case():
     assert centroids.labels_added(proposed, sets, pool).tolist() == [True, False, False, False]
     top1 = {"m": np.array([0, 2, 2, 4])}
     assert centroids.suspected_label_errors(original, proposed, top1).tolist() == [False, False, False, True]
+    summary = centroids.centroid_summary(original, proposed, top1, sets, pool)
+    assert summary["centroid"] == {"n_images": 3, "n_disagreeing": 2, "n_in_set": 1, "share_in_set": 0.5}
+    # m disagrees on images 1 (2 not in {1}) and 3 (4 in {4}); image 2 has an empty set.
+    assert summary["top1"]["m"] == {"n_images": 3, "n_disagreeing": 2, "n_in_set": 1, "share_in_set": 0.5}
+    assert (summary["set_labels_only_the_centroid_finds"], summary["suspected_label_errors"],
+            summary["suspected_with_a_set"], summary["suspected_with_original_not_in_set"]) == (1, 1, 1, 1)
 
 
 # ----------------------------------------------------------------------------- real features

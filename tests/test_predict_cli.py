@@ -283,3 +283,76 @@ def test_shard_progress_logs_counts_and_an_eta(tmp_path, caplog):
 def test_store_paths_of_different_splits_never_collide():
     names = ["validation[:1000]", "validation[1000:]", "validation[:50]", "validation[:50%]", "validation"]
     assert len({predict._path_safe(n) for n in names}) == len(names)
+
+
+# ----------------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    """A local GCS emulator (gcp-storage-emulator, loopback, in memory) with a bucket
+    ``audits``, reached by Beam's own GCS filesystem through STORAGE_EMULATOR_HOST."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("apache_beam.io.gcp.gcsio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory", "--default-bucket", "audits"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        yield "gs://audits"
+    finally:
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_store_on_object_storage_with_crash_resume(gcs_emulator, spec, photo_source, stand_in, tmp_path,
+                                                   monkeypatch):
+    from apache_beam.io.filesystems import FileSystems
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory either
+    source, bad = photo_source
+    store = f"{gcs_emulator}/store-{tmp_path.name}"
+    path = predict.predictions_path(store, spec, source)
+    assert path.startswith("gs://audits/")
+    stand_in.fail_from_call = 2
+    with pytest.raises(Exception, match="simulated crash"):
+        predict.run_predictions([spec], source, store, batch_size=2, shard_size=2, predictor_factory=stand_in)
+    shards = FileSystems.match([f"{store}/**/shard-*.npz"])[0].metadata_list
+    assert 1 <= len(shards) < 5 and not FileSystems.exists(path)
+    done = sum(predict.read_predictions(m.path).num_read for m in shards)  # read back from the bucket
+
+    stand_in.fail_from_call = None
+    stand_in.batch_sizes = []
+    assert predict.run_predictions([spec], source, store, batch_size=2, shard_size=2,
+                                   predictor_factory=stand_in) == {"efficientnet-lite0": path}
+    # Only the missing shards ran (quarantined images take no model call).
+    assert sum(stand_in.batch_sizes) < len(source) - len(bad)
+    assert sum(stand_in.batch_sizes) + done >= len(source) - len(bad)
+    objects = [m.path for m in FileSystems.match([f"{store}/**"])[0].metadata_list]
+    assert objects == [path]  # the shards and every temporary object are gone
+    result = predict.read_predictions(path)
+    good = [n for n in source.file_names if n not in bad]
+    assert result.file_names.tolist() == good and result.num_read == len(source)
+    np.testing.assert_allclose(result.logits, _expected_logits(spec, source, good), rtol=1e-4, atol=1e-5)
+    assert result.features.dtype == np.float16
+    assert not any(tmp_path.iterdir())

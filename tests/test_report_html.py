@@ -122,3 +122,20 @@ def test_sample_accuracy_beside_published_and_full_validation_figures(shared_dat
     assert entry["full_val_source"] == "computed on 50,000 images"
     top1 = pd.Series(resnet.top1, index=resnet.file_names).loc[names].to_numpy()
     assert entry["top1"] == pytest.approx(np.mean(top1 == labels))
+
+
+def test_suspected_label_errors_show_as_thumbnails_with_a_note(shared_data):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, format="JPEG")
+    sets = {"a.JPEG": [0, 1], "b.JPEG": [2]}
+    names, labels, label_sets, _ = audit_report.align_inputs(sets, {"a.JPEG": 0, "b.JPEG": 2}, 1000)
+    report = audit_report.jsonable(audit_report.build_report(names, labels, label_sets))
+    suspect = report_html.ExampleImage("b.JPEG", buffer.getvalue(), "suspected_label_error", 2, [2],
+                                       note="nearest centroid: <tench>; top-1: goldfish")
+    html = report_html.render_html(report, [suspect])
+    assert "Suspected label errors" in html and html.count('src="data:image/jpeg;base64,') == 1
+    assert "nearest centroid: &lt;tench&gt;; top-1: goldfish" in html
