@@ -104,7 +104,6 @@ class ModelConfig(_Section):
 class PredictConfig(_Section):
     models: list[ModelConfig] = []
     batch_size: int = pydantic.Field(32, ge=1)
-    top_k: int = pydantic.Field(5, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Predictions computed elsewhere: {model name: NPZ with file_names, logits}.
     predictions: dict[str, FileRef] = {}

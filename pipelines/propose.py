@@ -55,7 +55,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from auditing import atomic
 from auditing import labelsets
 from auditing.imagenet import NUM_CLASSES
-from auditing.predictions import PredictionsFormatError
+from auditing.predictions import PredictionsFormatError, load_predictions
 from auditing.proposals import (ModelSelections, ModelTopN, NonFiniteLogitsError, ProposalPool, TopN,
                                 candidate_pool, check_model_name, default_top_n)
 from auditing.subset_selection import ModelSubsetSelector
@@ -193,14 +193,25 @@ def plan_prediction_files(prediction_paths: Mapping[str, str | os.PathLike]
     for model, path in prediction_paths.items():
         check_model_name(model)
         path = str(path)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                names = npz["file_names"]
-                image_index = npz["image_index"] if "image_index" in npz.files else None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise PredictionsFormatError(f"{path}: cannot read 'file_names' of model {model!r}: {e}") from e
-        if names.dtype.kind == "S":
-            names = np.char.decode(names, "utf-8")
+        logits = _member_header(path, "logits") if path.lower().endswith(".npz") else None
+        if logits is None:
+            # A top-1-only file (NPZ or the published CSV format) is small: it is read and
+            # validated whole by auditing.predictions, the one validator of the format.
+            pred = load_predictions(path)
+            if pred.top1 is None:
+                raise PredictionsFormatError(f"{path}: needs 'logits' (N, C) or 'top1' (N,)")
+            names, image_index = pred.file_names.astype(str), pred.image_index
+        else:
+            # Logits are streamed in row shards: only what the stream needs is checked
+            # here (names, shape, dtype); the values are checked shard by shard.
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    names = npz["file_names"]
+                    image_index = npz["image_index"] if "image_index" in npz.files else None
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+                raise PredictionsFormatError(f"{path}: cannot read 'file_names' of model {model!r}: {e}") from e
+            if names.dtype.kind == "S":
+                names = np.char.decode(names, "utf-8")
         this_order = _image_order(path, names.astype(str), image_index)
         if not pd.Index(this_order).is_unique:
             raise PredictionsFormatError(f"{path}: 'file_names' has duplicates")
@@ -217,14 +228,7 @@ def plan_prediction_files(prediction_paths: Mapping[str, str | os.PathLike]
         row_images = pd.Index(order).get_indexer(names).astype(np.int64)
         if (row_images == np.arange(row_images.size)).all():
             row_images = None  # the common case: rows already in image order
-        logits = _member_header(path, "logits")
         if logits is None:
-            top1 = _member_header(path, "top1")
-            if top1 is None:
-                raise PredictionsFormatError(f"{path}: needs 'logits' (N, C) or 'top1' (N,)")
-            if top1.shape != (names.size,) or top1.dtype.kind not in "iu":
-                raise PredictionsFormatError(f"{path}: 'top1' must be integer ({names.size},), got "
-                                             f"{top1.dtype} {top1.shape}")
             files.append(PredictionFile(model, path, names.size, row_images, None))
             continue
         if len(logits.shape) != 2 or logits.shape[0] != names.size or logits.dtype.kind != "f":
@@ -258,8 +262,7 @@ def summarize_work(work: ShardWork, n: int) -> tuple[str, ModelTopN]:
     """Exact top-``n`` candidates and top-1 of the rows of one work item."""
     file = work.file
     if file.num_classes is None:
-        with np.load(file.path, allow_pickle=False) as npz:
-            top1 = npz["top1"].astype(np.int64)
+        top1 = load_predictions(file.path).top1.astype(np.int64)
         return file.model, ModelTopN(TopN.empty(), TopN.empty(), work.images_of_rows(0, file.num_rows),
                                      top1)
     parts = []

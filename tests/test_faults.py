@@ -27,7 +27,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from auditing import labelsets
-from auditing.predictions import load_predictions, softmax
+from auditing.predictions import load_predictions
 from pipelines import cli, reaudit, release, run
 from pipelines.config import load_config
 from tests.conftest import N_RATED, N_UNRATED
@@ -245,11 +245,12 @@ class StandInPredictor:
     def __init__(self, spec, batch_size: int, dtype: str):
         self.weights = np.random.default_rng(0).normal(size=(3, spec.num_classes)).astype(np.float32)
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray):
+        from models.predictor import PredictorOutput
+
         time.sleep(StandInPredictor.delay_s)
         StandInPredictor.images_seen += len(images)
-        logits = images.mean(axis=(1, 2)) @ self.weights
-        return logits, softmax(logits)
+        return PredictorOutput(images.mean(axis=(1, 2)) @ self.weights, None)
 
 
 def write_photo_folder(folder: Path) -> Path:
