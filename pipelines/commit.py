@@ -189,7 +189,7 @@ def read_marker(uri: str | os.PathLike) -> dict[str, Any]:
     return marker
 
 
-def _data_files(listing: dict[str, int]) -> dict[str, int]:
+def data_files(listing: dict[str, int]) -> dict[str, int]:
     return {rel: size for rel, size in listing.items()
             if rel != MARKER and not rel.startswith(CLAIMS + "/")}
 
@@ -201,7 +201,7 @@ def verify(uri: str | os.PathLike) -> dict[str, Any]:
     another sha256, or is not in the marker."""
     marker = read_marker(uri)
     expected = marker["files"]
-    present = _data_files(list_files(uri))
+    present = data_files(list_files(uri))
     for rel in sorted(expected):
         if rel not in present:
             raise VerifyError(f"{join(uri, rel)}: listed in {MARKER} but missing")
@@ -341,7 +341,7 @@ class PrefixWriter:
         delete_files([join(self.uri, CLAIMS, self._claim_rel)])
 
     def _remove_leftovers(self) -> None:
-        delete_files([join(self.uri, rel) for rel in _data_files(list_files(self.uri))])
+        delete_files([join(self.uri, rel) for rel in data_files(list_files(self.uri))])
 
     def _check_held(self) -> None:
         if not self._held:
@@ -379,7 +379,7 @@ class PrefixWriter:
         if not exists(join(self.uri, CLAIMS, self._claim_rel)):
             raise CommitError(f"{self.uri}: this writer's claim is gone (judged stale by another run?); "
                               "not committing")
-        listing = _data_files(list_files(self.uri))
+        listing = data_files(list_files(self.uri))
         names = sorted(listing)
         digests = _map_files(sha256_of, [join(self.uri, rel) for rel in names])
         marker = {"format": MARKER_FORMAT, "attempt": self.attempt, **(extra or {}),
