@@ -250,20 +250,22 @@ with tfds.core.registered.skip_registration():
             # beam.Create, which infers a type from every row (~0.5 ms per row) and is
             # pickled into every stage of the job.
             return ("ListRowChunks" >> beam.Create(self.ROW_CHUNKS, reshuffle=True)
-                    | "ReadExamples" >> beam.FlatMap(_read_examples, num_classes=len(self.CLASS_NAMES)))
+                    | "ReadRows" >> beam.FlatMap(_read_examples, num_classes=len(self.CLASS_NAMES)))
 
 
 _INCOMPLETE = re.compile(r"^incomplete\.[0-9a-fA-F]{32}\.")
 
 
 class _CopyingShardWriter(tfds_writer.ExampleWriter):
-    """TFDS's shard writer, plus a copy of each finished shard into the release prefix.
+    """TFDS's shard writer, writing a local file and copying it into the release prefix.
 
     array_record's writer (C++) writes local files only, so TFDS cannot write a shard to
     ``gs://``; and on Dataflow a worker's disk vanishes with the worker. So each worker
-    writes its shard to a local file (in the launcher's staging folder when this machine
-    has it, as TFDS expects, else a temporary folder) and copies the finished file into
-    ``target`` through Beam's FileSystems, which reaches object stores."""
+    writes its shard to a local file and copies the finished file into ``target``
+    through Beam's FileSystems, which reaches object stores. For a local ``target`` the
+    shard is written where TFDS asks (the launcher's staging folder, on this machine
+    with local runners); for a URI always to a temporary folder of the worker, as on
+    Dataflow (the shard lengths go to the release too: ``_store_split_info_in_release``)."""
 
     def __init__(self, file_format, target: str):
         super().__init__(file_format)
@@ -272,15 +274,51 @@ class _CopyingShardWriter(tfds_writer.ExampleWriter):
     def write(self, path, examples):
         path = epath.Path(path)
         final_name = _INCOMPLETE.sub("", path.name)
-        if path.parent.is_dir():
+        if not commit.is_uri(self.target):
             positions = super().write(path, examples)
             _copy_to(str(path), commit.join(self.target, final_name))
             return positions
         with tempfile.TemporaryDirectory(prefix="release-shard-") as local_dir:
-            local = os.path.join(local_dir, path.name)
+            local = os.path.join(local_dir, final_name)
             positions = super().write(local, examples)
             _copy_to(local, commit.join(self.target, final_name))
         return positions
+
+
+_store_split_info = tfds_writer.BeamWriter._store_split_info
+_finalize_split = tfds_writer.BeamWriter.finalize
+
+
+def _split_info_uri(beam_writer) -> str | None:
+    shard_writer = getattr(beam_writer, "_example_writer", None)
+    if isinstance(shard_writer, _CopyingShardWriter) and commit.is_uri(shard_writer.target):
+        return commit.join(shard_writer.target, "_split_info", f"{beam_writer._filename_template.split}.json")
+    return None
+
+
+def _store_split_info_in_release(self, shard_infos) -> None:
+    """TFDS's Beam writer has a worker write the split's shard lengths into the
+    launcher's staging folder, which a Dataflow worker does not have: for a release on
+    an object store they go into the release prefix (removed before the commit)."""
+    uri = _split_info_uri(self)
+    if uri is None:
+        return _store_split_info(self, shard_infos)
+    shard_infos = sorted(shard_infos, key=lambda x: x.id)
+    commit.write_json(uri, {"total_size": sum(info.size for info in shard_infos),
+                            "shard_lengths": [info.num_examples for info in shard_infos]})
+
+
+def _finalize_split_from_release(self):
+    uri = _split_info_uri(self)
+    if uri is None:
+        return _finalize_split(self)
+    info = commit.read_json(uri)
+    commit.delete_files([uri])
+    return info["shard_lengths"], info["total_size"]
+
+
+tfds_writer.BeamWriter._store_split_info = _store_split_info_in_release
+tfds_writer.BeamWriter.finalize = _finalize_split_from_release
 
 
 def _copy_to(local_path: str, destination: str) -> None:
@@ -347,7 +385,7 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
         copied = commit.list_files(target)
         for local in sorted(p for p in built.rglob("*") if p.is_file()):
             rel = local.relative_to(built).as_posix()
-            if copied.get(rel) != local.stat().st_size:  # shards are there already
+            if copied.get(rel) != local.stat().st_size:  # the workers' shards are there already
                 _copy_to(str(local), writer.path(rel))
         writer.write_text("RELEASE_NOTES.md", release_notes_markdown(name, release_notes))
         writer.write_json("manifest.json", manifest)
