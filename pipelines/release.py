@@ -105,6 +105,8 @@ def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample
     raw = np.asarray(row["scores"], np.float64).tobytes()  # TFDS's Encoding.BYTES: native order
     feature["label_scores/score"].bytes_list.SetInParent()
     feature["label_scores/score"].bytes_list.value.extend(raw[i:i + 8] for i in range(0, len(raw), 8))
+    if "awaiting_votes" in row:
+        feature["awaiting_votes"].int64_list.value.append(int(bool(row["awaiting_votes"])))
     return SerializedExample(example.SerializeToString(deterministic=True))
 
 
@@ -128,11 +130,15 @@ def released_versions(out_dir: str | os.PathLike, name: str) -> list[str]:
     return sorted((v for v in versions if re.fullmatch(r"\d+\.\d+\.\d+", v)), key=version_key)
 
 
-def release_features(class_names: list[str], with_images: bool = False) -> tfds.features.FeaturesDict:
+def release_features(class_names: list[str], with_images: bool = False,
+                     with_awaiting: bool = False) -> tfds.features.FeaturesDict:
     label = tfds.features.ClassLabel(names=class_names)
     images = {"image": tfds.features.Image(shape=(None, None, 3))} if with_images else {}
+    # True where proposed pairs of the image have no answer yet (awaiting a crowd): its
+    # label set comes from the answered questions only.
+    awaiting = {"awaiting_votes": tfds.features.Tensor(shape=(), dtype=np.bool_)} if with_awaiting else {}
     return tfds.features.FeaturesDict({
-        **images,
+        **images, **awaiting,
         "file_name": tfds.features.Text(),
         "original_label": label,
         "real_label": tfds.features.Sequence(tfds.features.ClassLabel(names=class_names)),
@@ -193,6 +199,7 @@ def _to_example(row: dict[str, Any], num_classes: int) -> tuple[str, Any]:
         "original_label": row["original_label"],
         "real_label": row["real_label"],
         "label_scores": {"label": row["score_labels"], "score": row["scores"]},
+        **({"awaiting_votes": bool(row["awaiting_votes"])} if "awaiting_votes" in row else {}),
     }
 
 
@@ -230,6 +237,7 @@ with tfds.core.registered.skip_registration():
         DESCRIPTION = ""
         CLASS_NAMES: list[str] = []
         WITH_IMAGES = False
+        WITH_AWAITING = False
         ROW_CHUNKS: list[str] = []
         SHARD_TARGET = ""  # the version prefix (local or URI) the shards are copied into
 
@@ -238,7 +246,8 @@ with tfds.core.registered.skip_registration():
 
         def _info(self) -> tfds.core.DatasetInfo:
             return tfds.core.DatasetInfo(
-                builder=self, description=self.DESCRIPTION, features=release_features(self.CLASS_NAMES, self.WITH_IMAGES),
+                builder=self, description=self.DESCRIPTION, features=release_features(self.CLASS_NAMES, self.WITH_IMAGES,
+                                                                                       self.WITH_AWAITING),
                 homepage=HOMEPAGE, citation=CITATION)
 
         def _split_generators(self, dl_manager):
@@ -336,7 +345,7 @@ def _builder_class(name: str, version: str, release_notes: Mapping[str, str], de
             "name": name, "__module__": __name__, "VERSION": tfds.core.Version(version),
             "RELEASE_NOTES": dict(release_notes), "DESCRIPTION": description,
             "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks, "SHARD_TARGET": shard_target,
-            "WITH_IMAGES": "image_path" in table_columns})
+            "WITH_IMAGES": "image_path" in table_columns, "WITH_AWAITING": "awaiting_votes" in table_columns})
 
 
 def release_notes_markdown(name: str, release_notes: Mapping[str, str]) -> str:
@@ -419,5 +428,6 @@ def read_release(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
             "real_label": [int(v) for v in example["real_label"]],
             "score_labels": [int(v) for v in example["label_scores"]["label"]],
             "scores": [float(v) for v in example["label_scores"]["score"]],
+            **({"awaiting_votes": bool(example["awaiting_votes"])} if "awaiting_votes" in example else {}),
         })
     return pd.DataFrame(rows).sort_values("file_name", ignore_index=True)

@@ -81,3 +81,12 @@ def test_fast_record_serialization_gives_tfds_bytes():
         assert bytes(release.serialize_row(row, 1000)) == generic
     with pytest.raises(ValueError, match="ü.JPEG: label 999 outside"):
         release.serialize_row(rows[-1], 999)
+    # The awaiting-votes flag, for audits with proposals nobody has answered yet.
+    flagged = release.release_features([f"c{i}" for i in range(1000)], with_awaiting=True)
+    serializer = example_serializer.ExampleSerializer(flagged.get_serialized_info())
+    for row, flag in zip(rows, [True, False] * len(rows)):
+        example = {"file_name": row["file_name"], "original_label": row["original_label"],
+                   "real_label": row["real_label"], "awaiting_votes": flag,
+                   "label_scores": {"label": row["score_labels"], "score": row["scores"]}}
+        generic = serializer.get_tf_example(flagged.encode_example(example)).SerializeToString(deterministic=True)
+        assert bytes(release.serialize_row(row | {"awaiting_votes": flag}, 1000)) == generic

@@ -20,7 +20,7 @@ import pandas as pd
 from auditing.release_diff import diff_label_sets
 from auditing.versions import next_version, version_change
 from pipelines.config import file_refs
-from pipelines.stages.aggregate import read_label_sets, read_scores
+from pipelines.stages.aggregate import images_awaiting_votes, read_label_sets, read_scores
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import image_source, original_labels
 from pipelines.stages.predict import prediction_paths
@@ -38,6 +38,8 @@ def release_table(ctx: Context, inputs: Inputs) -> pd.DataFrame:
                                "score": pd.Series(dtype="float64")})
     table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
                                       read_label_sets(inputs["label_sets"]), scores)
+    if "pairs_awaiting_votes" in inputs["label_sets"].counts:
+        table["awaiting_votes"] = table["file_name"].isin(images_awaiting_votes(inputs["label_sets"]))
     if ctx.config.stages.release.include_images:
         paths = release_image_paths(ctx, table)
         table["image_path"] = table["file_name"].map(paths)
