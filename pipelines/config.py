@@ -109,6 +109,23 @@ class PredictConfig(_Section):
     predictions: dict[str, FileRef] = {}
 
 
+class CentroidConfig(_Section):
+    """The nearest class centroid (cosine) of a model's penultimate features as one more
+    proposal source (auditing/centroids.py): ``audited`` = the audited images' own class
+    means (each image left out of its own class), ``examples`` = the images of an
+    examples folder (``<wnid>_<name>.JPEG``), ``both``."""
+
+    model: str  # a model of stages.predict.models (its stored features)
+    reference: Literal["audited", "examples", "both"] = "audited"
+    examples: FileRef | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _examples_when_needed(self) -> "CentroidConfig":
+        if self.reference != "audited" and self.examples is None:
+            raise ValueError(f"centroid.reference {self.reference!r} needs centroid.examples (a folder)")
+        return self
+
+
 class ProposeConfig(_Section):
     # N per model and criterion; default 3 x number of images (the paper's choice).
     top_n: int | None = pydantic.Field(None, ge=1)
@@ -116,6 +133,7 @@ class ProposeConfig(_Section):
     questions: FileRef | None = None
     # Rows of logits per Beam element (default: 5M values / number of classes).
     rows_per_shard: int | None = pydantic.Field(None, ge=1)
+    centroid: CentroidConfig | None = None
 
 
 class SelectSubsetConfig(_Section):
@@ -126,6 +144,9 @@ class SelectSubsetConfig(_Section):
 class TasksConfig(_Section):
     max_labels: int = pydantic.Field(8, ge=1)
     image_uri_template: str = "{file_name}"
+    # A folder of one example image per class (<wnid>_<name>.JPEG), shown beside each
+    # label as the ReaL rating interface did (auditing/task_labels.py).
+    examples: FileRef | None = None
 
 
 class SimulatedCrowdConfig(_Section):
@@ -208,11 +229,23 @@ class ReleaseConfig(_Section):
     include_images: bool = False
 
 
+class ClassFolderPredictions(_Section):
+    """Top-1 predictions stored in class-folder order (the label_errors model: a .npy
+    and the JSON index of its file paths)."""
+
+    top1: FileRef
+    index: FileRef
+
+
 class ReportConfig(_Section):
     # Published label sets (real.json format) used ONLY to measure agreement.
     published_labels: FileRef | None = None
     # Extra model predictions to evaluate: {name: NPZ (file_names + logits or top1)}.
     predictions: dict[str, FileRef] = {}
+    class_folder_predictions: dict[str, ClassFolderPredictions] = {}
+    # The paper's own questions (a ReaL raters.npz): their recall and precision beside
+    # the pool's, for an audit of validation images.
+    paper_questions: FileRef | None = None
     # timm's published original-vs-ReaL results, where a local copy exists.
     model_zoo: bool = True
     # Where index.html and report.json are published (default: <output_dir>/report).
@@ -287,8 +320,12 @@ def file_refs(config: AuditConfig) -> list[tuple[str, str]]:
                  for i, m in enumerate(s.predict.models) if m.checkpoint]
     if s.propose and s.propose.questions:
         refs.append(("stages.propose.questions", s.propose.questions))
+    if s.propose and s.propose.centroid and s.propose.centroid.examples:
+        refs.append(("stages.propose.centroid.examples", s.propose.centroid.examples))
     if s.select_subset:
         refs.append(("stages.select_subset.gold", s.select_subset.gold))
+    if s.tasks and s.tasks.examples:
+        refs.append(("stages.tasks.examples", s.tasks.examples))
     if s.votes:
         refs += [(f"stages.votes.paths[{i}]", p) for i, p in enumerate(s.votes.paths)]
         if s.votes.gold:
@@ -305,6 +342,11 @@ def file_refs(config: AuditConfig) -> list[tuple[str, str]]:
         if s.report.published_labels:
             refs.append(("stages.report.published_labels", s.report.published_labels))
         refs += [(f"stages.report.predictions.{k}", v) for k, v in s.report.predictions.items()]
+        for k, ref in s.report.class_folder_predictions.items():
+            refs += [(f"stages.report.class_folder_predictions.{k}.top1", ref.top1),
+                     (f"stages.report.class_folder_predictions.{k}.index", ref.index)]
+        if s.report.paper_questions:
+            refs.append(("stages.report.paper_questions", s.report.paper_questions))
     return refs
 
 

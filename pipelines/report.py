@@ -21,7 +21,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
                  predictions: Mapping[str, Predictions] | None = None,
                  extra_summary: Mapping[str, Any] | None = None,
                  example_images: Mapping[str, bytes] | None = None,
-                 model_zoo: pd.DataFrame | None = None) -> dict[str, Path]:
+                 model_zoo: pd.DataFrame | None = None,
+                 sections: Any = None, suspects: Sequence[str] = (),
+                 max_suspects: int = 12) -> dict[str, Path]:
     """Write ``report.json`` and ``index.html`` under ``out_dir``; returns their paths.
 
     ``label_sets``: {file_name: class indices} (e.g. ``labelsets.read_real_json``);
@@ -48,7 +50,9 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
     ``predictions``: {model name: Predictions}; ``extra_summary``: run facts shown
     in the report (release name/version, quarantined rows, agreement...);
     ``example_images``: {file_name: encoded image bytes}, only the chosen few are read;
-    ``model_zoo``: per-model original and ReaL top-1 (``read_model_zoo``).
+    ``model_zoo``: per-model original and ReaL top-1 (``read_model_zoo``); ``sections``:
+    extra page sections (``auditing.report_html``), or a function of the aligned
+    (file_names, original, label sets) returning them.
     """
     classes = imagenet.load_classes()
     names, original, sets, unmatched = align_inputs(label_sets, original_labels, len(classes))
@@ -57,7 +61,10 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
         log.warning("%d images have a label set but no original label (e.g. %s); left out",
                     len(unmatched), unmatched[0])
         extra["images_without_original_label"] = len(unmatched)
-    report = jsonable(build_report(names, original, sets, predictions, extra, model_zoo, classes))
+    if callable(sections):  # built from the aligned inputs (file names, originals, label sets)
+        sections = sections(names, original, sets)
+    report = jsonable(build_report(names, original, sets, predictions, extra, model_zoo, classes,
+                                   sections=sections))
     examples = []
     if example_images is not None:
         available = np.array([n in example_images for n in names])
@@ -65,6 +72,16 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
             examples.append(report_html.ExampleImage(
                 file_name=names[index], data=example_images[names[index]], kind=kind,
                 original_label=int(original[index]), label_set=sets.take([index]).indices.tolist()))
+        row_of = {n: i for i, n in enumerate(names)}
+        shown = [n for n in suspects if n in row_of and n in example_images][:max_suspects]
+        for name in shown:
+            index = row_of[name]
+            examples.append(report_html.ExampleImage(
+                file_name=name, data=example_images[name], kind="suspected_label_error",
+                original_label=int(original[index]), label_set=sets.take([index]).indices.tolist(),
+                note="neither the nearest class centroid nor any model's top-1 is the original label"))
+    if suspects:
+        report["suspected_label_errors"] = {"count": len(suspects), "file_names": list(suspects)}
     html = report_html.render_html(report, examples)
 
     out = Path(out_dir)

@@ -24,10 +24,22 @@ class DatasetStage(Stage):
         return True
 
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
-        return {"original_labels": file_digest(ctx.resolve(ctx.config.dataset.original_labels))}
+        source = listed_images(ctx.config)
+        return {"original_labels": file_digest(ctx.resolve(ctx.config.dataset.original_labels)),
+                "images": [source.dataset_id, source.split] if source is not None else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
+        source = listed_images(ctx.config)
+        if source is not None:
+            # The dataset is the listed images; the label file may cover more (the 50,000
+            # validation labels for a sample of the validation images).
+            names = pd.Index(source.file_names)
+            missing = names[~names.isin(labels["file_name"])]
+            if len(missing):
+                raise StageError(f"dataset.original_labels: no label for {len(missing)} image(s) of "
+                                 f"dataset.images, e.g. {list(missing[:3])}")
+            labels = labels[labels["file_name"].isin(names)].reset_index(drop=True)
         labels.to_parquet(out / "labels.parquet", index=False)
         return {"images": len(labels)}
 
@@ -51,3 +63,12 @@ def image_source(config: AuditConfig):
         cfg.type, path=config.resolve(cfg.path) if cfg.path else None,
         paths=[config.resolve(p) for p in cfg.paths], name=cfg.name, data_dir=cfg.data_dir,
         split=cfg.split, labels_path=config.resolve(cfg.labels) if cfg.labels else None)
+
+
+def listed_images(config: AuditConfig):
+    """The image source when its files are listed (folder / files), else None (a TFDS
+    dataset is read shard by shard, never listed up front)."""
+    images = config.dataset.images
+    if images is None or images.type not in ("folder", "files"):
+        return None
+    return image_source(config)

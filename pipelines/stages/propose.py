@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipelines.config import AuditConfig, ProposeConfig
@@ -42,7 +43,8 @@ class ProposeStage(Stage):
         cfg = propose_config(ctx.config)
         if cfg.questions:
             return {"questions": file_digest(ctx.resolve(cfg.questions))}
-        return {"top_n": cfg.top_n, "models": chosen_models(inputs), "rows_per_shard": cfg.rows_per_shard}
+        return {"top_n": cfg.top_n, "models": chosen_models(inputs), "rows_per_shard": cfg.rows_per_shard,
+                "centroid": cfg.centroid.model_dump() if cfg.centroid else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         cfg = propose_config(ctx.config)
@@ -54,10 +56,14 @@ class ProposeStage(Stage):
         else:
             from pipelines import propose
 
-            propose.propose(prediction_paths(inputs["predictions"], chosen_models(inputs)),
-                            original_labels(inputs["dataset"]), out, cfg.top_n, ctx.beam_options(),
+            paths = prediction_paths(inputs["predictions"], chosen_models(inputs))
+            counts: dict[str, Any] = {}
+            if cfg.centroid:
+                name, path, counts["centroid"] = centroid_proposals(ctx, inputs, out)
+                paths[name] = path  # a top-1-only proposer in the pool, with its provenance
+            propose.propose(paths, original_labels(inputs["dataset"]), out, cfg.top_n, ctx.beam_options(),
                             rows_per_shard=cfg.rows_per_shard)
-            return json.loads((out / "summary.json").read_text())  # propose's own counts
+            return json.loads((out / "summary.json").read_text()) | counts  # propose's own counts
         n_images = int(proposals["file_name"].nunique())
         return {"proposals": len(proposals), "images": n_images,
                 "proposals_per_image": round(len(proposals) / max(n_images, 1), 2)}
@@ -73,3 +79,73 @@ class ProposeStage(Stage):
 def read_proposals(folder_or_artifact: Artifact | Path) -> pd.DataFrame:
     folder = folder_or_artifact.folder if isinstance(folder_or_artifact, Artifact) else folder_or_artifact
     return pd.read_parquet(folder / "proposals.parquet")
+
+
+def centroid_proposals(ctx: Context, inputs: Inputs, out: Path) -> tuple[str, str, dict[str, Any]]:
+    """The nearest class centroid of each audited image (auditing/centroids.py) as a
+    top-1-only predictions file, and its summary (how often it agrees, suspects)."""
+    from auditing.centroids import NearestCentroid, suspected_label_errors
+    from auditing.predictions import Predictions, load_predictions, save_predictions
+
+    cfg = propose_config(ctx.config).centroid
+    all_paths = prediction_paths(inputs["predictions"])
+    if cfg.model not in all_paths:
+        raise StageError(f"stages.propose.centroid.model {cfg.model!r} is not a model of stages.predict "
+                         f"({', '.join(sorted(all_paths))})")
+    pred = load_predictions(all_paths[cfg.model])
+    if pred.features is None:
+        raise StageError(f"stages.propose.centroid: the predictions of {cfg.model} ({all_paths[cfg.model]}) have no "
+                         "features; they were stored before features were kept: delete that file and re-run")
+    labels = original_labels(inputs["dataset"]).set_index("file_name")["label"]
+    own = labels.reindex(pred.file_names.astype(str)).fillna(-1).to_numpy(np.int64)
+    example_features = example_labels = None
+    if cfg.reference != "audited":
+        example_features, example_labels = _example_features(ctx, cfg)
+    model = NearestCentroid(reference=cfg.reference).fit(pred.features.astype(np.float32), own,
+                                                         example_features, example_labels)
+    name = f"centroid-{cfg.model}"
+    found = model.labels_ >= 0
+    save_predictions(out / "centroid" / f"{name}.npz",
+                     Predictions(file_names=pred.file_names[found], top1=model.labels_[found], source=name))
+    top1 = {n: _aligned_top1(load_predictions(p), pred.file_names) for n, p in all_paths.items()}
+    suspects = suspected_label_errors(own, model.labels_, top1)
+    np.save(out / "centroid" / "suspected_label_errors.npy", pred.file_names[suspects].astype(str))
+    summary = {"model": cfg.model, "reference": cfg.reference,
+               "nearest_is_original": float(np.mean(model.labels_ == own)),
+               "suspected_label_errors": int(suspects.sum())}
+    return name, str(out / "centroid" / f"{name}.npz"), summary
+
+
+def _aligned_top1(pred, file_names: np.ndarray) -> np.ndarray:
+    rows = pd.Index(pred.file_names.astype(str)).get_indexer(file_names.astype(str))
+    if (rows < 0).any():
+        raise StageError(f"{pred.source}: no prediction for {int((rows < 0).sum())} of the audited images")
+    return np.asarray(pred.top1_labels())[rows]
+
+
+def centroid_files(artifact: Artifact) -> tuple[str | None, list[str]]:
+    """The centroid proposer's predictions file and the suspected label errors, if any."""
+    folder = artifact.file("centroid")
+    if not folder.is_dir():
+        return None, []
+    npz = next(iter(sorted(folder.glob("centroid-*.npz"))), None)
+    suspects = np.load(folder / "suspected_label_errors.npy").tolist()
+    return (str(npz) if npz else None), suspects
+
+
+def _example_features(ctx: Context, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The examples folder predicted by the centroid's model (stored like any predictions)."""
+    from auditing.imagenet import load_classes
+    from auditing.predictions import load_predictions
+    from auditing.task_labels import example_class
+    from models.registry import get_model
+    from pipelines import predict
+    from pipelines.images import ImageFiles
+
+    folder = ImageFiles.from_folder(ctx.resolve(cfg.examples), split="examples")
+    runner = ctx.config.runner
+    path = predict.run_predictions([get_model(cfg.model)], folder, ctx.store.root, runner=runner.name,
+                                   num_workers=runner.num_workers, beam_args=runner.options)[cfg.model]
+    examples = load_predictions(path)
+    classes = load_classes()
+    return examples.features.astype(np.float32), np.array([example_class(n, classes) for n in examples.file_names])

@@ -21,13 +21,16 @@ class ReportStage(Stage):
     name = "report"
     produces = "report"
     consumes = ("dataset", "label_sets")
-    consumes_if_present = ("predictions", "tasks", "votes", "release")
+    consumes_if_present = ("predictions", "proposals", "tasks", "votes", "release")
 
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
         cfg = ctx.config.stages.report
         images = ctx.config.dataset.images
         return {"published_labels": file_digest(ctx.resolve(cfg.published_labels)) if cfg.published_labels else None,
                 "predictions": {n: file_digest(ctx.resolve(p)) for n, p in sorted(cfg.predictions.items())},
+                "class_folder_predictions": {n: [file_digest(ctx.resolve(r.top1)), file_digest(ctx.resolve(r.index))]
+                                             for n, r in sorted(cfg.class_folder_predictions.items())},
+                "paper_questions": file_digest(ctx.resolve(cfg.paper_questions)) if cfg.paper_questions else None,
                 "images": images.model_dump(mode="json") if images is not None else None,
                 "dataset": [ctx.config.dataset.name, ctx.config.dataset.split], "model_zoo": cfg.model_zoo}
 
@@ -56,26 +59,62 @@ class ReportStage(Stage):
                 extra["diff"] = {k: v for k, v in diff.items()
                                  if k not in ("changed", "images_added", "images_removed")}
         scores = read_scores(inputs["label_sets"])
-        if cfg.published_labels and scores is not None:
+        # real.json format: label lists in ImageNet val file order.
+        published = labelsets.read_real_json(ctx.resolve(cfg.published_labels)) if cfg.published_labels else None
+        if published is not None and scores is not None:
             from auditing.metrics import agreement_with_published
 
-            # real.json format: label lists in ImageNet val file order.
-            published = labelsets.read_real_json(ctx.resolve(cfg.published_labels))
             originals = dict(zip(labels["file_name"], labels["label"]))
             extra["agreement_with_published"] = agreement_with_published(scores, sets, published, originals)
+        counts = inputs["label_sets"].counts
+        if counts.get("pairs_awaiting_votes"):
+            extra["awaiting_votes"] = (f"{counts['pairs_awaiting_votes']:,} pairs awaiting votes on "
+                                       f"{counts['images_awaiting_votes']:,} images")
         paths = prediction_paths(inputs["predictions"]) if "predictions" in inputs else {}
         paths.update({n: ctx.resolve(p) for n, p in cfg.predictions.items()})
+        predictions = {n: load_predictions(p) for n, p in paths.items()}
+        if cfg.class_folder_predictions:
+            from auditing.predictions import read_class_folder_top1
+
+            predictions |= {n: read_class_folder_top1(ctx.resolve(ref.top1), ctx.resolve(ref.index))
+                            for n, ref in cfg.class_folder_predictions.items()}
+        zoo = report.local_model_zoo() if cfg.model_zoo else None
         examples = None
         images = ctx.config.dataset.images
         if images is not None and images.type in ("files", "folder"):
             from pipelines.images import EncodedImages
 
             examples = EncodedImages(image_source(ctx.config))
-        report.write_report(out, label_sets=sets, original_labels=labels,
-                            predictions={n: load_predictions(p) for n, p in paths.items()},
-                            extra_summary=extra, example_images=examples,
-                            model_zoo=report.local_model_zoo() if cfg.model_zoo else None)
-        return {"models": sorted(paths), "images": len(sets)}
+        from pipelines.stages import report_sections
+
+        def sections(names, original, aligned_sets) -> list[dict[str, Any]]:
+            extra_sections = report_sections.rater_quality_sections(ctx, inputs, sets)
+            if published is not None and predictions and len(names) < len(published):
+                # An audit of some of the validation images: each model here and on all of them.
+                extra_sections.append(report_sections.accuracy_section(names, original, aligned_sets,
+                                                                       predictions, published, zoo))
+            if published is not None and "proposals" in inputs and cfg.paper_questions:
+                from auditing.metrics import sets_from_mapping
+                from auditing.votes import read_real_questions
+                from pipelines.stages.propose import read_proposals
+
+                reference = sets_from_mapping(list(names), published, aligned_sets.num_classes)
+                extra_sections.append(report_sections.proposal_section(
+                    list(names), original, read_proposals(inputs["proposals"]),
+                    read_real_questions(ctx.resolve(cfg.paper_questions)), reference, aligned_sets.num_classes))
+            return extra_sections
+
+        suspects: list[str] = []
+        if "proposals" in inputs:
+            from pipelines.stages.propose import centroid_files
+
+            centroid_path, suspects = centroid_files(inputs["proposals"])
+            if centroid_path:
+                extra["centroid"] = dict(inputs["proposals"].counts.get("centroid", {}))
+        report.write_report(out, label_sets=sets, original_labels=labels, predictions=predictions,
+                            extra_summary=extra, example_images=examples, model_zoo=zoo, sections=sections,
+                            suspects=suspects)
+        return {"models": sorted(predictions), "images": len(sets)}
 
     def finish(self, ctx: Context, artifact: Artifact) -> None:
         publish(ctx, artifact)

@@ -5,6 +5,8 @@ asked again (auditing/reaudit.py).
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ class TasksStage(Stage):
         cfg = ctx.config.stages.tasks
         previous = ctx.previous_manifest()
         return {"max_labels": cfg.max_labels, "image_uri_template": cfg.image_uri_template,
+                "examples": sorted(os.listdir(ctx.resolve(cfg.examples))) if cfg.examples else None,
                 "asked_before": previous["content_key"] if previous else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
@@ -57,7 +60,17 @@ class TasksStage(Stage):
                 release_lib.read_release(ctx.previous_release)))
         built = tasks_lib.build_tasks(proposals, original_labels=original_labels(inputs["dataset"]),
                                       top1=top1, max_labels=cfg.max_labels)
-        tasks_lib.write_tasks_jsonl(built, out / "tasks.jsonl", image_uri_template=cfg.image_uri_template)
+        if cfg.examples:
+            # Each label with its name, gloss and an example image of its class.
+            from auditing import atomic
+            from auditing.imagenet import load_classes
+            from auditing.task_labels import examples_by_class, with_example_images
+
+            examples = examples_by_class(os.listdir(ctx.resolve(cfg.examples)), load_classes())
+            records = with_example_images(tasks_lib.task_records(built, cfg.image_uri_template), examples)
+            atomic.write_text(out / "tasks.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        else:
+            tasks_lib.write_tasks_jsonl(built, out / "tasks.jsonl", image_uri_template=cfg.image_uri_template)
         tasks_lib.write_tasks_csv(built, out / "tasks.csv", image_uri_template=cfg.image_uri_template)
         return tasks_lib.summarize_tasks(built)
 
