@@ -12,9 +12,10 @@ sets. ``SensitivityAudit(alpha).fit(...)`` gives (fitted results end with ``_``)
   classes, p = 0.05), Student's independent two-sample test by default
   (``class_test="paired"``: the paired test, since the models are the same in both
   samples);
-- ``class_counts_``: per transform, the number of sensitive (p < alpha, either way) and
-  insensitive classes; ``unchanged`` (counted among the insensitive) are the classes where
-  every model's class accuracy is identical with and without: t = 0 / 0, p is NaN;
+- ``class_counts_``: per transform, the number of sensitive (p < alpha, either way),
+  insensitive (p >= alpha, or ``unchanged``: every model's class accuracy identical with
+  and without, where t = 0 / 0 and p is NaN) and ``untestable`` classes (accuracy changed
+  but no p-value: too few models for the test's degrees of freedom);
 - ``model_tests_``: per (model, transform) a two-sided paired t-test across classes of
   the model's class accuracies with vs without the transform.
 
@@ -126,12 +127,14 @@ class SensitivityAudit:
                                  "change": float(accuracy[m, t] - accuracy[m, 0])})
         return pd.DataFrame(rows)
 
-    def _power_note(self, n_models: int, images: float, what: str) -> str:
+    def _power_note(self, images: float, n_models: int | None = None, median: bool = False) -> str:
+        """Why a test has little power ('' when it has enough): its models, its images per class."""
         reasons = []
-        if n_models < self.min_models:
+        if n_models is not None and n_models < self.min_models:
             reasons.append(f"{n_models} models (< {self.min_models})")
         if images < self.min_images_per_class:
-            reasons.append(f"{images:g} images per {what} (< {self.min_images_per_class})")
+            what = "median images per class" if median else "images in the class"
+            reasons.append(f"{images:g} {what} (< {self.min_images_per_class})")
         return "; ".join(reasons)
 
     def _class_tests(self) -> pd.DataFrame:
@@ -143,15 +146,16 @@ class SensitivityAudit:
             transformed = self.class_accuracy_[:, t]
             statistic, p, df = _ttest(self.class_test, baseline, transformed, axis=0)
             unchanged = (baseline == transformed).all(axis=0)
-            notes = [self._power_note(n_models, float(k), "class") for k in images]
+            untestable = np.isnan(p) & ~unchanged
+            notes = [self._power_note(float(k), n_models) for k in images]
             frames.append(pd.DataFrame({
                 "transform": transform, "class": self.classes_, "n_models": n_models, "n_images": images,
                 "accuracy_without": baseline.mean(axis=0), "accuracy_with": transformed.mean(axis=0),
                 "change": transformed.mean(axis=0) - baseline.mean(axis=0), "t": statistic, "df": df,
-                "p": p, "unchanged": unchanged, "sensitive": p < self.alpha,
+                "p": p, "unchanged": unchanged, "untestable": untestable, "sensitive": p < self.alpha,
                 "low_power": [bool(n) for n in notes], "power_note": notes}))
         columns = ["transform", "class", "n_models", "n_images", "accuracy_without", "accuracy_with", "change",
-                   "t", "df", "p", "unchanged", "sensitive", "low_power", "power_note"]
+                   "t", "df", "p", "unchanged", "untestable", "sensitive", "low_power", "power_note"]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
     def _class_counts(self) -> pd.DataFrame:
@@ -160,10 +164,10 @@ class SensitivityAudit:
         for transform in self.transforms_[1:]:
             mine = tests[tests["transform"] == transform]
             sensitive = int(mine["sensitive"].sum())
-            unchanged = int(mine["unchanged"].sum())
+            untestable = int(mine["untestable"].sum())
             rows.append({"transform": transform, "n_classes": len(mine), "sensitive": sensitive,
-                         "insensitive": len(mine) - sensitive, "unchanged": unchanged,
-                         "tested": len(mine) - unchanged, "alpha": self.alpha, "test": self.class_test,
+                         "insensitive": len(mine) - sensitive - untestable, "untestable": untestable,
+                         "unchanged": int(mine["unchanged"].sum()), "alpha": self.alpha, "test": self.class_test,
                          "n_models": len(self.models_),
                          "median_images_per_class": float(np.median(mine["n_images"])) if len(mine) else 0.0,
                          "low_power_classes": int(mine["low_power"].sum())})
@@ -179,7 +183,7 @@ class SensitivityAudit:
             for t, transform in enumerate(self.transforms_[1:], start=1):
                 transformed = self.class_accuracy_[m, t]
                 statistic, p, df = _ttest("paired", baseline, transformed, axis=0)
-                note = self._power_note(self.min_models, median_images, "class (median)")
+                note = self._power_note(median_images, median=True)
                 if n_classes < 2:
                     note = "; ".join(filter(None, [note, f"{n_classes} class"]))
                 rows.append({"model": model, "transform": transform, "n_classes": n_classes,

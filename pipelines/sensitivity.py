@@ -456,6 +456,12 @@ def run_sensitivity(section: Mapping[str, Any] | SensitivityConfig, source: Imag
                                          beam_args=beam_args)
     names = [t.name for t in config.transforms]
     summary = summarise(predicted.uris, config.models, names)
+    accounted = len(summary.file_names) + summary.num_unlabelled + summary.num_quarantined
+    if accounted != predicted.num_images:
+        raise RuntimeError(f"{source.dataset_id}/{source.split}: {predicted.num_images} images read but "
+                           f"{accounted} accounted for (audited + unlabelled + quarantined)")
+    if not len(summary.file_names):
+        raise ValueError(f"{source.dataset_id}/{source.split}: no image has an original label to audit against")
     num_classes = model_specs[0].num_classes
     sets = None
     if label_sets is not None:

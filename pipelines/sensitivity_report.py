@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pipelines.sensitivity import PredictionSummary, SensitivityConfig
 
 EXAMPLE_SIDE = 160
-SENSITIVE_COLOR, INSENSITIVE_COLOR = "#e15759", "#bab0ac"
+SENSITIVE_COLOR, INSENSITIVE_COLOR, UNTESTABLE_COLOR = "#e15759", "#bab0ac", "#f1ce63"
 
 
 def _class_name(names: Sequence[str] | None, label: int) -> str:
@@ -96,14 +96,18 @@ def build_sensitivity_report(audit: SensitivityAudit, candidates: pd.DataFrame, 
 
 
 def plot_class_counts(class_counts: Sequence[Mapping[str, Any]]) -> str:
-    """Horizontal stacked bars, one per transform: sensitive vs insensitive classes."""
+    """Horizontal stacked bars, one per transform: sensitive vs insensitive (vs untestable) classes."""
     names = [row["transform"] for row in class_counts]
-    sensitive = np.array([row["sensitive"] for row in class_counts])
-    insensitive = np.array([row["insensitive"] for row in class_counts])
     fig, ax = _new_figure(7.5, 0.35 * len(names) + 1.0)
     y = np.arange(len(names))
-    ax.barh(y, sensitive, color=SENSITIVE_COLOR, label="sensitive")
-    ax.barh(y, insensitive, left=sensitive, color=INSENSITIVE_COLOR, label="insensitive")
+    left = np.zeros(len(names))
+    for kind, color in (("sensitive", SENSITIVE_COLOR), ("insensitive", INSENSITIVE_COLOR),
+                        ("untestable", UNTESTABLE_COLOR)):
+        counts = np.array([row[kind] for row in class_counts], dtype=float)
+        if kind == "untestable" and not counts.any():
+            continue
+        ax.barh(y, counts, left=left, color=color, label=kind)
+        left += counts
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlabel("classes")
@@ -172,9 +176,9 @@ sensitive".</p>{% endif %}
 <h2>Sensitive vs insensitive classes</h2>
 <img alt="sensitive vs insensitive classes per transform" src="{{ bars }}">
 <table><tr><th class="l">transform</th><th>sensitive</th><th>insensitive</th><th>of which unchanged</th>
-<th>classes</th><th>models</th><th>median images / class</th><th>low-power tests</th></tr>
+<th>untestable</th><th>classes</th><th>models</th><th>median images / class</th><th>low-power tests</th></tr>
 {% for c in r.class_counts %}<tr><td class="l">{{ c.transform }}</td><td>{{ c.sensitive }}</td><td>{{ c.insensitive }}</td>
-<td>{{ c.unchanged }}</td><td>{{ c.n_classes }}</td><td>{{ c.n_models }}</td><td>{{ c.median_images_per_class }}</td>
+<td>{{ c.unchanged }}</td><td>{{ c.untestable }}</td><td>{{ c.n_classes }}</td><td>{{ c.n_models }}</td><td>{{ c.median_images_per_class }}</td>
 <td>{{ c.low_power_classes }}</td></tr>{% endfor %}</table>
 <h2>Accuracy per model</h2>
 <table><tr><th class="l">transform</th>{% for m in r.models %}<th>{{ m }}</th>{% endfor %}</tr>

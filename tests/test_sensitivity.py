@@ -48,7 +48,8 @@ def test_class_and_model_tests_match_scipy_on_a_hand_built_case():
     assert list(tests["n_images"]) == [2, 2, 1] and set(tests["n_models"]) == {3}
     assert list(tests["low_power"]) == [False, False, True]  # class 2 has 1 image (< 2)
     counts = audit.class_counts_.iloc[0]
-    assert (counts["sensitive"], counts["insensitive"], counts["unchanged"], counts["n_classes"]) == (1, 2, 1, 3)
+    assert (counts["sensitive"], counts["insensitive"], counts["unchanged"], counts["untestable"],
+            counts["n_classes"]) == (1, 2, 1, 0, 3)
     # Per model: paired t-test across the 3 classes.
     models = audit.model_tests_.set_index("model")
     for m, model in enumerate(MODELS):
@@ -59,7 +60,10 @@ def test_class_and_model_tests_match_scipy_on_a_hand_built_case():
     paired = SensitivityAudit(class_test="paired").fit(hand_built_top1(), LABELS, MODELS, TRANSFORMS, num_classes=10)
     class0 = paired.class_tests_.set_index("class").loc[0]
     assert class0["p"] == pytest.approx(stats.ttest_rel(without[0], with_[0]).pvalue)
-    assert class0["power_note"] == "3 models (< 10); 2 images per class (< 10)"
+    assert class0["power_note"] == "3 models (< 10); 2 images in the class (< 10)"
+    # One model: a changed class has no p-value (no degrees of freedom) and is untestable.
+    single = SensitivityAudit().fit(hand_built_top1()[:1], LABELS, MODELS[:1], TRANSFORMS, num_classes=10)
+    assert single.class_counts_.iloc[0][["sensitive", "insensitive", "untestable"]].tolist() == [0, 1, 2]
 
 
 def test_accuracy_and_real_accuracy_changes():
@@ -152,3 +156,40 @@ def test_real_run_on_real_images_with_a_real_model_and_reuse(real_sample, tmp_pa
     again = run_sensitivity(section, real_sample, str(tmp_path), specs={spec.name: spec}, label_sets=real_sets)
     assert (again.counts["pairs"], again.counts["pairs_computed"]) == (4, 1)
     assert again.predictions[(spec.name, "vflip")] == result.predictions[(spec.name, "vflip")]
+
+
+def test_undecodable_images_are_quarantined_and_counted(photo_source, tmp_path, spec):
+    from pipelines.sensitivity import predict_under_transforms, read_predictions
+    from models.transforms import parse_transforms
+
+    source, bad = photo_source
+    # The transforms and batch of the real run above: the compiled predictor is reused.
+    transforms = parse_transforms(["hflip", "vflip"])
+    result = predict_under_transforms([spec], transforms, source, str(tmp_path), batch_size=16, shard_size=4)
+    for transform in transforms:
+        stored = read_predictions(result.uris[(spec.name, transform.name)])
+        assert stored.num_read == len(source)  # read = predicted + quarantined
+        assert dict(zip(stored.quarantined_file_names, stored.quarantine_reasons)).keys() == bad.keys()
+        assert len(stored.file_names) == len(source) - len(bad)
+    assert not list(tmp_path.rglob("*.shards"))  # merged, shard files removed
+
+
+def test_config_section_is_parsed_and_bad_keys_are_named():
+    from pipelines.sensitivity import SensitivityConfig, SensitivityConfigError
+
+    config = SensitivityConfig.from_mapping({"models": ["efficientnet-lite0", {"name": "efficientnet-lite1"}],
+                                             "transforms": ["vflip", {"rotate": 180}, {"rotate": [-30, 30]}],
+                                             "seed": 7})
+    assert config.models == ("efficientnet-lite0", "efficientnet-lite1")
+    assert [t.name for t in config.transforms] == ["identity", "vflip", "rotate(180)", "rotate(-30..30)"]
+    assert [t.seed for t in config.transforms[1:]] == [7, 7, 7] and config.alpha == 0.05
+    assert config.accidental == ("vflip", "rotate(180)")
+    bad = [({"transforms": ["vflip"]}, r"stages.sensitivity.models: required"),
+           ({"models": ["m"], "transforms": ["vflip"], "alpah": 0.1}, r"stages.sensitivity.alpah: unknown key"),
+           ({"models": ["m"], "transforms": ["vflip"], "alpha": 2}, r"alpha: expected a number in \(0, 1\)"),
+           ({"models": ["m"], "transforms": ["vflip"], "accidental": ["hflip"]}, r"accidental: expected names"),
+           ({"models": ["m"], "transforms": ["flop"]}, r"stages.sensitivity.transforms\[0\]: unknown transform")]
+    for section, message in bad:
+        with pytest.raises(ValueError, match=message):
+            SensitivityConfig.from_mapping(section)
+    assert issubclass(SensitivityConfigError, ValueError)
