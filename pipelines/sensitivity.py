@@ -71,6 +71,8 @@ class SensitivityConfig:
 
     models: tuple[str, ...]
     transforms: tuple[Transform, ...]
+    # Model name -> a user checkpoint (registry weights where absent), as in stages.predict.models.
+    checkpoints: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     alpha: float = 0.05
     class_test: str = "independent"
     seed: int = 0
@@ -98,7 +100,14 @@ class SensitivityConfig:
         models = section["models"]
         if not isinstance(models, list) or not models:
             raise SensitivityConfigError(f"{where}.models: expected a non-empty list of model names")
-        models = tuple(m["name"] if isinstance(m, Mapping) and "name" in m else m for m in models)
+        checkpoints = {}
+        for index, model in enumerate(models):
+            if isinstance(model, Mapping):
+                if "name" not in model or not set(model) <= {"name", "checkpoint"}:
+                    raise SensitivityConfigError(f"{where}.models[{index}]: expected {{name: .., checkpoint: ..}}, "
+                                                 f"got {dict(model)!r}")
+                checkpoints[model["name"]] = model.get("checkpoint")
+        models = tuple(m["name"] if isinstance(m, Mapping) else m for m in models)
         if not all(isinstance(m, str) for m in models):
             raise SensitivityConfigError(f"{where}.models: expected model names, got {list(models)!r}")
         seed = _int(section, "seed", 0, where, low=0)
@@ -121,7 +130,7 @@ class SensitivityConfig:
         dtype = section.get("dtype", "float32")
         if dtype not in ("float32", "bfloat16", "auto"):
             raise SensitivityConfigError(f"{where}.dtype: expected float32, bfloat16 or auto, got {dtype!r}")
-        return cls(models=models, transforms=transforms, alpha=float(alpha), class_test=class_test, seed=seed,
+        return cls(models=models, transforms=transforms, checkpoints=checkpoints, alpha=float(alpha), class_test=class_test, seed=seed,
                    batch_size=_int(section, "batch_size", 32, where), dtype=dtype,
                    shard_size=_int(section, "shard_size", DEFAULT_SHARD_SIZE, where),
                    accidental=tuple(accidental), min_gain=float(min_gain),
@@ -435,8 +444,8 @@ def run_sensitivity(section: Mapping[str, Any] | SensitivityConfig, source: Imag
     """The whole stage: predictions under every transform (stored, reused), the tests, the report.
 
     ``section``: the ``stages.sensitivity`` mapping (or its parsed config). ``specs``:
-    model specs by name where the stage has them already (e.g. with user checkpoints),
-    else the registry's. ``label_sets``: ReaL sets {file_name: classes} (images not
+    model specs by name where the stage has them already (e.g. those of stages.predict);
+    other models come from the registry, with the section's checkpoint where it gives one. ``label_sets``: ReaL sets {file_name: classes} (images not
     listed count as unrated). The report goes to ``<output_dir>/sensitivity/`` and the
     predictions to ``<store_dir or output_dir/store>/sensitivity/``.
     """
@@ -448,7 +457,7 @@ def run_sensitivity(section: Mapping[str, Any] | SensitivityConfig, source: Imag
 
     config = section if isinstance(section, SensitivityConfig) else SensitivityConfig.from_mapping(section)
     specs = dict(specs or {})
-    model_specs = [specs.get(name) or get_model(name) for name in config.models]
+    model_specs = [specs.get(name) or get_model(name, config.checkpoints.get(name)) for name in config.models]
     store_dir = store_dir or FileSystems.join(output_dir, "store")
     predicted = predict_under_transforms(model_specs, config.transforms, source, store_dir,
                                          batch_size=config.batch_size, dtype=config.dtype,

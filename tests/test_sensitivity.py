@@ -177,14 +177,17 @@ def test_undecodable_images_are_quarantined_and_counted(photo_source, tmp_path, 
 def test_config_section_is_parsed_and_bad_keys_are_named():
     from pipelines.sensitivity import SensitivityConfig, SensitivityConfigError
 
-    config = SensitivityConfig.from_mapping({"models": ["efficientnet-lite0", {"name": "efficientnet-lite1"}],
+    config = SensitivityConfig.from_mapping({"models": ["efficientnet-lite0",
+                                                        {"name": "resnet50", "checkpoint": "r50.msgpack"}],
                                              "transforms": ["vflip", {"rotate": 180}, {"rotate": [-30, 30]}],
                                              "seed": 7})
-    assert config.models == ("efficientnet-lite0", "efficientnet-lite1")
+    assert config.models == ("efficientnet-lite0", "resnet50")
+    assert config.checkpoints == {"resnet50": "r50.msgpack"}
     assert [t.name for t in config.transforms] == ["identity", "vflip", "rotate(180)", "rotate(-30..30)"]
     assert [t.seed for t in config.transforms[1:]] == [7, 7, 7] and config.alpha == 0.05
     assert config.accidental == ("vflip", "rotate(180)")
     bad = [({"transforms": ["vflip"]}, r"stages.sensitivity.models: required"),
+           ({"models": [{"name": "m", "weights": "w"}], "transforms": ["vflip"]}, r"models\[0\]: expected"),
            ({"models": ["m"], "transforms": ["vflip"], "alpah": 0.1}, r"stages.sensitivity.alpah: unknown key"),
            ({"models": ["m"], "transforms": ["vflip"], "alpha": 2}, r"alpha: expected a number in \(0, 1\)"),
            ({"models": ["m"], "transforms": ["vflip"], "accidental": ["hflip"]}, r"accidental: expected names"),
