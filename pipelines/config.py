@@ -252,6 +252,18 @@ class ReportConfig(_Section):
     out_dir: str | None = None
 
 
+def _sensitivity_section(section: dict[str, Any]) -> dict[str, Any]:
+    """``stages.sensitivity`` checked by its own parser (pipelines/sensitivity.py), so a
+    bad transform or parameter is a config error before anything runs."""
+    from pipelines.sensitivity import SensitivityConfig, SensitivityConfigError
+
+    try:
+        SensitivityConfig.from_mapping(section)
+    except SensitivityConfigError as e:
+        raise ValueError(str(e)) from None
+    return section
+
+
 class StagesConfig(_Section):
     predict: PredictConfig | None = None
     propose: ProposeConfig | None = None
@@ -261,6 +273,8 @@ class StagesConfig(_Section):
     aggregate: AggregateConfig | None = None
     release: ReleaseConfig | None = None
     report: ReportConfig | None = None
+    # Transform sensitivity: transforms, models, alpha (pipelines/sensitivity.py).
+    sensitivity: Annotated[dict[str, Any], pydantic.AfterValidator(_sensitivity_section)] | None = None
 
 
 class AuditConfig(_Section):

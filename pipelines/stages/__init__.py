@@ -10,6 +10,7 @@
     stages.aggregate      stages/aggregate.py             label_sets (+ scores)
     stages.release        stages/release.py               release (TFDS version)
     stages.report         stages/report.py                report
+    stages.sensitivity    stages/sensitivity.py           sensitivity (transform audit)
 
 A new stage is one new module here and one line in ``STAGES``.
 """
@@ -23,11 +24,12 @@ from pipelines.stages.propose import ProposeStage
 from pipelines.stages.release import ReleaseStage
 from pipelines.stages.report import ReportStage
 from pipelines.stages.select_subset import SelectSubsetStage
+from pipelines.stages.sensitivity import SensitivityStage
 from pipelines.stages.tasks import TasksStage
 from pipelines.stages.votes import VotesStage
 
 STAGES: list[Stage] = [DatasetStage(), PredictStage(), SelectSubsetStage(), ProposeStage(), TasksStage(),
-                       VotesStage(), AggregateStage(), ReleaseStage(), ReportStage()]
+                       VotesStage(), AggregateStage(), ReleaseStage(), ReportStage(), SensitivityStage()]
 PRODUCERS.update({stage.produces: f"stages.{stage.name}" for stage in STAGES})
 
 # Artifacts that can be given as a file (config ``inputs:``) instead of computed.
