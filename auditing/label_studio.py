@@ -54,9 +54,9 @@ REASONS: tuple[str, ...] = (NOT_A_TASK, REPLACED, SKIPPED, LABEL_NOT_IN_TASK, DU
 
 def label_config(with_examples: bool = False) -> str:
     """The project's labelling interface (Label Studio XML), see the module docstring."""
-    choices = "\n".join(
-        f'          <Choice value={quoteattr(o["value"])} hint={quoteattr(o["text"])}>'
-        f'{o["text"]}</Choice>' for o in ANSWER_OPTIONS)
+    # A Choice shows its value and stores its alias; inner text would replace the value.
+    choices = "\n".join(f'          <Choice value={quoteattr(o["text"])} alias={quoteattr(o["value"])}/>'
+                        for o in ANSWER_OPTIONS)
     example = ('      <Image name="example_{{idx}}" value="$labels[{{idx}}].example" '
                'maxWidth="160px"/>\n' if with_examples else "")
     return f"""<View>

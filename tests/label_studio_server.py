@@ -40,8 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def personal_access_token(url: str, email: str, password: str) -> str:
-    """Log in with a browser session (CSRF cookie, then the form) and create a token."""
+def login(url: str, email: str, password: str) -> requests.Session:
+    """A logged-in browser session: the CSRF cookie of the login page, then the form."""
     session = requests.Session()
     session.get(f"{url}/user/login/", timeout=60).raise_for_status()
     response = session.post(f"{url}/user/login/", data={
@@ -49,6 +49,11 @@ def personal_access_token(url: str, email: str, password: str) -> str:
         headers={"Referer": f"{url}/user/login/"}, allow_redirects=False, timeout=60)
     if response.status_code != 302:
         raise RuntimeError(f"login to {url} as {email} failed: HTTP {response.status_code}")
+    return session
+
+
+def personal_access_token(url: str, email: str, password: str) -> str:
+    session = login(url, email, password)
     response = session.post(f"{url}/api/token/", headers={"X-CSRFToken": session.cookies["csrftoken"],
                                                           "Referer": url}, timeout=60)
     response.raise_for_status()

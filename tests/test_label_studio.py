@@ -3,6 +3,7 @@ reproduce the direct aggregation exactly, and bad answers end in a counted quara
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from auditing import votes as V
 from auditing.aggregation import DEFAULT_METHOD, aggregate
 from pipelines import cli
 from pipelines import label_studio as ls
-from tests.label_studio_server import LABEL_STUDIO_BIN, running_server
+from tests.headless_chromium import CHROMIUM, chromium_page
+from tests.label_studio_server import ADMIN_EMAIL, ADMIN_PASSWORD, LABEL_STUDIO_BIN, login, running_server
 
 N_IMAGES = 200  # rated images of raters.npz put through Label Studio
 
@@ -29,8 +31,8 @@ def test_label_config_is_xml_with_one_answer_control_per_label():
         assert repeater is not None and repeater.get("on") == "$labels"
         choices = repeater.find(".//Choices")
         assert choices.get("name") == "answer_{{idx}}" and choices.get("required") == "true"
-        assert [c.get("value") for c in choices.findall("Choice")] == ["yes", "maybe", "no"]
-        assert choices.findall("Choice")[0].text == "Yes (95% sure it is in the image)"
+        assert [c.get("alias") for c in choices.findall("Choice")] == ["yes", "maybe", "no"]
+        assert choices.findall("Choice")[0].get("value") == "Yes (95% sure it is in the image)"
         assert (repeater.find(".//Image[@name='example_{{idx}}']") is not None) == with_examples
 
 
@@ -214,3 +216,64 @@ def test_images_from_a_folder_and_input_errors(server, real_slice, tmp_path, cap
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
     assert "no project titled 'no such project'" in _run(capsys, *cases[1])[2]
     assert "missing field 'labels'" in _run(capsys, *cases[4])[2]
+
+
+@pytest.mark.slow
+def test_a_rater_answers_a_pushed_task_in_the_browser(server, real_slice, tmp_path, capsys):
+    """The labelling interface works for a person: headless Chromium shows the task, clicks
+    Yes for the first label and No for the others, submits, and the pull has those votes."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (`make system-deps` installs it)")
+    pytest.importorskip("websockets", reason="drives Chromium over the DevTools protocol")
+    _, tasks_path, questions, _ = real_slice
+    record = next(r for r in ls.read_task_records(tasks_path) if len(r["labels"]) >= 3)
+    one_task = tmp_path / "one_task.jsonl"
+    one_task.write_text(json.dumps(record) + "\n")
+    folder = server.document_root / "browser"
+    folder.mkdir()
+    (folder / record["file_name"]).write_bytes((Path(skimage.data_dir) / "chelsea.png").read_bytes())
+    key = ["--label-studio", server.url, "--api-key", server.api_key]
+    code, out, err = _run(capsys, "push", str(one_task), *key, "--project", "in a browser",
+                          "--image-folder", str(folder), "--document-root", str(server.document_root))
+    assert code == 0, err
+    client = ls.LabelStudioClient(server.url, server.api_key)
+    project = client.find_project("in a browser")
+    (task,) = client.export(project["id"])
+    k = len(record["labels"])
+
+    session = login(server.url, ADMIN_EMAIL, ADMIN_PASSWORD)
+    with chromium_page() as page:
+        for name, value in session.cookies.items():
+            page.call("Network.setCookie", name=name, value=value, url=server.url)
+        page.call("Page.navigate", url=f"{server.url}/projects/{project['id']}/data?task={task['id']}")
+        # Label Studio may re-render the task once after showing it, so the clicks are
+        # repeated until the rater's answers (Yes for the first label, No for the others) hold.
+        answer = f"""(() => {{
+            const options = text => Array.from(document.querySelectorAll('label'))
+                .filter(l => l.innerText.startsWith(text));
+            const wanted = [options('Yes (95%')[0], ...options('No (95%').slice(1)];
+            if (wanted.length !== {k} || !wanted[0]) return false;
+            wanted.filter(l => !l.querySelector('input').checked).forEach(l => l.click());
+            return wanted.every(l => l.querySelector('input').checked);
+        }})()"""
+        try:
+            page.wait_for("Array.from(document.images).some(i => i.src.includes('/data/local-files/') && "
+                          "i.complete && i.naturalWidth > 0)", 240)  # the photo, served by Label Studio
+            page.wait_for(answer, 120)
+            time.sleep(2)
+            page.wait_for(answer, 30)
+            assert page.evaluate(f"document.body.textContent.includes({json.dumps(record['labels'][1]['gloss'])})")
+            page.evaluate("Array.from(document.querySelectorAll('button')).find(b => /^submit$/i.test("
+                          "b.innerText.trim())).click()")
+            deadline = time.monotonic() + 60
+            while not client.export(project["id"])[0]["annotations"] and time.monotonic() < deadline:
+                time.sleep(1)
+        finally:
+            page.screenshot(tmp_path / "label_studio_task.png")  # for a person looking at a failure
+
+    out_path = tmp_path / "browser_votes.parquet"
+    assert _run(capsys, "pull", *key, "--project", "in a browser", "--out", str(out_path))[0] == 0
+    pulled = pd.read_parquet(out_path)
+    assert pulled["rater_id"].unique().tolist() == [ADMIN_EMAIL]
+    assert pulled["label"].tolist() == [l["index"] for l in record["labels"]]
+    assert pulled["answer"].astype(str).tolist() == ["yes"] + ["no"] * (k - 1)
