@@ -49,6 +49,28 @@ def test_an_annotators_later_answer_replaces_the_earlier_one_by_time_not_id():
     assert pulled.quarantine["row"].tolist() == [5, 5]
 
 
+def test_every_answer_of_an_export_is_a_vote_gold_or_quarantined_with_a_reason():
+    data = {"task_id": "t", "file_name": "a.JPEG", "labels": [{"index": 3}, {"index": 7}]}
+    r = formats.answer_result
+    export = [
+        {"id": 1, "data": data, "annotations": [
+            {"id": 1, "completed_by": 1, "result": [r(0, "yes"), r(0, "no"), {**r(1, "x"), "value": {"choices": ["sure"]}}]},
+            {"id": 2, "completed_by": 2, "ground_truth": True, "result": [r(0, "yes"), r(1, "maybe")]},
+            {"id": 3, "completed_by": 3, "was_cancelled": True, "result": [r(5, "yes")]}]},
+        {"id": 2, "data": {"text": "not ours"}, "annotations": [{"id": 4, "completed_by": 1, "result": []}]},
+        {"id": 3, "data": {**data, "task_id": "u"}, "annotations": []}]
+    pulled = formats.export_to_votes(export, {1: "one@example.com", 2: "expert@example.com"})
+    assert pulled.votes[["rater_id", "label", "answer"]].astype(str).values.tolist() == [["one@example.com", "3", "yes"]]
+    assert pulled.gold.values.tolist() == [["a.JPEG", 3, 1]]
+    assert sorted(pulled.quarantine["reason"]) == sorted([
+        formats.DUPLICATE_ANSWER, formats.UNKNOWN_ANSWER, formats.GOLD_NOT_DECISIVE,
+        formats.SKIPPED, formats.SKIPPED, formats.SKIPPED, formats.NOT_A_TASK])
+    summary = pulled.summary()
+    assert summary["read"] == 3 + 2 + 3 + 1 and summary["quarantined"] == 7  # per annotation: slots + extra answers
+    assert set(pulled.quarantine.loc[pulled.quarantine["reason"] == formats.SKIPPED, "rater_id"]) == {
+        "label-studio-user-3"}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if not LABEL_STUDIO_BIN.exists():
