@@ -5,6 +5,9 @@
     pulled = pull_votes(client, "imagenet-val audit")        # auditing.label_studio.PulledVotes
     write_pulled(pulled, "out/votes/label_studio.parquet")   # + .quarantine.csv, .gold.csv
 
+or, from a config section, ``LabelStudioProject(url=..., project=..., api_key_env=...)``
+with ``.push(tasks_path)`` and ``.pull(out)``.
+
 The API key is a Label Studio personal access token (Account & Settings > Personal Access
 Token), exchanged for short-lived access tokens at ``/api/token/refresh/`` and refreshed
 when one expires; a legacy token (``Authorization: Token``, off by default since 1.17) works
@@ -276,3 +279,37 @@ def write_pulled(pulled: formats.PulledVotes, out: str | os.PathLike) -> dict[st
         pulled.gold.to_csv(tmp, index=False)
     atomic.write_text(paths["summary"], json.dumps(pulled.summary(), indent=2) + "\n")
     return paths
+
+
+# ---------------------------------------------------------------- one project, as a config names it
+
+@dataclasses.dataclass(frozen=True)
+class LabelStudioProject:
+    """A Label Studio project as a config section names it; the key is read from the
+    environment variable ``api_key_env`` so that configs hold no secrets."""
+
+    url: str
+    project: str
+    api_key_env: str = "LABEL_STUDIO_API_KEY"
+    image_url_template: str | None = None
+    image_folder: str | None = None
+    document_root: str = "/"
+    example_url_template: str | None = None
+
+    def client(self) -> LabelStudioClient:
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise LabelStudioError(f"${self.api_key_env} is not set: it should hold a personal access token "
+                                   f"of {self.url}")
+        return LabelStudioClient(self.url, key)
+
+    def push(self, tasks_path: str | os.PathLike, votes: pd.DataFrame | None = None) -> PushResult:
+        """``push_tasks`` of ``tasks_path`` into this project (new tasks only)."""
+        return push_tasks(self.client(), tasks_path, self.project, image_url_template=self.image_url_template,
+                          example_url_template=self.example_url_template, image_folder=self.image_folder,
+                          document_root=self.document_root, votes=votes)
+
+    def pull(self, out: str | os.PathLike) -> tuple[formats.PulledVotes, dict[str, Path]]:
+        """Every answer so far as votes (``pull_votes``), written by ``write_pulled`` at ``out``."""
+        pulled = pull_votes(self.client(), self.project)
+        return pulled, write_pulled(pulled, out)

@@ -118,7 +118,8 @@ def push_main(args: argparse.Namespace) -> int:
     from pipelines import label_studio
 
     try:
-        votes = read_and_validate(args.votes).kept if args.votes else None
+        carried_votes = read_and_validate(args.votes) if args.votes else None
+        votes = carried_votes.kept if carried_votes else None
         client = label_studio.LabelStudioClient(args.label_studio, args.api_key)
         pushed = label_studio.push_tasks(
             client, args.tasks, args.project, image_url_template=args.image_url_template,
@@ -126,7 +127,12 @@ def push_main(args: argparse.Namespace) -> int:
             document_root=args.document_root, votes=votes)
     except (label_studio.LabelStudioError, tasks_lib.TaskFileError, VoteFileError, ValueError, OSError) as e:
         return _fail("push", e)
-    carried = f", {pushed.annotations_imported:,} annotations carried from {args.votes}" if args.votes else ""
+    carried = ""
+    if carried_votes:
+        carried = (f", {pushed.annotations_imported:,} annotations carried from {args.votes} "
+                   f"({carried_votes.summary.quarantined_total:,} of its votes quarantined by the votes reader, "
+                   f"{pushed.votes_outside_tasks:,} on questions of no task, "
+                   f"{pushed.votes_on_tasks_already_there:,} on tasks already there: not carried)")
     print(f"project {pushed.project_title!r} (id {pushed.project_id}, "
           f"{'created' if pushed.created_project else 'reused'}): {pushed.tasks_imported:,} tasks imported, "
           f"{pushed.tasks_already_there:,} already there{carried} -> "

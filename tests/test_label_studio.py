@@ -123,6 +123,7 @@ def test_real_votes_round_trip_through_label_studio(server, real_slice, tmp_path
                           "--votes", str(root / "votes.csv"))
     assert code == 0, err
     assert f"{n_tasks:,} tasks imported, 0 already there" in out and "created" in out
+    assert "(0 of its votes quarantined by the votes reader, 0 on questions of no task, 0 on tasks already" in out
     # Pushing again (a re-audit with the same tasks) adds nothing.
     code, out, err = _run(capsys, "push", str(tasks_path), *key, "--project", "ReaL slice")
     assert code == 0 and f"0 tasks imported, {n_tasks:,} already there" in out and "reused" in out
@@ -204,7 +205,7 @@ def test_real_votes_round_trip_through_label_studio(server, real_slice, tmp_path
 
 
 @pytest.mark.slow
-def test_images_from_a_folder_and_input_errors(server, real_slice, tmp_path, capsys):
+def test_images_from_a_folder_and_input_errors(server, real_slice, tmp_path, capsys, monkeypatch):
     root, tasks_path, questions, _ = real_slice
     key = ["--label-studio", server.url, "--api-key", server.api_key]
     folder = server.document_root / "val"
@@ -221,6 +222,19 @@ def test_images_from_a_folder_and_input_errors(server, real_slice, tmp_path, cap
     assert task["data"]["image"] == f"/data/local-files/?d=val/{file_name}"
     assert task["data"]["labels"][0]["example"].startswith("https://images.example/examples/n")
     assert client.send("GET", task["data"]["image"]).content == (folder / file_name).read_bytes()
+
+    # The same project as a config section names it (the key from the environment).
+    target = ls.LabelStudioProject(url=server.url, project="from a folder", api_key_env="TEST_LABEL_STUDIO_KEY",
+                                   image_folder=str(folder), document_root=str(server.document_root),
+                                   example_url_template="https://images.example/examples/{wnid}.jpg")
+    monkeypatch.delenv("TEST_LABEL_STUDIO_KEY", raising=False)
+    with pytest.raises(ls.LabelStudioError, match=r"\$TEST_LABEL_STUDIO_KEY is not set"):
+        target.client()
+    monkeypatch.setenv("TEST_LABEL_STUDIO_KEY", server.api_key)
+    pushed = target.push(tasks_path)
+    assert not pushed.created_project and pushed.tasks_imported == 0 and pushed.tasks_already_there == pushed.tasks_read
+    pulled, paths = target.pull(tmp_path / "target" / "votes.parquet")
+    assert pulled.votes.empty and paths["votes"].exists() and paths["gold"].exists()
 
     # Input errors: one line on stderr, exit 2.
     cases = [
