@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv system-deps
+.PHONY: demo test bench clean-venv system-deps label-studio
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,22 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/label-audit run configs/imagenet_real.yaml
 
-test: $(STAMP) system-deps
+# Label Studio (the labelling server of `label-audit tasks push/pull`) pins Django,
+# pandas and protobuf versions that conflict with the project's, so it lives in a
+# virtual environment of its own; the project talks to it over HTTP only.
+LABEL_STUDIO_VENV := .venv-label-studio
+LABEL_STUDIO_VERSION := 1.23.2
+LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed-$(LABEL_STUDIO_VERSION)
+
+$(LABEL_STUDIO_STAMP):
+	test -x $(LABEL_STUDIO_VENV)/bin/python || $(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install -q 'label-studio==$(LABEL_STUDIO_VERSION)'
+	touch $(LABEL_STUDIO_STAMP)
+
+label-studio: $(LABEL_STUDIO_STAMP)
+
+test: $(STAMP) system-deps $(LABEL_STUDIO_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
