@@ -141,12 +141,27 @@ class SelectSubsetConfig(_Section):
     recall_target: float = pydantic.Field(0.97, gt=0, le=1)
 
 
+class LabelStudioConfig(_Section):
+    """A Label Studio project the tasks go to and the votes come back from
+    (pipelines/label_studio.py): `run` pushes new tasks, the votes stage (and so
+    `reaudit`) pulls every answer so far. The API key is read from ``api_key_env``."""
+
+    url: str
+    project: str
+    api_key_env: str = "LABEL_STUDIO_API_KEY"
+    image_url_template: str | None = None
+    image_folder: str | None = None
+    document_root: str = "/"
+    example_url_template: str | None = None
+
+
 class TasksConfig(_Section):
     max_labels: int = pydantic.Field(8, ge=1)
     image_uri_template: str = "{file_name}"
     # A folder of one example image per class (<wnid>_<name>.JPEG), shown beside each
     # label as the ReaL rating interface did (auditing/task_labels.py).
     examples: FileRef | None = None
+    label_studio: LabelStudioConfig | None = None
 
 
 class SimulatedCrowdConfig(_Section):

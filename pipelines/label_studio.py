@@ -17,6 +17,7 @@ Plain ``requests``: ``label-studio-sdk`` would add pins (pydantic, httpx) for a 
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import json
 import os
@@ -36,7 +37,7 @@ IMPORT_BATCH = 500  # tasks per import request: Label Studio caps request bodies
 PAGE_SIZE = 1000
 
 
-class LabelStudioError(RuntimeError):
+class LabelStudioError(InputError):
     """A request Label Studio refused or could not answer; the message names the request."""
 
 

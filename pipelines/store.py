@@ -28,6 +28,10 @@ def file_digest(path: str | os.PathLike) -> str:
     built-in ImageNet labels (``tfds-wheel``) are named by what they are."""
     if str(path) == TFDS_WHEEL:
         return "tfds-wheel:imagenet2012/validation_labels.txt"
+    if os.path.isdir(path):  # a folder (of images): its listing, names and sizes
+        listing = sorted((p.relative_to(path).as_posix(), p.stat().st_size)
+                         for p in Path(path).rglob("*") if p.is_file())
+        return "folder:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     stat = os.stat(path)
     memo_key = (str(Path(path).resolve()), stat.st_mtime, stat.st_size)
     if memo_key not in _FILE_HASHES:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from auditing.release_diff import diff_label_sets
@@ -61,17 +62,23 @@ def release_image_paths(ctx: Context, table: pd.DataFrame) -> dict[str, str]:
 
 
 def table_key(table: pd.DataFrame) -> str:
-    """The content key of a release: its records, and the bytes of its images."""
-    labels_only = table.drop(columns=["image_path"], errors="ignore")
+    """The content key of a release: its records (every column, floats by their exact
+    bytes, so a score that changes in its last bit changes the key), and the bytes of
+    its images."""
+    digest = hashlib.sha256()
+    for column in sorted(c for c in table.columns if c != "image_path"):
+        values = table[column]
+        digest.update(column.encode() + b"\0")
+        if values.dtype == object and len(values) and isinstance(values.iloc[0], (list, np.ndarray)):
+            lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
+            flat = np.concatenate([np.asarray(v) for v in values]) if lengths.sum() else np.zeros(0)
+            digest.update(lengths.tobytes() + str(flat.dtype).encode() + np.ascontiguousarray(flat).tobytes())
+        elif values.dtype == object:
+            digest.update("\0".join(map(str, values)).encode())
+        else:
+            digest.update(str(values.dtype).encode() + np.ascontiguousarray(values.to_numpy()).tobytes())
     images = [file_digest(p) for p in table["image_path"]] if "image_path" in table else None
-    # json writes floats by repr, which round-trips: a score that changes in its last
-    # bit changes the key.
-    records = json.dumps(labels_only.to_dict(orient="records"), sort_keys=True, default=_plain)
-    return content_key(table=hashlib.sha256(records.encode()).hexdigest(), images=images)
-
-
-def _plain(value: Any) -> Any:
-    return value.tolist() if hasattr(value, "tolist") else str(value)
+    return content_key(table=digest.hexdigest(), images=images)
 
 
 class ReleaseStage(Stage):

@@ -13,12 +13,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import logging
+
 from auditing import reaudit
 from pipelines.stages.base import Artifact, Context, Inputs, Stage
 from pipelines.stages.dataset import original_labels
 from pipelines.stages.predict import prediction_paths
 from pipelines.stages.propose import read_proposals
 from pipelines.stages.select_subset import chosen_models
+
+
+log = logging.getLogger(__name__)
 
 
 def top1_by_model(paths: dict[str, str]) -> dict[str, pd.DataFrame]:
@@ -73,6 +78,16 @@ class TasksStage(Stage):
             tasks_lib.write_tasks_jsonl(built, out / "tasks.jsonl", image_uri_template=cfg.image_uri_template)
         tasks_lib.write_tasks_csv(built, out / "tasks.csv", image_uri_template=cfg.image_uri_template)
         return tasks_lib.summarize_tasks(built)
+
+    def finish(self, ctx: Context, artifact: Artifact) -> None:
+        # New tasks go to the labelling tool; re-pushing imports only task ids it lacks,
+        # so this is no part of the stored output.
+        cfg = ctx.config.stages.tasks.label_studio
+        if cfg is not None:
+            from pipelines.label_studio import LabelStudioProject
+
+            result = LabelStudioProject(**cfg.model_dump()).push(artifact.file("tasks.jsonl"))
+            log.info("Label Studio %s: %s", cfg.url, result.as_dict())
 
     def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"tasks": str(artifact.file("tasks.jsonl"))}

@@ -56,11 +56,28 @@ def calibrated_confusions(ctx: Context, votes_ref: str) -> dict[str, np.ndarray]
 class VotesStage(Stage):
     name = "votes"
     produces = "votes"
+    _pulled: dict[int, str] = {}
     consumes_if_present = ("tasks",)
 
     def check(self, ctx: Context, available: set[str]) -> None:
         if ctx.config.stages.votes.simulate and "tasks" not in available:
             raise StageError("stages.votes.simulate answers the tasks: it needs stages.tasks")
+
+    def vote_files(self, ctx: Context) -> list[str]:
+        """The configured vote files, plus the answers pulled from the Label Studio
+        project of stages.tasks (every answer so far: a re-audit sees new ones as a
+        changed file)."""
+        paths = [ctx.resolve(p) for p in ctx.config.stages.votes.paths]
+        tasks = ctx.config.stages.tasks
+        if tasks is not None and tasks.label_studio is not None:
+            if id(ctx) not in self._pulled:  # once per run: params and compute both ask
+                from pipelines.label_studio import LabelStudioProject
+
+                _, pulled = LabelStudioProject(**tasks.label_studio.model_dump()).pull(
+                    Path(ctx.config.output_dir) / "inputs" / "label_studio.parquet")
+                self._pulled[id(ctx)] = str(pulled["votes"])
+            paths.append(self._pulled[id(ctx)])
+        return paths
 
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
         cfg = ctx.config.stages.votes
@@ -75,7 +92,7 @@ class VotesStage(Stage):
             gold = cfg.gold.model_dump() | {k: file_digest(ctx.resolve(getattr(cfg.gold, k)))
                                             for k in ("experts", "truth") if getattr(cfg.gold, k)}
             gold["raters"] = [file_digest(ctx.resolve(p)) for p in cfg.gold.raters]
-        return {"votes": [file_digest(ctx.resolve(p)) for p in cfg.paths], "format": cfg.format,
+        return {"votes": [file_digest(p) for p in self.vote_files(ctx)], "format": cfg.format,
                 "simulate": simulate, "gold": gold, "previous_votes": file_digest(carried) if carried else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
@@ -83,7 +100,7 @@ class VotesStage(Stage):
         from auditing import votes as votes_lib
 
         cfg = ctx.config.stages.votes
-        validated = votes_lib.read_and_validate([ctx.resolve(p) for p in cfg.paths], num_classes=NUM_CLASSES,
+        validated = votes_lib.read_and_validate(self.vote_files(ctx), num_classes=NUM_CLASSES,
                                                 format=None if cfg.format == "auto" else cfg.format)
         summary = validated.summary.as_dict()
         frames = [validated.kept]
