@@ -24,6 +24,14 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "pillow>=10",
     "matplotlib>=3.8",
+    "scipy>=1.11",
+    # The report and the rater's task pages are Jinja2 templates with autoescape.
+    "jinja2>=3.1",
+    "markupsafe>=2.1",
+    # Label Studio's HTTP API (pipelines/label_studio.py); no SDK, whose pins conflict.
+    "requests>=2.31",
+    # Image transforms of the sensitivity audit, in JAX (models/transforms.py).
+    "dm-pix==0.4.*",
     "msgpack>=1.0",
     "orbax-checkpoint",
     "ml_dtypes",
@@ -46,6 +54,11 @@ EXTRAS_REQUIRE = {
         "efficientnet-lite-pytorch==0.1.0",
         # Real photos for the model checks (skimage/data).
         "scikit-image>=0.22",
+        # Object-store outputs, tested against a local GCS emulator started by the tests.
+        "apache-beam[gcp]==2.77.*",
+        "gcp-storage-emulator==2026.7.*",
+        # The Label Studio browser test drives headless Chromium over CDP.
+        "websockets>=12",
     ],
     # tfds.load and tfrecord need TensorFlow; array_record does not.
     "tf": ["tensorflow-cpu>=2.16"],
@@ -59,7 +72,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=["pipelines", "auditing", "models"],
     include_package_data=True,
-    package_data={"": ["*.yaml"]},
+    package_data={"": ["*.yaml"], "auditing": ["templates/*.j2", "templates/*/*.j2", "templates/*/*.css"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["label-audit=pipelines.cli:main"]},

@@ -15,7 +15,8 @@ as data, in ``report["sections"]`` (so it is in report.json too), a list of dict
      "text": "one paragraph",                # optional, plain text
      "cards": [{"label": ..., "value": ..., "note": ...}],          # optional
      "tables": [{"columns": [...], "rows": [[...], ...],            # optional
-                 "formats": ["text", "count", "pct", "pct1", "fixed"], "caption": ...}]}
+                 "formats": ["text", "count", "pct", "pct1", "fixed"], "caption": ...}],
+     "images": [{"uri": "data:image/png;base64,...", "alt": "what it shows"}]}  # optional
 
 Built-in section ids, in page order: summary, models, oracle_comparison, plots,
 cooccurrence, beats_oracle, model_zoo, examples. ``table_section`` builds such a dict.
@@ -360,7 +361,7 @@ def _generic(section: Mapping[str, Any]) -> dict[str, Any]:
         formats = list(table.get("formats") or [])
         tables.append({"caption": None, **table,
                        "formats": formats + ["text"] * (len(table["columns"]) - len(formats))})
-    return {"id": None, "text": None, "cards": [], **section, "tables": tables,
+    return {"id": None, "text": None, "cards": [], "images": [], **section, "tables": tables,
             "template": "report/generic.html.j2"}
 
 

@@ -34,6 +34,11 @@ def make_options(runner: str = "direct", num_workers: int = 1, extra_args: Seque
     if runner in LOCAL_RUNNERS:
         argv = list(LOCAL_RUNNERS[runner]) + [f"--direct_num_workers={num_workers}"]
     elif runner == "portable":
+        # Also given as flags among extra_args (how stages pass a run's worker pool on).
+        given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in extra_args if "=" in a}
+        environment_config = environment_config or given.get("--environment_config")
+        job_endpoint = given.get("--job_endpoint", job_endpoint)
+        extra_args = [a for a in extra_args if a.split("=", 1)[0] not in ("--environment_config", "--job_endpoint")]
         if environment_config is None:
             raise ValueError("runner 'portable' needs environment_config (a worker pool's HOST:PORT); "
                              "use beam_options.runner_options to start one")

@@ -412,11 +412,18 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
     except pydantic.ValidationError as e:
         raise ConfigError(_format_errors(path, e)) from None
     if "://" in config.output_dir:
-        # The store and the release commit by renaming local folders; object stores
-        # (gs://) have no atomic rename. Use a local or NFS folder for now.
-        raise ConfigError(f"{path}: output_dir: {config.output_dir!r} is a URI; label-audit writes its "
-                          "outputs to a local or network-mounted folder (inputs may be gs:// URIs)")
-    if output_dir is None:
+        # An object store (gs://, s3://): outputs commit by a marker object written
+        # last (pipelines/commit.py), never by renaming, which object stores cannot do.
+        scheme = config.output_dir.split("://", 1)[0]
+        from apache_beam.io.filesystems import FileSystems
+
+        try:
+            FileSystems.get_filesystem(config.output_dir)
+        except ValueError:
+            raise ConfigError(f"{path}: output_dir: no Beam filesystem for {scheme}:// is installed "
+                              f"(gs:// needs apache-beam[gcp]: pip install -e '.[dataflow]')") from None
+        config = config.model_copy(update={"output_dir": config.output_dir.rstrip("/")})
+    elif output_dir is None:
         config = config.model_copy(update={"output_dir": config.resolve(config.output_dir)})
     else:
         config = config.model_copy(update={"output_dir": str(Path(output_dir).resolve())})

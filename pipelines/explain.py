@@ -39,7 +39,9 @@ def explain(out_dir: str | Path, stage: str) -> list[str]:
     names = [s.name for s in STAGES]
     if stage not in names:
         raise StageError(f"unknown stage {stage!r}; stages: {', '.join(names)}")
-    records = Store(Path(out_dir) / "store").keys(stage)
+    from pipelines import commit
+
+    records = Store(commit.join(str(out_dir), "store")).keys(stage)
     if not records:
         raise StageError(f"{out_dir}: no stored output of stage {stage!r} (was it run with this --out?)")
     lines = [f"{len(records)} stored output(s) of {stage}, oldest first:"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -328,16 +330,34 @@ def _offsets(arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
 
 
-def write_selections(selections: Sequence[ModelSelections], file_names: np.ndarray, path: Path) -> Path:
-    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, model_names=np.array([s.name for s in selections]), file_names=file_names,
-                 num_classes=np.int64(selections[0].num_classes),
-                 logits_keys=np.concatenate([s.logits for s in selections]),
-                 logits_offsets=_offsets([s.logits for s in selections]),
-                 probs_keys=np.concatenate([s.probs for s in selections]),
-                 probs_offsets=_offsets([s.probs for s in selections]),
-                 top1=np.stack([s.top1 for s in selections]))
-    return path
+def _put(path: str | Path, data: bytes) -> str:
+    """Write a whole file from a Beam step: through FileSystems to an object store (the
+    step may run on any worker), or write-then-rename on a local disk."""
+    from pipelines import commit
+
+    if commit.is_uri(path):
+        commit.write_bytes(str(path), data)
+    else:
+        atomic.write_bytes(path, data)
+    return str(path)
+
+
+def _join(out: str | Path, name: str) -> str:
+    from pipelines import commit
+
+    return commit.join(str(out), name)
+
+
+def write_selections(selections: Sequence[ModelSelections], file_names: np.ndarray, path: str | Path) -> str:
+    buffer = io.BytesIO()
+    np.savez(buffer, model_names=np.array([s.name for s in selections]), file_names=file_names,
+             num_classes=np.int64(selections[0].num_classes),
+             logits_keys=np.concatenate([s.logits for s in selections]),
+             logits_offsets=_offsets([s.logits for s in selections]),
+             probs_keys=np.concatenate([s.probs for s in selections]),
+             probs_offsets=_offsets([s.probs for s in selections]),
+             top1=np.stack([s.top1 for s in selections]))
+    return _put(path, buffer.getvalue())
 
 
 def read_selections(path: str | os.PathLike) -> tuple[list[ModelSelections], np.ndarray]:
@@ -351,16 +371,14 @@ def read_selections(path: str | os.PathLike) -> tuple[list[ModelSelections], np.
         return selections, npz["file_names"]
 
 
-def write_proposals(pool: ProposalPool, path: Path) -> Path:
-    with atomic.atomic_path(path) as tmp:
-        pq.write_table(pool.to_arrow(), tmp)
-    return path
+def write_proposals(pool: ProposalPool, path: str | Path) -> str:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pool.to_arrow(), buffer)
+    return _put(path, buffer.getvalue().to_pybytes())
 
 
-def _write_json(payload: Mapping[str, Any], path: Path) -> Path:
-    with atomic.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+def _write_json(payload: Mapping[str, Any], path: str | Path) -> str:
+    return _put(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
 
 
 def proposal_summary(pool: ProposalPool) -> dict[str, Any]:
@@ -453,9 +471,8 @@ def _choose_subset(item: PoolInput, gold: Mapping[str, frozenset[int]], recall_t
     models, images = item
     selector = ModelSubsetSelector(recall_target=recall_target).fit(
         candidate_pool(models, images.originals, images.file_names), gold)
-    with atomic.atomic_path(out / "subsets.csv") as tmp:
-        selector.table_.to_csv(tmp, index=False)
-    _write_json(selection_summary(selector), out / "selection.json")
+    _put(_join(out, "subsets.csv"), selector.table_.to_csv(index=False).encode())
+    _write_json(selection_summary(selector), _join(out, "selection.json"))
     return [m for m in models if m.name in selector.best_models_], images
 
 
@@ -465,9 +482,9 @@ def _pool(item: PoolInput, subset: Sequence[str] | None) -> ProposalPool:
     return pool.restrict(None if subset is None else pool.mask_of(subset))
 
 
-def _write_pool(pool: ProposalPool, out: Path) -> None:
-    write_proposals(pool, out / "proposals.parquet")
-    _write_json(proposal_summary(pool), out / "summary.json")
+def _write_pool(pool: ProposalPool, out: str | Path) -> None:
+    write_proposals(pool, _join(out, "proposals.parquet"))
+    _write_json(proposal_summary(pool), _join(out, "summary.json"))
 
 
 def build_propose_pipeline(pipeline: beam.Pipeline, files: list[PredictionFile], images: SplitImages,
@@ -482,7 +499,7 @@ def build_propose_pipeline(pipeline: beam.Pipeline, files: list[PredictionFile],
                                                                rows_per_shard)
               | "CollectModels" >> beam.combiners.ToList()
               | "AttachImages" >> beam.Map(_attach_images, [f.model for f in files], images))
-    _ = models | "WriteSelections" >> beam.Map(_write_selections, out / "selections.npz")
+    _ = models | "WriteSelections" >> beam.Map(_write_selections, _join(out, "selections.npz"))
     if gold is not None:
         models = models | "SelectModelSubset" >> beam.Map(_choose_subset, gold, recall_target, out)
     _ = (models
@@ -495,9 +512,13 @@ def propose(prediction_paths: Mapping[str, Any] | Sequence[Any],
             top_n: int | None = None, options: PipelineOptions | None = None,
             gold: Mapping[str, frozenset[int]] | None = None, recall_target: float = 0.97,
             models: Sequence[str] | None = None, rows_per_shard: int | None = None) -> Path:
-    """Run the pipeline; write proposals.parquet etc. into ``out_dir`` and return it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the pipeline; write proposals.parquet etc. into ``out_dir`` (a folder, or an
+    object-store prefix: the Beam steps write through FileSystems) and return it."""
+    from pipelines import commit
+
+    out = str(out_dir) if commit.is_uri(out_dir) else Path(out_dir)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
     files, file_names = plan_prediction_files(_model_paths(prediction_paths))
     images = SplitImages(file_names, _originals_in_image_order(original_labels, file_names))
     num_classes = next((f.num_classes for f in files if f.num_classes), NUM_CLASSES)

@@ -39,7 +39,7 @@ def reaudit(config: AuditConfig, echo: Callable[..., Any] = print) -> tuple[int,
     if result.release_status != "written":
         echo(f"nothing changed since {cfg.name} {versions[-1]}: no new version written")
         return EXIT_UNCHANGED, result
-    echo(f"wrote {cfg.name} {result.artifacts['release'].folder.name}")
+    echo(f"wrote {cfg.name} {str(result.artifacts['release'].folder).rstrip('/').split('/')[-1]}")
     return EXIT_NEW_VERSION, result
 
 

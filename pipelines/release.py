@@ -39,6 +39,7 @@ from tensorflow_datasets.core import writer as tfds_writer
 from tensorflow_datasets.proto import tf_example_pb2
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from auditing.errors import InputError
 from auditing.imagenet import imagenet_wnids
 from auditing.release_diff import version_key
 from pipelines import commit
@@ -110,7 +111,7 @@ def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample
     return SerializedExample(example.SerializeToString(deterministic=True))
 
 
-class ReleaseExistsError(FileExistsError):
+class ReleaseExistsError(InputError, FileExistsError):
     """The requested version is already released; versions are immutable."""
 
 

@@ -39,6 +39,13 @@ class RunResult:
         return "written" if "release" in self.computed else "unchanged"
 
 
+def output_path(config: AuditConfig, *parts: str) -> str:
+    """A path under ``output_dir``: a local folder or an object-store URI."""
+    from pipelines import commit
+
+    return commit.join(config.output_dir, *parts)
+
+
 def plan(config: AuditConfig, target: str | None = None) -> list[Stage]:
     """The stages to run, in order; raises StageError if one lacks an input."""
     supplied = set(config.inputs)
@@ -66,7 +73,23 @@ def plan(config: AuditConfig, target: str | None = None) -> list[Stage]:
 def execute(config: AuditConfig, target: str | None = None, *, mode: str = "run",
             previous_release: Path | None = None, echo: Callable[..., Any] = print) -> RunResult:
     stages = plan(config, target)
-    ctx = Context(config, Store(Path(config.output_dir) / "store"), previous_release, mode)
+    ctx = Context(config, Store(output_path(config, "store")), previous_release, mode)
+    runner = config.runner
+    if runner.name == "portable" and runner.environment_config is None:
+        # The way Dataflow Runner v2, Flink and Spark run Python: SDK workers over the Fn
+        # API, here a worker pool in its own folders (pipelines/portable.py), so that
+        # nothing passes from the launcher to the workers but through output_dir.
+        from pipelines.portable import worker_pool
+
+        with worker_pool() as address:
+            ctx.environment_config = address
+            echo(f"portable runner: job endpoint {runner.job_endpoint}, worker pool {address}")
+            return _execute(stages, ctx, echo)
+    return _execute(stages, ctx, echo)
+
+
+def _execute(stages: list[Stage], ctx: Context, echo: Callable[..., Any]) -> RunResult:
+    config = ctx.config
     artifacts = {name: SUPPLIERS[name](ctx, ref) for name, ref in config.inputs.items()}
     computed: list[str] = []
     started = time.monotonic()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,21 +47,51 @@ def content_key(**parts: Any) -> str:
 
 
 class Store:
-    """``<root>/<stage>/<key>/`` folders, created atomically."""
+    """``<root>/<stage>/<key>/`` outputs, created atomically, on local disk or on an
+    object store.
+
+    Locally a stage computes into a hidden temporary folder that is renamed into place.
+    An object store cannot rename: the output is computed into a local folder, uploaded
+    through Beam's FileSystems, and exists only once its commit marker (written last,
+    listing every file with its size and sha256: pipelines/commit.py) is there; a prefix
+    without one (a crashed run's) is ignored and removed by the next writer. Committed
+    outputs are read through a local mirror, each file checked against the marker."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        from pipelines import commit
+
+        self.remote = commit.is_uri(root)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
         # (stage, key) of every output computed (not reused) by this process.
         self.computed: list[tuple[str, str]] = []
 
+    def uri(self, stage: str, key: str) -> str:
+        from pipelines import commit
+
+        return commit.join(str(self.root), stage, key)
+
     def path(self, stage: str, key: str) -> Path:
+        """The local folder of (stage, key): the output itself, or its local mirror."""
+        if self.remote:
+            return mirror_dir(str(self.root)) / stage / key
         return self.root / stage / key
 
     def has(self, stage: str, key: str) -> bool:
+        if self.remote:
+            from pipelines import commit
+
+            return commit.is_committed(self.uri(stage, key))
         return self.path(stage, key).is_dir()
 
     def keys(self, stage: str) -> list[dict[str, Any]]:
         """The ``_key.json`` of every stored output of ``stage``, oldest first."""
+        if self.remote:
+            from pipelines import commit
+
+            parent = commit.join(str(self.root), stage)
+            keys = commit.committed_children(parent)
+            when = {key: commit.read_marker(commit.join(parent, key)).get("committed_at", 0) for key in keys}
+            return [commit.read_json(commit.join(parent, key, "_key.json")) for key in sorted(keys, key=when.get)]
         folder = self.root / stage
         records = [(p.stat().st_mtime, json.loads(p.read_text()))
                    for p in folder.glob("[!.]*/_key.json")] if folder.is_dir() else []
@@ -73,7 +104,9 @@ class Store:
         ``describe`` (the input artifacts' keys and the parameters the key was made of)
         is kept in ``_key.json``, so ``label-audit explain`` can say why a stage re-ran."""
         final = self.path(stage, key)
-        if final.is_dir():
+        if self.remote and self.has(stage, key):
+            return self._mirror(stage, key)
+        if not self.remote and final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
@@ -82,6 +115,9 @@ class Store:
             (staging / "_key.json").write_text(
                 json.dumps({"stage": stage, "key": key, **(describe or {})},
                            indent=2, sort_keys=True, default=str) + "\n")
+            if self.remote:
+                self._upload(staging, stage, key)
+            shutil.rmtree(final, ignore_errors=True)  # a stale mirror of a crashed run
             try:
                 os.rename(staging, final)
             except OSError:
@@ -91,3 +127,50 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
         self.computed.append((stage, key))
         return final
+
+    def _upload(self, folder: Path, stage: str, key: str) -> None:
+        from pipelines import commit
+
+        writer = commit.PrefixWriter(self.uri(stage, key))
+        try:
+            writer.claim()
+        except commit.AlreadyCommittedError:
+            return  # an identical computation committed first: fine
+        try:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                with open(path, "rb") as src, writer.open(path.relative_to(folder).as_posix()) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            writer.commit({"stage": stage, "key": key, "committed_at": time.time()})
+        finally:
+            writer.abort()  # nothing once committed; else this attempt's files
+
+    def _mirror(self, stage: str, key: str) -> Path:
+        """A committed remote output as a local folder, every file verified."""
+        from pipelines import commit
+
+        final = self.path(stage, key)
+        if (final / "_key.json").is_file():
+            return final
+        uri = self.uri(stage, key)
+        marker = commit.read_marker(uri)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
+        try:
+            for rel, meta in sorted(marker["files"].items()):
+                target = staging / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(commit.read_bytes(commit.join(uri, rel)))
+                if sha256_file(target) != meta["sha256"]:
+                    raise commit.VerifyError(f"{uri}/{rel}: its sha256 differs from the commit marker's")
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+
+def mirror_dir(root: str) -> Path:
+    """The local mirror of a remote store: ``$LABEL_AUDIT_CACHE/stores/<sha256 of root>``."""
+    from auditing.sources import cache_dir
+
+    return cache_dir() / "stores" / hashlib.sha256(root.encode()).hexdigest()[:16]

@@ -54,3 +54,6 @@ def test_imagenet_config_reproduces_real_json_and_scores_npz_exactly(shared_data
     report = json.loads((out / "report" / "report.json").read_text())
     agreement = report["run"]["agreement_with_published"]
     assert agreement["question_agreement"] == 1.0
+    assert {s["id"] for s in report["sections"]} >= {"rater-quality", "expert-evaluation"}
+    # The published models against the unbiased oracle (the paper's Figure 6).
+    assert {"ResNet50", "ViT", "DINO", "SimCLR", "label_errors"} <= set(report["oracle_comparison"]["models"])

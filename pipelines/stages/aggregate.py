@@ -40,8 +40,13 @@ class AggregateStage(Stage):
             params["rater_history"] = calibrated_confusions(ctx, cfg.rater_history)
             params["rater_history_strength"] = cfg.rater_history_strength
         labels = original_labels(inputs["dataset"])
-        # Original labels are an input of the method (a class prior may depend on them).
-        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method, original_labels=labels,
+        # Original labels are an input of the method (a class prior, or the original label
+        # as a pseudo-rater whose confusion is counted on gold questions): every label the
+        # label file has, also of images outside the audited set (the gold images).
+        from auditing import labelsets
+
+        all_labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
+        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method, original_labels=all_labels,
                                        gold=read_gold(inputs["votes"]), **params)
         result.scores_.to_parquet(out / "scores.parquet", index=False)
         sets = aggregation.label_sets(result.scores_, labels, threshold=cfg.threshold)

@@ -8,6 +8,7 @@ stage whose key is already stored.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -47,6 +48,8 @@ class Context:
     # `reaudit` writes the next version when the labels changed; `run` writes the
     # config's version and refuses to overwrite a different one.
     mode: str = "run"
+    # runner `portable`: the worker pool's HOST:PORT (the runner starts one for the run).
+    environment_config: str | None = None
 
     def resolve(self, ref: str) -> str:
         return self.config.resolve(ref)
@@ -54,13 +57,48 @@ class Context:
     def previous_manifest(self) -> dict[str, Any] | None:
         if self.previous_release is None:
             return None
-        return json.loads((self.previous_release / "manifest.json").read_text())
+        from pipelines import commit
+
+        return commit.read_json(commit.join(str(self.previous_release), "manifest.json"))
+
+    @contextlib.contextmanager
+    def beam_output(self, out: Path):
+        """Where a Beam step of a stage writes its files: ``out`` itself when the store is
+        local (the workers share its disk); on an object store a scratch prefix there,
+        whose files are brought into ``out`` afterwards, since a worker's local disk is
+        not the launcher's."""
+        if not self.store.remote:
+            yield out
+            return
+        import uuid
+
+        from pipelines import commit
+
+        scratch = commit.join(str(self.store.root), "_scratch", uuid.uuid4().hex)
+        try:
+            yield scratch
+            for rel in commit.list_files(scratch):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(commit.read_bytes(commit.join(scratch, rel)))
+        finally:
+            commit.delete_prefix(scratch)
+
+    def beam_args(self) -> list[str]:
+        """The runner's extra flags, with the run's worker pool for ``portable``: what
+        modules that build their own pipelines (predict, sensitivity) are given."""
+        runner = self.config.runner
+        args = list(runner.options)
+        if runner.name == "portable":
+            args += [f"--job_endpoint={runner.job_endpoint}",
+                     f"--environment_config={self.environment_config or runner.environment_config}"]
+        return args
 
     def beam_options(self):
         from pipelines.beam_options import make_options
 
         runner = self.config.runner
-        return make_options(runner.name, runner.num_workers, runner.options)
+        return make_options(runner.name, runner.num_workers, runner.options, job_endpoint=runner.job_endpoint,
+                            environment_config=self.environment_config or runner.environment_config)
 
 
 Inputs = Mapping[str, Artifact]

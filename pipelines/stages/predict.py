@@ -54,7 +54,7 @@ class PredictStage(Stage):
             runner = ctx.config.runner
             computed = predict.run_predictions(
                 self._specs(ctx), image_source(ctx.config), ctx.store.root, batch_size=cfg.batch_size,
-                dtype=cfg.dtype, runner=runner.name, num_workers=runner.num_workers, beam_args=runner.options)
+                dtype=cfg.dtype, runner=runner.name, num_workers=runner.num_workers, beam_args=ctx.beam_args())
             paths.update({name: str(p) for name, p in computed.items()})
         write_json(out / "predictions.json", dict(sorted(paths.items())))
         return {"models": sorted(paths)}
@@ -66,7 +66,7 @@ class PredictStage(Stage):
 
 def prediction_paths(artifact: Artifact, models: list[str] | None = None) -> dict[str, str]:
     """model name -> predictions file; only ``models`` if given (a chosen subset)."""
-    paths = {name: path if Path(path).is_absolute() or "://" in path else str(artifact.file(path))
+    paths = {name: _local(path) if "://" in path else path if Path(path).is_absolute() else str(artifact.file(path))
              for name, path in json.loads(artifact.file("predictions.json").read_text()).items()}
     return paths if models is None else {m: paths[m] for m in models}
 
@@ -97,3 +97,10 @@ def restrict_to_dataset(name: str, path: str, file_names: np.ndarray, out: Path)
                          features=take(pred.features), labels=take(pred.labels), source=path)
     save_predictions(out / "external" / f"{name}.npz", subset)
     return f"external/{name}.npz"  # relative: the folder is renamed into the store
+
+
+def _local(uri: str) -> str:
+    """A stored predictions file on an object store, as a local copy (fetched once)."""
+    from pipelines.remote import localize
+
+    return str(localize(uri))

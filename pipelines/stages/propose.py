@@ -61,8 +61,9 @@ class ProposeStage(Stage):
             if cfg.centroid:
                 name, path, counts["centroid"] = centroid_proposals(ctx, inputs, out)
                 paths[name] = path  # a top-1-only proposer in the pool, with its provenance
-            propose.propose(paths, original_labels(inputs["dataset"]), out, cfg.top_n, ctx.beam_options(),
-                            rows_per_shard=cfg.rows_per_shard)
+            with ctx.beam_output(out) as beam_out:
+                propose.propose(paths, original_labels(inputs["dataset"]), beam_out, cfg.top_n, ctx.beam_options(),
+                                rows_per_shard=cfg.rows_per_shard)
             return json.loads((out / "summary.json").read_text()) | counts  # propose's own counts
         n_images = int(proposals["file_name"].nunique())
         return {"proposals": len(proposals), "images": n_images,
@@ -145,7 +146,7 @@ def _example_features(ctx: Context, cfg) -> tuple[np.ndarray, np.ndarray]:
     folder = ImageFiles.from_folder(ctx.resolve(cfg.examples), split="examples")
     runner = ctx.config.runner
     path = predict.run_predictions([get_model(cfg.model)], folder, ctx.store.root, runner=runner.name,
-                                   num_workers=runner.num_workers, beam_args=runner.options)[cfg.model]
+                                   num_workers=runner.num_workers, beam_args=ctx.beam_args())[cfg.model]
     examples = load_predictions(path)
     classes = load_classes()
     return examples.features.astype(np.float32), np.array([example_class(n, classes) for n in examples.file_names])

@@ -100,10 +100,12 @@ class ReleaseStage(Stage):
         if ctx.mode == "reaudit" and ctx.previous_release is not None:
             manifest = ctx.previous_manifest()
             return _artifact(ctx.previous_release) if manifest.get("content_key") == content else None
+        from pipelines import commit
+
         existing = release_lib.release_dir(ctx.config.output_dir, cfg.name, cfg.version)
-        if not existing.exists():
+        if not commit.is_committed(existing) and not (isinstance(existing, Path) and (existing / "manifest.json").is_file()):
             return None
-        if json.loads((existing / "manifest.json").read_text()).get("content_key") == content:
+        if commit.read_json(commit.join(str(existing), "manifest.json")).get("content_key") == content:
             return _artifact(existing)
         raise release_lib.ReleaseExistsError(
             f"{existing} exists with different content: released versions are never overwritten; "
@@ -118,13 +120,15 @@ class ReleaseStage(Stage):
         version, diff = cfg.version, None
         if ctx.mode == "reaudit" and ctx.previous_release is not None:
             previous = release_lib.read_release(ctx.previous_release)
-            latest = ctx.previous_release.name
+            latest = _name(ctx.previous_release)
             version = next_version(latest, version_change(previous, table.drop(columns=["image_path"],
                                                                                   errors="ignore")))
             old = {r.file_name: frozenset(r.real_label) for r in previous.itertuples()}
             new = {r.file_name: frozenset(r.real_label) for r in table.itertuples()}
             diff = diff_label_sets(old, new, latest, version)
-            builder_notes = json.loads((ctx.previous_release / "dataset_info.json").read_text()).get(
+            from pipelines import commit
+
+            builder_notes = commit.read_json(commit.join(str(ctx.previous_release), "dataset_info.json")).get(
                 "releaseNotes", {})
             notes = dict(builder_notes) | {version: (
                 f"Re-audit of {latest}: {describe_changes(ctx, inputs)}. {diff['images_changed']:,} images "
@@ -142,16 +146,24 @@ class ReleaseStage(Stage):
         return _artifact(path)
 
     def describe(self, artifact: Artifact) -> str:
-        return f"{artifact.folder.parent.name} {artifact.folder.name}: {artifact.folder}"
+        return f"{_name(artifact.folder, 1)} {_name(artifact.folder)}: {artifact.folder}"
 
     def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"release": str(artifact.folder)}
 
 
-def _artifact(version_dir: Path) -> Artifact:
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    counts = json.loads((version_dir / "counts.json").read_text())
+def _artifact(version_dir: Path | str) -> Artifact:
+    """A written version (a local folder, or a committed prefix on an object store)."""
+    from pipelines import commit
+
+    manifest = commit.read_json(commit.join(str(version_dir), "manifest.json"))
+    counts = commit.read_json(commit.join(str(version_dir), "counts.json"))
     return Artifact("release", manifest["content_key"], version_dir, counts)
+
+
+def _name(path: Path | str, up: int = 0) -> str:
+    """The last (or ``up`` levels above it) name of a folder or a URI."""
+    return str(path).rstrip("/").split("/")[-1 - up]
 
 
 def manifest(ctx: Context, inputs: Inputs, content: str) -> dict[str, Any]:

@@ -52,10 +52,12 @@ class ReportStage(Stage):
         if "tasks" in inputs:
             extra["tasks"] = dict(inputs["tasks"].counts)
         if "release" in inputs:
-            release = inputs["release"].folder
-            extra["release_name"], extra["release_version"] = release.parent.name, release.name
-            if (release / "diff.json").is_file():
-                diff = json.loads((release / "diff.json").read_text())
+            from pipelines import commit
+
+            release = str(inputs["release"].folder)
+            extra["release_name"], extra["release_version"] = release.rstrip("/").split("/")[-2:]
+            if commit.exists(commit.join(release, "diff.json")):
+                diff = commit.read_json(commit.join(release, "diff.json"))
                 extra["diff"] = {k: v for k, v in diff.items()
                                  if k not in ("changed", "images_added", "images_removed")}
         scores = read_scores(inputs["label_sets"])
@@ -123,24 +125,43 @@ class ReportStage(Stage):
         return f"{artifact.counts['images']:,} images, {len(artifact.counts['models'])} model(s)"
 
     def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
+        from pipelines import commit
+
         folder = published_dir(ctx.config)
-        return {"report.html": str(folder / "index.html"), "report.json": str(folder / "report.json")}
+        return {"report.html": commit.join(folder, "index.html"), "report.json": commit.join(folder, "report.json")}
 
 
 def publish(ctx: Context, artifact: Artifact) -> None:
     """Copy the stored report to ``<out>/report/`` (or ``stages.report.out_dir``)
     unless that is already this one."""
-    target = published_dir(ctx.config)
-    marker = target / ".key"
-    if marker.is_file() and marker.read_text() == artifact.key:
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("report.json", "index.html"):
-        with atomic.atomic_path(target / name) as tmp:
-            shutil.copyfile(artifact.file(name), tmp)
-    atomic.write_text(marker, artifact.key)
+    publish_folder(artifact.folder, published_dir(ctx.config), artifact.key, ("report.json", "index.html"))
 
 
-def published_dir(config) -> Path:
+def published_dir(config) -> str:
+    from pipelines import commit
+
     out_dir = config.stages.report.out_dir
-    return Path(config.resolve(out_dir)) if out_dir else Path(config.output_dir) / "report"
+    return config.resolve(out_dir) if out_dir else commit.join(config.output_dir, "report")
+
+
+def publish_folder(source: Path, target: str, key: str, names: tuple[str, ...] | None = None) -> None:
+    """Copy a stored output's files to where people look for them (``<out>/report/``,
+    a folder or an object-store prefix), unless the ``.key`` there says it is this one.
+    Each file is written whole (write-then-rename locally; an object appears whole)."""
+    from pipelines import commit
+
+    marker = commit.join(target, ".key")
+    if commit.exists(marker) and commit.read_text(marker) == key:
+        return
+    files = [source / n for n in names] if names else sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        destination = commit.join(target, path.relative_to(source).as_posix())
+        if commit.is_uri(destination):
+            commit.write_bytes(destination, path.read_bytes())
+        else:
+            with atomic.atomic_path(destination) as tmp:
+                shutil.copyfile(path, tmp)
+    if commit.is_uri(marker):
+        commit.write_text(marker, key)
+    else:
+        atomic.write_text(marker, key)

@@ -39,19 +39,25 @@ def rater_quality_sections(ctx: Context, inputs: Inputs, sets: Mapping[str, froz
     section["images"] = [{"uri": "data:image/png;base64," + base64.b64encode(figure).decode(),
                           "alt": "P(answer | truth) per rater on the gold questions, best accuracy first"}]
     cfg = ctx.config.stages.aggregate
-    evaluations = [expert_evaluation.evaluate_in_sample(sets, gold, gold_fitted=cfg is not None)]
-    if cfg is not None and cfg.method == "gold-confusion":
+    # The experts judge the released sets of the audited images they cover.
+    covered = gold.subset(set(sets))
+    images = len(covered.images)
+    if images == 0:
+        return [section]
+    evaluations = [expert_evaluation.evaluate_in_sample(sets, covered, gold_fitted=cfg is not None)]
+    if cfg is not None and cfg.method == "gold-confusion" and images >= 5:
         from pipelines.stages.dataset import original_labels
         from pipelines.stages.votes import read_votes
 
         evaluations.append(expert_evaluation.evaluate_k_fold(
-            read_votes(inputs["votes"]), gold, method=cfg.method, original_labels=original_labels(inputs["dataset"]),
+            read_votes(inputs["votes"]), covered, method=cfg.method, original_labels=original_labels(inputs["dataset"]),
             params=cfg.params, k=5, seed=0))
     rows = [[e.kind, e.description, e.precision, e.recall, e.f1] for e in evaluations]
     experts = table_section("expert-evaluation", "Label sets against the experts (gold questions)",
                             ["evaluation", "how", "precision", "recall", "F1"], rows,
                             ["text", "text", "pct1", "pct1", "pct1"], after="models",
-                            text="In-sample: the gold questions also fitted the rater matrices. "
+                            text=f"{len(covered.questions):,} gold questions on {images:,} audited images. "
+                                 "In-sample: the gold questions also fitted the rater matrices. "
                                  "K-fold: the matrices were fitted without the fold's images.")
     return [section, experts]
 

@@ -36,11 +36,11 @@ class SelectSubsetStage(Stage):
 
         cfg = ctx.config.stages.select_subset
         labels = original_labels(inputs["dataset"])
-        selection = propose.run_subset_selection(
-            prediction_paths=prediction_paths(inputs["predictions"]), original_labels=labels,
-            gold=gold_label_sets(ctx.resolve(cfg.gold), labels["file_name"]), recall_target=cfg.recall_target,
-            top_n=top_n(ctx), options=ctx.beam_options())
-        write_json(out / "selection.json", selection)
+        with ctx.beam_output(out) as beam_out:
+            propose.propose(prediction_paths(inputs["predictions"]), labels, beam_out, top_n(ctx), ctx.beam_options(),
+                            gold=gold_label_sets(ctx.resolve(cfg.gold), labels["file_name"]),
+                            recall_target=cfg.recall_target)
+        selection = json.loads((out / "selection.json").read_text())
         return {key: selection[key] for key in ("selected_models", "precision", "recall", "target_met")}
 
     def describe(self, artifact: Artifact) -> str:

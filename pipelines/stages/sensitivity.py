@@ -7,7 +7,6 @@ transform computes only that one. Published to ``<out>/sensitivity/``.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,14 @@ class SensitivityStage(Stage):
         sets = read_label_sets(inputs["label_sets"]) if "label_sets" in inputs else None
         result = run_sensitivity(ctx.config.stages.sensitivity, image_source(ctx.config), str(out),
                                  label_sets=sets, store_dir=str(ctx.store.root), runner=runner.name,
-                                 num_workers=runner.num_workers, beam_args=runner.options)
+                                 num_workers=runner.num_workers, beam_args=ctx.beam_args())
         return result.counts | {"class_counts": result.class_counts}
 
     def finish(self, ctx: Context, artifact: Artifact) -> None:
-        target = Path(ctx.config.output_dir) / "sensitivity"
-        marker = target / ".key"
-        if marker.is_file() and marker.read_text() == artifact.key:
-            return
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(artifact.file("sensitivity"), target)
-        marker.write_text(artifact.key)
+        from pipelines import commit
+        from pipelines.stages.report import publish_folder
+
+        publish_folder(artifact.file("sensitivity"), commit.join(ctx.config.output_dir, "sensitivity"), artifact.key)
 
     def describe(self, artifact: Artifact) -> str:
         c = artifact.counts
@@ -51,4 +47,6 @@ class SensitivityStage(Stage):
                 f"({c['pairs_computed']} computed); {c['accidental_candidates']} accidental-transform candidates")
 
     def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
-        return {"sensitivity.html": str(Path(ctx.config.output_dir) / "sensitivity" / "index.html")}
+        from pipelines import commit
+
+        return {"sensitivity.html": commit.join(ctx.config.output_dir, "sensitivity", "index.html")}

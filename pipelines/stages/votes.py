@@ -73,8 +73,12 @@ class VotesStage(Stage):
             if id(ctx) not in self._pulled:  # once per run: params and compute both ask
                 from pipelines.label_studio import LabelStudioProject
 
-                _, pulled = LabelStudioProject(**tasks.label_studio.model_dump()).pull(
-                    Path(ctx.config.output_dir) / "inputs" / "label_studio.parquet")
+                from auditing.sources import cache_dir
+                from pipelines import commit
+
+                local = (cache_dir() / "label_studio" / content_key(out=ctx.config.output_dir)
+                         if commit.is_uri(ctx.config.output_dir) else Path(ctx.config.output_dir) / "inputs")
+                _, pulled = LabelStudioProject(**tasks.label_studio.model_dump()).pull(local / "label_studio.parquet")
                 self._pulled[id(ctx)] = str(pulled["votes"])
             paths.append(self._pulled[id(ctx)])
         return paths
