@@ -179,7 +179,7 @@ def is_committed(uri: str | os.PathLike) -> bool:
 
 
 def read_marker(uri: str | os.PathLike) -> dict[str, Any]:
-    """The commit marker of ``uri``: ``{"format", "attempt", "files": {path: {"size", "sha256"}}, ...}``."""
+    """The commit marker of ``uri``: ``{"format", "files": {path: {"size", "sha256"}}, ...}``."""
     path = join(uri, MARKER)
     if not exists(path):
         raise NotCommittedError(f"{uri}: not committed (no {MARKER}); an unfinished or crashed write is ignored")
@@ -251,8 +251,10 @@ def _live_claims(uri: str, stale_after_s: float, ignore: str = "") -> list[dict[
             continue
         try:
             claim = json.loads(read_bytes(path))
-        except (OSError, ValueError):  # deleted meanwhile, or being written
-            claim = {"started": time.time(), "host": "", "pid": -1, "attempt": rel}
+        except Exception:  # noqa: BLE001 (each store has its own not-found error)
+            if not exists(path):
+                continue  # withdrawn meanwhile
+            claim = {"started": time.time(), "host": "", "pid": -1, "attempt": rel}  # being written: live
         if _claim_is_stale(claim, stale_after_s):
             delete_files([path])
         else:
@@ -382,7 +384,8 @@ class PrefixWriter:
         listing = data_files(list_files(self.uri))
         names = sorted(listing)
         digests = _map_files(sha256_of, [join(self.uri, rel) for rel in names])
-        marker = {"format": MARKER_FORMAT, "attempt": self.attempt, **(extra or {}),
+        # Nothing run-specific (no attempt id, no time): the same files give the same marker.
+        marker = {"format": MARKER_FORMAT, **(extra or {}),
                   "files": {rel: {"size": listing[rel], "sha256": d} for rel, d in zip(names, digests)}}
         data = (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
         _create_only(join(self.uri, MARKER), data, staging=join(self.uri, CLAIMS, f"{self.attempt}.marker"))

@@ -12,7 +12,7 @@ from pipelines import commit, release
 from pipelines.beam_options import make_options, runner_options
 from pipelines.portable import worker_pool
 from tests.gcs_emulator import gcs_bucket, gcs_prefix  # noqa: F401 (fixtures)
-from tests.test_release_pull import NAME, _table, _write
+from tests.test_release_pull import NAME, _write, real_table  # noqa: F401 (fixture)
 
 
 def _where(x: int) -> str:
@@ -56,8 +56,8 @@ def test_portable_needs_a_pool_address_and_unknown_runners_are_refused():
         make_options("dask")
 
 
-def test_tfds_release_written_by_portable_workers_to_gcs_equals_direct(gcs_prefix, tmp_path):
-    table = _table(300)
+def test_tfds_release_written_by_portable_workers_to_gcs_equals_direct(gcs_prefix, tmp_path, real_table):
+    table = real_table
     with runner_options("portable", num_workers=2) as options:
         remote = release.write_release(gcs_prefix, NAME, "1.0.0", table, release_notes={"1.0.0": "First audit."},
                                        manifest={"content_key": "k"}, counts={"images": len(table)},

@@ -24,15 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "pull_audit"
 
 
-def _table(n_images: int = 40) -> pd.DataFrame:
-    # Scores with all 17 significant digits: float64 in the release must keep them.
-    rng = np.random.default_rng(7)
-    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, n_images + 1)]
-    rated = names[: n_images // 2]
-    scores = pd.DataFrame({"file_name": np.repeat(rated, 3), "label": np.tile([3, 17, 999], len(rated)),
-                           "score": rng.random(3 * len(rated))})
-    sets = {name: frozenset({int(i % 1000)}) for i, name in enumerate(names)}
-    return release.release_table(names, np.arange(n_images) % 1000, sets, scores)
+@pytest.fixture(scope="module")
+def real_table(shared_data) -> pd.DataFrame:
+    """The published ReaL release of the first 400 validation images: real.json's label
+    sets, scores.npz's float64 scores (which must survive to 1e-12) and the original labels."""
+    from auditing import labelsets
+
+    reassessed = shared_data / "reassessed_imagenet"
+    names = labelsets.imagenet_val_file_names()[:400]
+    sets = labelsets.read_real_json(reassessed / "real.json")
+    published = np.load(reassessed / "scores.npz")
+    scores = pd.DataFrame({"file_name": published["info"][:, 0], "label": published["info"][:, 1].astype(int),
+                           "score": published["tensor"]})
+    original = labelsets.original_val_labels().set_index("file_name").loc[names, "label"].to_numpy()
+    return release.release_table(names, original, {n: sets[n] for n in names},
+                                 scores[scores["file_name"].isin(names)])
 
 
 def _write(out_dir: str, table: pd.DataFrame, version: str = "1.0.0"):
@@ -50,8 +56,9 @@ def _records(builder) -> list[dict]:
                   key=lambda r: r["file_name"])
 
 
-def test_release_on_gcs_is_committed_pulled_and_equal_to_the_local_one(gcs_prefix, tmp_path):
-    table = _table()
+def test_release_on_gcs_is_committed_pulled_and_equal_to_the_local_one(gcs_prefix, tmp_path, real_table):
+    table = real_table
+    assert table["scores"].map(len).sum() > 1000  # the images' published scores are in it
     local = _write(str(tmp_path / "local"), table)
     remote = _write(gcs_prefix, table)
     assert remote == f"{gcs_prefix}/tfds/{NAME}/1.0.0"
@@ -72,8 +79,8 @@ def test_release_on_gcs_is_committed_pulled_and_equal_to_the_local_one(gcs_prefi
     assert code == 0 and (tmp_path / "cli" / "dataset_info.json").is_file()
 
 
-def test_a_tampered_release_is_refused(gcs_prefix, tmp_path, capsys):
-    remote = _write(gcs_prefix, _table(10))
+def test_a_tampered_release_is_refused(gcs_prefix, tmp_path, capsys, real_table):
+    remote = _write(gcs_prefix, real_table.iloc[:20])
     shard = next(rel for rel in commit.read_marker(remote)["files"] if ".array_record-" in rel)
     data = bytearray(commit.read_bytes(commit.join(remote, shard)))
     data[-1] ^= 0xFF
@@ -93,8 +100,9 @@ def test_uncommitted_version_is_not_released_nor_pullable(gcs_prefix, tmp_path):
         release_pull.load_release(version_dir, cache_dir=tmp_path)
 
 
-def test_sigkill_during_the_release_write_leaves_no_version_and_a_rerun_completes(gcs_prefix, tmp_path):
-    table = _table(4000)
+def test_sigkill_during_the_release_write_leaves_no_version_and_a_rerun_completes(gcs_prefix, tmp_path, real_table):
+    table = pd.concat([real_table] * 10, ignore_index=True)  # 4,000 rows: a write that takes a while
+    table["file_name"] = [f"{i:05d}-{name}" for i, name in enumerate(table["file_name"])]
     table_path = tmp_path / "table.pkl"
     table.to_pickle(table_path)
     code = f"""
