@@ -8,6 +8,7 @@ exposing ``add_arguments(parser)`` and ``main(args) -> int``.
     label-audit propose --predictions ...    label proposals                  (propose.py)
     label-audit tasks --proposals ...        crowd tasks                      (tasks.py)
     label-audit report --labels ...          the report                       (report.py)
+    label-audit release pull URI [--to DIR]  a committed release, verified    (release_pull.py)
 
 Exit codes: 0 success (reaudit: a new version), 3 nothing changed (reaudit), 2 an
 input error (one line naming the file, key or row), 1 an internal error (a traceback:
@@ -36,6 +37,8 @@ COMMANDS = {
     "predict": ("pipelines.predict", "predict image files with a model; write a predictions NPZ"),
     "propose": ("pipelines.propose", "pool label proposals from prediction NPZ files"),
     "tasks": ("pipelines.tasks", "build crowd tasks (JSONL/CSV) from proposals"),
+    "release": ("pipelines.release_pull", "release versions: `release pull URI [--to DIR]` copies a committed "
+                                          "version here, verified against its commit marker"),
     "report": ("pipelines.report", "write report.json and index.html for label sets and predictions"),
 }
 
