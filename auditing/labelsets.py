@@ -18,10 +18,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from auditing.errors import InputError
 from auditing.imagenet import NUM_CLASSES, imagenet_wnids, _tfds_resource
 
+# The one name of the built-in original labels: the 50k ILSVRC-2012 validation labels
+# that ship inside the tensorflow-datasets wheel (``dataset.original_labels`` and the
+# ``--original-labels`` flags accept it instead of a file).
+TFDS_WHEEL = "tfds-wheel"
 
-class LabelFileError(ValueError):
+
+class LabelFileError(InputError):
     """A label file that cannot be read; the message names file, row and field."""
 
 
@@ -139,3 +145,15 @@ def original_val_labels() -> pd.DataFrame:
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     return pd.DataFrame({"file_name": imagenet_val_file_names(len(wnids)),
                          "label": [index[w] for w in wnids]}).astype({"label": "int64"})
+
+
+def load_original_labels(ref: str | os.PathLike) -> pd.DataFrame:
+    """Original labels (file_name, label): a label TSV, or ``TFDS_WHEEL``."""
+    return original_val_labels() if str(ref) == TFDS_WHEEL else read_label_tsv(ref)
+
+
+def label_set_counts(label_sets: dict[str, frozenset[int]]) -> dict[str, int]:
+    """How many images, labels, empty sets and multi-label images a set of label sets has."""
+    sizes = [len(s) for s in label_sets.values()]
+    return {"images": len(sizes), "labels": sum(sizes), "empty_sets": sizes.count(0),
+            "multi_label_images": sum(1 for n in sizes if n > 1)}

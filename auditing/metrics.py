@@ -287,3 +287,41 @@ def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[
             "rated_images": int(len(rated)), "image_exact_match": float(same_set.mean()),
             "all_images_exact_match": float(np.mean([ours[f] == published.get(f, frozenset())
                                                      for f in ours]))}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalQuality:
+    """Proposed (image, label) pairs against reference label sets (e.g. ReaL), over the
+    images whose reference set is non-empty: ``recall`` = share of the reference labels
+    that were proposed, ``precision`` = share of the proposals that are reference labels."""
+
+    n_images: int
+    n_reference_labels: int
+    n_proposed: int
+    n_hits: int
+
+    @property
+    def recall(self) -> float:
+        return self.n_hits / self.n_reference_labels if self.n_reference_labels else float("nan")
+
+    @property
+    def precision(self) -> float:
+        return self.n_hits / self.n_proposed if self.n_proposed else float("nan")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self) | {"recall": self.recall, "precision": self.precision}
+
+
+def proposal_quality(proposed: LabelSets, reference: LabelSets) -> ProposalQuality:
+    """Recall and precision of ``proposed`` sets against ``reference`` sets, row for row;
+    images with an empty reference set are left out (ReaL excludes them)."""
+    if len(proposed) != len(reference) or proposed.num_classes != reference.num_classes:
+        raise ValueError(f"{len(proposed)} proposed sets x {proposed.num_classes} classes against "
+                         f"{len(reference)} reference sets x {reference.num_classes} classes")
+    scored = np.flatnonzero(reference.sizes > 0)
+    proposed, reference = proposed.take(scored), reference.take(scored)
+    c = reference.num_classes
+    hits = np.intersect1d(proposed.rows * c + proposed.indices, reference.rows * c + reference.indices,
+                          assume_unique=True)
+    return ProposalQuality(n_images=int(len(scored)), n_reference_labels=int(len(reference.indices)),
+                           n_proposed=int(len(proposed.indices)), n_hits=int(len(hits)))

@@ -1,4 +1,9 @@
-"""Stage-1 predictions of one model over one image set, and their NPZ file format.
+"""Stage-1 predictions of one model over one image set, and their two file formats.
+
+``load_predictions`` reads either by suffix: ``.npz`` (below) or ``.csv``, the published
+top-1-only format of ImageNet-X (Idrissi et al. 2022, ``model_predictions/base/*.csv``):
+a header ``file_name,predicted_class,predicted_probability`` and one row per image,
+read as ``top1`` (the probability is checked to lie in [0, 1] and not kept).
 
 NPZ format (``np.savez``, read with ``allow_pickle=False``; strings are unicode
 arrays, never objects):
@@ -11,6 +16,8 @@ key                        shape / dtype    meaning
 ``top1``                   (N,) int         top-1 class only, for models whose logits are
                                             not available; exactly one of ``logits`` /
                                             ``top1`` is present
+``features``               (N, D) float     optional: penultimate (global-pooled) features
+                                            of the same forward pass, stored as float16
 ``image_index``            (N,) int         optional: the image's position in the data
                                             set's sorted file order
 ``labels``                 (N,) int         optional: the original label, -1 where unknown
@@ -27,17 +34,24 @@ writing this format: ``np.savez(path, file_names=names, logits=logits)``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import pandas as pd
 
 from auditing import atomic
 
 REQUIRED_KEYS = ("file_names",)
-OPTIONAL_KEYS = ("logits", "top1", "image_index", "labels", "quarantined_file_names",
+OPTIONAL_KEYS = ("logits", "top1", "features", "image_index", "labels", "quarantined_file_names",
                  "quarantine_reasons")
+CSV_COLUMNS = ("file_name", "predicted_class", "predicted_probability")
+# float16 keeps ~3 significant digits: plenty for cosine distances between class centroids,
+# and half the bytes of float32 (1280 features per image for Lite, 2048 for ResNet-50).
+FEATURES_DTYPE = np.float16
 
 
 class PredictionsFormatError(ValueError):
@@ -66,6 +80,7 @@ class Predictions:
     file_names: np.ndarray
     logits: np.ndarray | None = None
     top1: np.ndarray | None = None
+    features: np.ndarray | None = None
     image_index: np.ndarray | None = None
     labels: np.ndarray | None = None
     quarantined_file_names: np.ndarray = dataclasses.field(
@@ -121,16 +136,19 @@ def _validate(p: Predictions) -> None:
         raise PredictionsFormatError(
             f"{where}: needs exactly one of 'logits' (N, C) and 'top1' (N,); got "
             f"{'both' if p.logits is not None else 'neither'}")
-    if p.logits is not None:
-        if p.logits.ndim != 2 or p.logits.shape[0] != n or p.logits.dtype.kind != "f":
+    for key, width in (("logits", "C"), ("features", "D")):
+        values = getattr(p, key)
+        if values is None:
+            continue
+        if values.ndim != 2 or values.shape[0] != n or values.dtype.kind != "f":
             raise PredictionsFormatError(
-                f"{where}: 'logits' must be a float array of shape ({n}, C) to match "
-                f"'file_names', got shape {p.logits.shape} dtype {p.logits.dtype}")
-        finite = np.isfinite(p.logits).all(axis=1)
+                f"{where}: '{key}' must be a float array of shape ({n}, {width}) to match "
+                f"'file_names', got shape {values.shape} dtype {values.dtype}")
+        finite = np.isfinite(values).all(axis=1)
         if not finite.all():
             row = int(np.argmin(finite))
             raise PredictionsFormatError(
-                f"{where}: 'logits' row {row} ({names[row]}) has a NaN or infinite value "
+                f"{where}: '{key}' row {row} ({names[row]}) has a NaN or infinite value "
                 f"({(~finite).sum()} rows in all)")
     for key in ("top1", "image_index", "labels"):
         values = getattr(p, key)
@@ -160,35 +178,102 @@ def _check_unique(names: np.ndarray, key: str, where: str) -> None:
             f"{where}: '{key}' has duplicates, e.g. {str(unique[duplicate])!r} at rows {rows}")
 
 
-def load_predictions(path: str | os.PathLike) -> Predictions:
-    """Read and validate a predictions NPZ (see the module docstring)."""
+def load_predictions(path: str | os.PathLike, num_classes: int = 1000) -> Predictions:
+    """Read and validate a predictions file: NPZ, or the published top-1 CSV format (by
+    suffix; see the module docstring). ``num_classes`` bounds the CSV's class indices."""
     path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return read_top1_csv(path, num_classes)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
+        with open(path, "rb") as f:
+            return read_predictions_npz(f, str(path))
     except FileNotFoundError:
         raise PredictionsFormatError(f"{path}: predictions file not found") from None
+
+
+def read_predictions_npz(file: BinaryIO, source: str) -> Predictions:
+    """Read and validate a predictions NPZ from an open binary file (a local file, or one
+    opened through Beam's FileSystems); ``source`` names it in errors."""
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         # ValueError: object arrays (pickles) are refused by allow_pickle=False.
-        raise PredictionsFormatError(f"{path}: unreadable predictions NPZ: {e}") from e
+        raise PredictionsFormatError(f"{source}: unreadable predictions NPZ: {e}") from e
     missing = [key for key in REQUIRED_KEYS if key not in arrays]
     if missing:
         raise PredictionsFormatError(
-            f"{path}: missing key {missing[0]!r} (has {sorted(arrays)}); expected 'file_names' "
+            f"{source}: missing key {missing[0]!r} (has {sorted(arrays)}); expected 'file_names' "
             "and 'logits' (or 'top1')")
     unknown = sorted(set(arrays) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise PredictionsFormatError(
-            f"{path}: unknown key(s) {unknown}; known: {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+            f"{source}: unknown key(s) {unknown}; known: {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
     if arrays["file_names"].dtype.kind == "S":  # bytes written by an external tool
         arrays["file_names"] = np.char.decode(arrays["file_names"], "utf-8")
-    return Predictions(**arrays, source=str(path))
+    return Predictions(**arrays, source=source)
 
 
-def save_predictions(path: str | os.PathLike, predictions: Predictions) -> Path:
-    """Write ``predictions`` as NPZ atomically (temp file in the same folder, then rename)."""
+def read_top1_csv(path: str | os.PathLike, num_classes: int = 1000) -> Predictions:
+    """Published top-1 predictions (``file_name,predicted_class,predicted_probability``)
+    as ``Predictions`` with ``top1``. A bad row raises ``PredictionsFormatError`` naming
+    the file, its line number (the header is line 1) and the field."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise PredictionsFormatError(f"{path}: predictions file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PredictionsFormatError(f"{path}: unreadable predictions CSV: {e}") from e
+    if tuple(table.columns) != CSV_COLUMNS:
+        raise PredictionsFormatError(
+            f"{path}: the header must be {','.join(CSV_COLUMNS)}, got {','.join(map(str, table.columns))}")
+
+    def fail(row: int, field: str, problem: str) -> PredictionsFormatError:
+        return PredictionsFormatError(
+            f"{path}: line {row + 2}, field {field!r}: {table.iloc[row][field]!r} {problem}")
+
+    names = table["file_name"].str.strip()
+    empty = np.flatnonzero((names == "").to_numpy())
+    if len(empty):
+        raise fail(int(empty[0]), "file_name", "is empty")
+    classes = pd.to_numeric(table["predicted_class"].str.strip(), errors="coerce")
+    integral = classes.notna() & (classes % 1 == 0) & (classes >= 0) & (classes < num_classes)
+    if not integral.all():
+        raise fail(int(np.argmin(integral.to_numpy())), "predicted_class",
+                   f"is not a class index in [0, {num_classes})")
+    probability = pd.to_numeric(table["predicted_probability"].str.strip(), errors="coerce")
+    in_range = probability.between(0.0, 1.0)  # False for NaN
+    if not in_range.all():
+        raise fail(int(np.argmin(in_range.to_numpy())), "predicted_probability",
+                   "is not a probability in [0, 1]")
+    names = names.to_numpy().astype(str)
+    unique, first, counts = np.unique(names, return_index=True, return_counts=True)
+    if len(unique) != len(names):
+        again = np.flatnonzero(names == unique[np.argmax(counts > 1)])
+        raise fail(int(again[1]), "file_name", f"appears again (first on line {again[0] + 2})")
+    return Predictions(file_names=names, top1=classes.to_numpy().astype(np.int64), source=str(path))
+
+
+def read_class_folder_top1(predictions_npy: str | os.PathLike, index_json: str | os.PathLike) -> Predictions:
+    """Top-1 labels stored in class-folder order (Northcutt et al.'s label_errors
+    ``.npy``) with the JSON list of ``"val/<wnid>/<file name>"`` that orders them."""
+    import json
+
+    try:
+        paths = json.loads(Path(index_json).read_text())
+        top1 = np.load(predictions_npy, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise PredictionsFormatError(f"{predictions_npy} / {index_json}: unreadable: {e}") from e
+    if not isinstance(paths, list) or len(paths) != len(top1) or top1.ndim != 1:
+        raise PredictionsFormatError(f"{index_json}: {len(paths)} paths for {top1.shape} predictions in "
+                                     f"{predictions_npy}")
+    return Predictions(file_names=np.array([str(p).rsplit("/", 1)[-1] for p in paths]),
+                       top1=top1.astype(np.int64), source=str(predictions_npy))
+
+
+def predictions_npz_bytes(predictions: Predictions) -> bytes:
+    """``predictions`` in the NPZ format (logits float32, features float16), in memory."""
     arrays = {"file_names": predictions.file_names}
     for key in OPTIONAL_KEYS:
         value = getattr(predictions, key)
@@ -196,8 +281,20 @@ def save_predictions(path: str | os.PathLike, predictions: Predictions) -> Path:
             arrays[key] = value
     if predictions.logits is not None:
         arrays["logits"] = predictions.logits.astype(np.float32, copy=False)
+    if predictions.features is not None:
+        arrays["features"] = predictions.features.astype(FEATURES_DTYPE, copy=False)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save_predictions(path: str | os.PathLike, predictions: Predictions) -> Path:
+    """Write ``predictions`` as NPZ atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = predictions_npz_bytes(predictions)
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        f.write(data)
     return path
 
 
@@ -226,6 +323,6 @@ def concatenate_sorted(parts: list[Predictions], source: str = "<merged>") -> Pr
 
     q_order = np.argsort(quarantined, kind="stable")
     return Predictions(file_names=names[order], logits=stacked("logits"), top1=stacked("top1"),
-                       image_index=image_index, labels=stacked("labels"),
+                       features=stacked("features"), image_index=image_index, labels=stacked("labels"),
                        quarantined_file_names=quarantined[q_order],
                        quarantine_reasons=reasons[q_order], source=source)

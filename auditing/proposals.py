@@ -28,6 +28,7 @@ Everything here is numpy over arrays; reading files and Beam live in
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 from collections.abc import Iterable, Sequence
 
@@ -130,7 +131,7 @@ def merge_top_n(parts: Iterable[TopN], n: int) -> TopN:
     return TopN(values[positions], keys[positions])
 
 
-class NonFiniteLogitsError(ValueError):
+class NonFiniteLogitsError(InputError):
     """A row of logits holds a NaN or an infinity; ``row`` is its index in the block given."""
 
     def __init__(self, row: int):

@@ -44,6 +44,34 @@ def diff_label_sets(old: Mapping[str, frozenset[int]], new: Mapping[str, frozens
     }
 
 
+VERSION_CHANGES = ("major", "minor", "patch")
+
+
+def version_key(version: str) -> tuple[int, int, int]:
+    """``"1.10.0"`` -> ``(1, 10, 0)``, for sorting versions numerically."""
+    parts = version.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{version!r}: a release version is MAJOR.MINOR.PATCH")
+    major, minor, patch = (int(p) for p in parts)
+    return major, minor, patch
+
+
+def next_version(previous: str, change: str) -> str:
+    """The version after ``previous`` for a ``change``, with TFDS's semantics:
+
+    - ``major``: existing data changed (a re-audit that changes any image's label set);
+    - ``minor``: features added to unchanged records (new fields, same labels);
+    - ``patch``: the same records re-serialised (format, metadata, documentation).
+    """
+    major, minor, patch = version_key(previous)
+    if change == "major":
+        return f"{major + 1}.0.0"
+    if change == "minor":
+        return f"{major}.{minor + 1}.0"
+    if change == "patch":
+        return f"{major}.{minor}.{patch + 1}"
+    raise ValueError(f"{change!r}: a version change is one of {', '.join(VERSION_CHANGES)}")
+
+
 def next_minor_version(version: str) -> str:
-    major, minor, _ = (int(x) for x in version.split("."))
-    return f"{major}.{minor + 1}.0"
+    return next_version(version, "minor")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,9 +174,12 @@ def build_report(file_names: list[str], original: np.ndarray, sets: LabelSets,
                  extra_summary: Mapping[str, Any] | None = None,
                  model_zoo: pd.DataFrame | None = None,
                  classes: imagenet.ImageNetClasses | None = None,
-                 subsets: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+                 subsets: Mapping[str, np.ndarray] | None = None,
+                 sections: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The report dict for aligned inputs (``original[i]`` and ``sets`` row i belong to
-    ``file_names[i]``). JSON-ready: accuracies and shares are fractions, NaN is None."""
+    ``file_names[i]``). JSON-ready: accuracies and shares are fractions, NaN is None.
+    ``sections``: extra data-driven sections other stages add to the page
+    (``auditing.report_html``'s module docstring; e.g. ``report_html.table_section``)."""
     classes = classes or imagenet.load_classes()
     subsets = dict(subsets if subsets is not None else imagenet.class_subsets())
     original = np.asarray(original, dtype=np.int64)
@@ -224,7 +227,9 @@ def build_report(file_names: list[str], original: np.ndarray, sets: LabelSets,
         "models": models,
         "per_class": per_class,
         "model_zoo": _model_zoo(model_zoo) if model_zoo is not None and len(model_zoo) >= 4 else None,
+        "sections": [dict(s) for s in sections or ()],
     }
+    report["oracle_comparison"] = oracle_comparison(report) if models else None
     return report
 
 
@@ -288,3 +293,130 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return str(value)
+
+
+# ---------------------------------------------------------------------------------
+# The published models against the unbiased oracle (METHOD.md stage 7, the paper's Fig. 6).
+
+
+def oracle_comparison(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Per model of a built report: original and ReaL accuracy, its mean class accuracy on
+    the oracle images beside the oracle's, the classes where it beats the oracle, and its
+    accuracy on the most affected classes (the co-occurrence table) against the oracle's.
+    JSON-ready; a model that beats the oracle on many classes has learned the labelling
+    bias (which of several present objects the original labellers picked)."""
+    oracle = report["oracle"]
+    n_classes = sum(1 for c in report["per_class"].values() if c["oracle_accuracy"] is not None)
+    affected = [str(c) for c in oracle["most_affected_classes"]]
+    models = {}
+    for name, m in report["models"].items():
+        on_affected = [(report["per_class"][c]["models"][name]["accuracy_on_oracle_images"],
+                        report["per_class"][c]["oracle_accuracy"]) for c in affected]
+        scored = [(a, o) for a, o in on_affected if a is not None and o is not None]
+        models[name] = {
+            "original_accuracy": m["original_accuracy"],
+            "real_accuracy": m["real_accuracy"],
+            "class_mean_accuracy_on_oracle_images": m["oracle_image_class_mean_accuracy"],
+            "classes_beating_oracle": m["classes_beating_oracle"],
+            "share_of_classes_beating_oracle": m["classes_beating_oracle"] / n_classes if n_classes else None,
+            "most_affected_mean_accuracy": _finite(np.mean([a for a, _ in scored])) if scored else None,
+            "most_affected_classes_beating_oracle": int(sum(a > o for a, o in scored)),
+        }
+    return {"oracle_class_mean_accuracy": oracle["class_mean_accuracy"],
+            "classes_with_oracle": n_classes, "most_affected_classes": len(affected), "models": models}
+
+
+# ---------------------------------------------------------------------------------
+# Figures of an audit of a sample (e.g. 1,300 real validation images) against ReaL.
+
+# Our registry names -> timm's names for the published full-validation results.
+TIMM_NAMES = {f"efficientnet-lite{i}": f"tf_efficientnet_lite{i}.in1k" for i in range(5)}
+
+
+def published_accuracy(zoo: pd.DataFrame, names: Mapping[str, str] = TIMM_NAMES) -> dict[str, dict[str, float]]:
+    """{our model name: {"original_top1", "real_top1"}} from timm's published results
+    (``pipelines.report.read_model_zoo``'s frame), for the models ``names`` maps."""
+    by_timm = zoo.drop_duplicates("model").set_index("model")
+    return {ours: {"original_top1": float(by_timm.loc[theirs, "original_top1"]),
+                   "real_top1": float(by_timm.loc[theirs, "real_top1"])}
+            for ours, theirs in names.items() if theirs in by_timm.index}
+
+
+def sample_accuracy(file_names: Sequence[str], original: np.ndarray, sets: LabelSets,
+                    predictions: Mapping[str, Predictions],
+                    full_sets: Mapping[str, Collection[int]] | None = None,
+                    full_original: Mapping[str, int] | None = None,
+                    published: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per model: top-1 and ReaL accuracy on the sample (``file_names`` aligned with
+    ``original`` and ``sets``); beside them the full-validation figures: published ones
+    (``published``, e.g. timm's) or, for a model whose predictions cover more images
+    than the sample (the ImageNet-X CSVs cover all 50,000), computed on all of them
+    against ``full_sets`` / ``full_original``."""
+    out = {}
+    for name, prediction in predictions.items():
+        ours, theirs = metrics.align(list(file_names), prediction.file_names)
+        top1 = np.asarray(prediction.top1_labels(), np.int64)
+        part = sets.take(ours)
+        entry: dict[str, Any] = {
+            "n_images": int(len(ours)), "n_real_images": int((part.sizes > 0).sum()),
+            "top1": _finite(metrics.original_accuracy(top1[theirs], original[ours])),
+            "real": _finite(metrics.real_accuracy(top1[theirs], part)),
+            "full_val_top1": None, "full_val_real": None, "full_val_source": None,
+        }
+        if published and name in published:
+            entry.update(full_val_top1=published[name]["original_top1"],
+                         full_val_real=published[name]["real_top1"], full_val_source="published")
+        elif full_sets is not None and full_original is not None and prediction.num_images > len(ours):
+            names = [n for n in prediction.file_names.tolist() if n in full_sets and n in full_original]
+            rows, _ = metrics.align(prediction.file_names.tolist(), names)
+            full = metrics.sets_from_mapping(names, full_sets, sets.num_classes)
+            labels = np.array([full_original[n] for n in names], np.int64)
+            entry.update(full_val_top1=_finite(metrics.original_accuracy(top1[rows], labels)),
+                         full_val_real=_finite(metrics.real_accuracy(top1[rows], full)),
+                         full_val_source=f"computed on {len(names):,} images")
+        out[name] = entry
+    return out
+
+
+def pool_label_sets(proposals: pd.DataFrame, file_names: Sequence[str], num_classes: int,
+                    ) -> dict[str, LabelSets]:
+    """The proposals of a stage-2 table (``file_name``, ``label``, ``sources``) as label
+    sets per proposer, aligned with ``file_names``: one entry per model (its pairs from
+    any criterion: ``<model>:logits|probs|top1``) and ``"pooled"`` (every pair, the
+    original labels included, as stage 4 asks them)."""
+    index = {n: i for i, n in enumerate(file_names)}
+    rows = proposals["file_name"].map(index)
+    known = rows.notna().to_numpy()
+    frame = pd.DataFrame({"row": rows[known].astype(np.int64).to_numpy(),
+                          "label": proposals["label"].to_numpy()[known],
+                          "sources": proposals["sources"].to_numpy()[known]})
+    per_source = frame.explode("sources")
+    per_source["model"] = per_source["sources"].astype(str).str.rsplit(":", n=1).str[0]
+
+    def as_sets(part: pd.DataFrame) -> LabelSets:
+        groups = part.groupby("row")["label"].apply(list)
+        return LabelSets.from_sets([groups.get(i, []) for i in range(len(file_names))], num_classes)
+
+    sets = {model: as_sets(part) for model, part in per_source.groupby("model", sort=True)
+            if model != "original"}
+    sets["pooled"] = as_sets(frame)
+    return sets
+
+
+def proposal_quality_table(proposers: Mapping[str, LabelSets], reference: LabelSets) -> dict[str, Any]:
+    """Recall and precision of each proposer's sets against ``reference`` (e.g. ReaL),
+    images with an empty reference set left out (``metrics.proposal_quality``)."""
+    return {name: metrics.proposal_quality(sets, reference).as_dict() for name, sets in proposers.items()}
+
+
+def question_sets(questions: pd.DataFrame, file_names: Sequence[str], original: np.ndarray,
+                  num_classes: int) -> LabelSets:
+    """The paper's own proposals for these images: the ReaL questions (``file_name``,
+    ``label``: raters.npz's ``info``) plus each image's original label (the paper kept
+    the original label of the images it sent to no rater, and asked about it otherwise)."""
+    index = {n: i for i, n in enumerate(file_names)}
+    per_image: list[set[int]] = [{int(label)} for label in original]
+    for name, label in zip(questions["file_name"], questions["label"]):
+        if name in index:
+            per_image[index[name]].add(int(label))
+    return LabelSets.from_sets(per_image, num_classes)

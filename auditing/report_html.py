@@ -1,16 +1,29 @@
 """The audit report as one self-contained HTML page (plots and images inlined).
 
 ``render_html(report, examples)`` is a pure function of the ``report.json`` dict
-(``pipelines.report.build_report``) and optional example images: no file is read or
-written, plots are drawn with matplotlib's object API (no pyplot state) and embedded
-as base64 SVG, images as base64 JPEG thumbnails, so the page opens from disk in any
-browser. People read class names (first WordNet lemma), never bare wnids.
+(``auditing.report.build_report``) and optional example images: no file is read or
+written but the Jinja2 templates (``auditing/templates/report/``, autoescaped), plots
+are drawn with matplotlib's object API (no pyplot state) and embedded as base64 SVG,
+images as base64 JPEG thumbnails, so the page opens from disk in any browser. People
+read class names (first WordNet lemma), never bare wnids.
+
+The page is a list of sections. Besides the built-in ones, any stage can add its own
+as data, in ``report["sections"]`` (so it is in report.json too), a list of dicts::
+
+    {"id": "rater-quality", "title": "Rater quality on gold questions",
+     "after": "models",                      # optional: the section it follows
+     "text": "one paragraph",                # optional, plain text
+     "cards": [{"label": ..., "value": ..., "note": ...}],          # optional
+     "tables": [{"columns": [...], "rows": [[...], ...],            # optional
+                 "formats": ["text", "count", "pct", "pct1", "fixed"], "caption": ...}]}
+
+Built-in section ids, in page order: summary, models, oracle_comparison, plots,
+cooccurrence, beats_oracle, model_zoo, examples. ``table_section`` builds such a dict.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
-import html
 import io
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +33,9 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
+from auditing import templating
 from auditing.metrics import LabelSets
+from auditing.templating import count, fixed, pct, thumbnail_uri
 
 # Model colours (Tableau 10); the oracle and the original labels get neutral ones.
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
@@ -32,6 +47,8 @@ EXAMPLE_KINDS = {
     "several_objects": "Several classes present",
     "original_not_in_set": "Original label not in the set",
     "empty_set": "No label kept",
+    "suspected_label_error": "Suspected label errors: neither the nearest class centroid nor any model's "
+                             "top-1 is the original label",
 }
 
 
@@ -44,6 +61,7 @@ class ExampleImage:
     kind: str
     original_label: int
     label_set: list[int]
+    note: str | None = None  # one line shown under the labels (e.g. what the models said)
 
 
 def choose_examples(original: np.ndarray, label_sets: LabelSets, available: np.ndarray,
@@ -67,25 +85,7 @@ def choose_examples(original: np.ndarray, label_sets: LabelSets, available: np.n
 
 
 # ---------------------------------------------------------------------------------
-# Formatting helpers.
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "&ndash;" if value is None else f"{100 * value:.{digits}f}%"
-
-
-def _fixed(value: float | None, digits: int = 3) -> str:
-    return "&ndash;" if value is None else f"{value:.{digits}f}"
-
-
-def _count(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return _esc(value)
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.4g}"
+# Helpers.
 
 
 def _figure_uri(fig: Figure) -> str:
@@ -202,7 +202,11 @@ def plot_model_zoo(zoo: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------
-# Sections.
+# Sections: the data each template under templates/report/ shows.
+
+SECTION_ORDER = ("summary", "models", "oracle_comparison", "plots", "cooccurrence", "beats_oracle",
+                 "model_zoo", "examples")
+FORMATS = ("text", "count", "pct", "pct1", "fixed")
 
 
 def _display_names(report: Mapping[str, Any]) -> dict[int, str]:
@@ -211,118 +215,71 @@ def _display_names(report: Mapping[str, Any]) -> dict[int, str]:
     return {int(k): v.get("display_name") or v["name"] for k, v in report["per_class"].items()}
 
 
-def _cards(items: Sequence[tuple[str, str, str]]) -> str:
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="value">{value}</div><div class="label">{_esc(label)}</div>'
-        f'<div class="note">{_esc(note)}</div></div>' for label, value, note in items) + "</div>"
-
-
 def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, Mapping):
         return [row for k, v in value.items() for row in _flatten(f"{prefix}{k}.", v)]
     return [(prefix[:-1], value)]
 
 
-def _summary_section(report: Mapping[str, Any]) -> str:
+def _summary_section(report: Mapping[str, Any]) -> dict[str, Any]:
     s = report["summary"]
     images = max(s["images"], 1)
     cards = [
-        ("images", _count(s["images"]), "with a label set and an original label"),
-        ("labels", _count(s["labels"]), "class labels in all sets"),
-        ("empty sets", _count(s["empty_sets"]), f"{100 * s['empty_sets'] / images:.1f}% of images, "
-                                                "excluded from ReaL accuracy"),
-        ("multi-label images", _count(s["multi_label_images"]),
+        ("images", count(s["images"]), "with a label set and an original label"),
+        ("labels", count(s["labels"]), "class labels in all sets"),
+        ("empty sets", count(s["empty_sets"]), f"{100 * s['empty_sets'] / images:.1f}% of images, "
+                                               "excluded from ReaL accuracy"),
+        ("multi-label images", count(s["multi_label_images"]),
          f"{100 * s['multi_label_images'] / images:.1f}% have 2+ labels"),
-        ("mean set size", _fixed(s["mean_set_size"]),
-         "over non-empty sets"),
-        ("original labels, ReaL accuracy", _pct(s["original_label_real_accuracy"]),
+        ("mean set size", fixed(s["mean_set_size"]), "over non-empty sets"),
+        ("original labels, ReaL accuracy", pct(s["original_label_real_accuracy"]),
          "original label is in the set"),
-        ("unbiased oracle", _pct(report["oracle"]["class_mean_accuracy"]),
+        ("unbiased oracle", pct(report["oracle"]["class_mean_accuracy"]),
          "mean class accuracy of picking a set label at random"),
     ]
-    run = _flatten("", report.get("run") or {})
-    facts = ""
-    if run:
-        facts = ('<table class="facts">' + "".join(
-            f"<tr><th>{_esc(k)}</th><td>{_count(v)}</td></tr>" for k, v in run) + "</table>")
-    return f"<section><h2>Summary</h2>{_cards(cards)}{facts}</section>"
+    return {"template": "report/summary.html.j2",
+            "cards": [{"label": label, "value": value, "note": note} for label, value, note in cards],
+            "facts": _flatten("", report.get("run") or {})}
 
 
-def _models_section(report: Mapping[str, Any]) -> str:
-    models = report["models"]
-    if not models:
-        return ('<section><h2>Models</h2><p class="muted">No model predictions were given; '
-                "the page shows the labels only.</p></section>")
-    subsets = list(report["subsets"])
-    head = ("<tr><th>model</th><th>images</th><th>original</th><th>ReaL</th><th>multi-label</th>"
-            "<th>strict top-k</th>" + "".join(f"<th>ReaL, {_esc(s)}</th>" for s in subsets) +
-            "<th>classes above oracle</th></tr>")
-    colors = _model_colors(report)
-    rows = []
-    for name, m in models.items():
-        missing = f' <span class="muted">({m["n_missing"]:,} missing)</span>' if m["n_missing"] else ""
-        strict = _pct(m["strict_topk_accuracy"]) if m["has_logits"] else '<span class="muted">top-1 only</span>'
-        rows.append(
-            f'<tr><td><span class="swatch" style="background:{colors[name]}"></span>{_esc(name)}</td>'
-            f'<td class="num">{m["n_images"]:,}{missing}</td>'
-            f'<td class="num">{_pct(m["original_accuracy"])}</td>'
-            f'<td class="num strong">{_pct(m["real_accuracy"])}</td>'
-            f'<td class="num">{_pct(m["multilabel_accuracy"])}</td><td class="num">{strict}</td>' +
-            "".join(f'<td class="num">{_pct(m["subsets"][s]["real_accuracy"])}</td>' for s in subsets) +
-            f'<td class="num">{m["classes_beating_oracle"]:,}</td></tr>')
-    return (f'<section><h2>Models</h2><table class="data">{head}{"".join(rows)}</table>'
-            '<p class="muted">original: top-1 equals the original label. ReaL: top-1 is in the '
-            "label set (empty sets excluded). multi-label: ReaL correctness averaged per class "
-            "(Shankar et al.). strict top-k: the top-|set| predictions equal the set. classes "
-            "above oracle: classes where the model's accuracy against the original label beats "
-            "a model guessing uniformly among the set's labels.</p></section>")
+def _models_section(report: Mapping[str, Any]) -> dict[str, Any]:
+    return {"template": "report/models.html.j2", "models": report["models"],
+            "subsets": list(report["subsets"]), "colors": _model_colors(report)}
 
 
-def _figure(alt: str, uri: str, caption: str) -> str:
-    """A plot with its caption (``caption`` is trusted HTML written here)."""
-    return f'<figure><img alt="{_esc(alt)}" src="{uri}"><figcaption>{caption}</figcaption></figure>'
+def _oracle_comparison_section(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    comparison = report.get("oracle_comparison")
+    if not comparison or not comparison["models"]:
+        return None
+    rows = [[name, m["original_accuracy"], m["real_accuracy"], m["class_mean_accuracy_on_oracle_images"],
+             m["classes_beating_oracle"], m["share_of_classes_beating_oracle"],
+             m["most_affected_mean_accuracy"], m["most_affected_classes_beating_oracle"]]
+            for name, m in comparison["models"].items()]
+    n_affected = comparison["most_affected_classes"]
+    return table_section(
+        "oracle_comparison", "Models against the unbiased oracle",
+        ["model", "original", "ReaL", "class mean on oracle images", "classes above oracle",
+         "share of classes", f"mean on the {n_affected} most affected", "most affected above oracle"],
+        rows, ["text", "pct", "pct", "pct", "count", "pct1", "pct", "count"],
+        text=f"The unbiased oracle (a model picking one label of each set at random) scores "
+             f"{_percent_text(comparison['oracle_class_mean_accuracy'])} class-mean accuracy against the "
+             f"original labels over {comparison['classes_with_oracle']:,} classes. A model above it on a "
+             "class has learned which of several present objects the original labellers picked: the "
+             "labelling bias, not the image (the paper's Figure 6).")
 
 
-def _plot_sections(report: Mapping[str, Any]) -> str:
-    """Class-accuracy curves, subsets (bars and table) and set sizes."""
-    curves = _figure(
-        "sorted class accuracy", plot_class_curves(report),
-        "Per-class accuracy against the original label, each curve sorted, on the images whose "
-        "label set contains the original label. The dashed curve is the unbiased oracle (mean of "
-        "1/|set|). A model above it on a class has learned which of several present objects the "
-        "original labellers picked.")
-    bars = _figure(
-        "accuracy by subset", plot_subsets(report),
-        "Accuracy per class subset (dogs: the 118 classes under WordNet <i>dog</i>; organisms: "
-        "the classes under <i>organism</i>; objects: the rest), by original label. Grey: how "
-        "often the original label itself is in the label set.")
-    sizes = _figure("label set sizes", plot_set_sizes(report), "Images by label-set size.")
-    return (f"<section><h2>Class accuracy against the oracle</h2>{curves}</section>"
-            f"<section><h2>Subsets</h2>{bars}{_subset_table(report)}</section>"
-            f"<section><h2>Label-set sizes</h2>{sizes}</section>")
+def _percent_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _subset_table(report: Mapping[str, Any]) -> str:
-    rows = "".join(
-        f'<tr><td>{_esc(name)}</td><td class="num">{s["n_classes"]:,}</td>'
-        f'<td class="num">{s["n_images"]:,}</td><td class="num">{s["empty_sets"]:,}</td>'
-        f'<td class="num">{s["multi_label_images"]:,}</td>'
-        f'<td class="num">{_fixed(s["mean_set_size"])}</td>'
-        f'<td class="num">{_pct(s["original_label_real_accuracy"])}</td>'
-        f'<td class="num">{_pct(s["oracle_accuracy"])}</td></tr>'
-        for name, s in report["subsets"].items())
-    return ('<table class="data"><tr><th>subset</th><th>classes</th><th>images</th><th>empty sets</th>'
-            "<th>multi-label images</th><th>mean set size</th><th>original label in set</th>"
-            f"<th>oracle (class mean)</th></tr>{rows}</table>")
+def _plots_section(report: Mapping[str, Any]) -> dict[str, Any]:
+    return {"template": "report/plots.html.j2", "curves": plot_class_curves(report),
+            "bars": plot_subsets(report), "sizes": plot_set_sizes(report), "subsets": report["subsets"]}
 
 
-def _cooccurrence_section(report: Mapping[str, Any]) -> str:
+def _cooccurrence_section(report: Mapping[str, Any]) -> dict[str, Any]:
     models = list(report["models"])
-    colors = _model_colors(report)
     names = _display_names(report)
-    head = ("<tr><th>class</th><th>images</th><th>oracle</th>" +
-            "".join(f'<th><span class="swatch" style="background:{colors[m]}"></span>{_esc(m)}</th>'
-                    for m in models) + "<th>co-occurring classes (share of images)</th></tr>")
     rows = []
     for label in report["oracle"]["most_affected_classes"]:
         c = report["per_class"][str(label)]
@@ -330,44 +287,26 @@ def _cooccurrence_section(report: Mapping[str, Any]) -> str:
         cells = []
         for m in models:
             acc = c["models"][m]["accuracy_on_oracle_images"]
-            above = acc is not None and oracle is not None and acc > oracle
-            cells.append(f'<td class="num{" above" if above else ""}">{_pct(acc, 1)}</td>')
-        together = ", ".join(f"{_esc(names[t['label']])} <span class=\"muted\">{100 * t['share']:.0f}%</span>"
-                             for t in c["top_cooccurring"])
-        rows.append(f'<tr><td>{_esc(names[label])}</td><td class="num">{c["n_oracle_images"]:,}</td>'
-                    f'<td class="num">{_pct(oracle, 1)}</td>{"".join(cells)}<td>{together}</td></tr>')
-    return ("<section><h2>Classes most affected by co-occurrence</h2>"
-            '<p class="muted">The classes where the unbiased oracle is weakest: their images most '
-            "often show other classes too. Model accuracies are against the original label on the "
-            "same images; <span class=\"above\">highlighted</span> where the model beats the oracle."
-            f'</p><table class="data">{head}{"".join(rows)}</table></section>')
+            cells.append({"accuracy": acc, "above": acc is not None and oracle is not None and acc > oracle})
+        rows.append({"name": names[label], "n_oracle_images": c["n_oracle_images"], "oracle": oracle,
+                     "cells": cells, "together": [{"name": names[t["label"]], "share": t["share"]}
+                                                  for t in c["top_cooccurring"]]})
+    return {"template": "report/cooccurrence.html.j2", "models": models, "colors": _model_colors(report),
+            "rows": rows}
 
 
-def _beats_oracle_section(report: Mapping[str, Any]) -> str:
-    blocks = []
+def _beats_oracle_section(report: Mapping[str, Any]) -> dict[str, Any] | None:
     names = _display_names(report)
-    for name, m in report["models"].items():
-        if not m["beats_oracle"]:
-            continue
-        rows = "".join(
-            f'<tr><td>{_esc(names[b["label"]])}</td><td class="num">{b["n_images"]:,}</td>'
-            f'<td class="num">{_pct(b["model_accuracy"], 1)}</td>'
-            f'<td class="num">{_pct(b["oracle_accuracy"], 1)}</td>'
-            f'<td class="num strong">+{100 * b["margin"]:.1f}</td></tr>' for b in m["beats_oracle"])
-        blocks.append(
-            f"<details><summary>{_esc(name)}: above the oracle on {m['classes_beating_oracle']:,} "
-            f"classes (largest margins)</summary><table class=\"data\"><tr><th>class</th>"
-            "<th>images</th><th>model</th><th>oracle</th><th>margin (points)</th></tr>"
-            f"{rows}</table></details>")
-    if not blocks:
-        return ""
-    return "<section><h2>Where models beat the oracle</h2>" + "".join(blocks) + "</section>"
+    blocks = [{"name": name, "count": m["classes_beating_oracle"],
+               "rows": [{**b, "name": names[b["label"]]} for b in m["beats_oracle"]]}
+              for name, m in report["models"].items() if m["beats_oracle"]]
+    return {"template": "report/beats_oracle.html.j2", "blocks": blocks} if blocks else None
 
 
-def _model_zoo_section(report: Mapping[str, Any]) -> str:
+def _model_zoo_section(report: Mapping[str, Any]) -> dict[str, Any] | None:
     zoo = report.get("model_zoo")
     if not zoo:
-        return ""
+        return None
     fits = zoo["fits"]
     r = fits["all"]["r"]
     caption = (
@@ -376,109 +315,89 @@ def _model_zoo_section(report: Mapping[str, Any]) -> str:
         f'original accuracy {fits["lower_half"]["slope"]:.2f}, upper half '
         f'{fits["upper_half"]["slope"]:.2f}: a slope below 1 means gains on the original labels '
         "carry over less to ReaL.")
-    return (f'<section><h2>Original vs ReaL accuracy across {zoo["n_models"]:,} published models'
-            f'</h2>{_figure("model zoo", plot_model_zoo(zoo), caption)}</section>')
+    return {"template": "report/model_zoo.html.j2", "n_models": zoo["n_models"], "plot": plot_model_zoo(zoo),
+            "caption": caption}
 
 
-def _thumbnail_uri(data: bytes) -> str | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-    except (UnidentifiedImageError, OSError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _examples_section(report: Mapping[str, Any], examples: Sequence[ExampleImage]) -> str:
-    if not examples:
-        return ""
+def _examples_section(report: Mapping[str, Any], examples: Sequence[ExampleImage]) -> dict[str, Any] | None:
     names = _display_names(report)
     groups = []
     for kind, title in EXAMPLE_KINDS.items():
         tiles = []
         for ex in (e for e in examples if e.kind == kind):
-            uri = _thumbnail_uri(ex.data)
-            if uri is None:
-                continue
-            labels = ", ".join(_esc(names[j]) for j in ex.label_set) or "&ndash;"
-            tiles.append(f'<div class="tile"><img alt="{_esc(ex.file_name)}" src="{uri}">'
-                         f'<div><b>original:</b> {_esc(names[ex.original_label])}</div>'
-                         f'<div><b>set:</b> {labels}</div><div class="muted">{_esc(ex.file_name)}</div></div>')
+            uri = thumbnail_uri(ex.data, THUMBNAIL_SIDE)
+            if uri is not None:
+                tiles.append({"file_name": ex.file_name, "uri": uri, "original": names[ex.original_label],
+                              "labels": [names[j] for j in ex.label_set], "note": ex.note})
         if tiles:
-            groups.append(f'<h3>{_esc(title)}</h3><div class="gallery">{"".join(tiles)}</div>')
-    return "<section><h2>Examples</h2>" + "".join(groups) + "</section>" if groups else ""
+            groups.append({"title": title, "tiles": tiles})
+    return {"template": "report/examples.html.j2", "groups": groups} if groups else None
 
 
-_CSS = """
-:root { --ink:#1f2328; --muted:#656d76; --line:#d8dee4; --bg:#f6f8fa; --accent:#4e79a7; }
-* { box-sizing: border-box; }
-body { margin:0; font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
-       color:var(--ink); background:#fff; }
-header { background:linear-gradient(135deg,#24476b,#4e79a7); color:#fff; padding:28px 0 22px; }
-header h1 { margin:0 0 4px; font-size:26px; font-weight:650; }
-header p { margin:0; opacity:.85; }
-main, .wrap { max-width:1180px; margin:0 auto; padding:0 24px; }
-section { margin:28px 0; }
-h2 { font-size:19px; margin:0 0 12px; padding-bottom:6px; border-bottom:1px solid var(--line); }
-h3 { font-size:15px; margin:16px 0 8px; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(138px,1fr)); gap:12px; }
-.card { background:var(--bg); border:1px solid var(--line); border-radius:8px; padding:12px 14px; }
-.card .value { font-size:24px; font-weight:650; color:var(--accent); }
-.card .label { font-weight:600; }
-.card .note { color:var(--muted); font-size:12px; }
-table { border-collapse:collapse; }
-table.data { width:100%; font-size:13.5px; margin-top:10px; }
-table.data th { text-align:left; background:var(--bg); font-weight:600; }
-table.data th, table.data td { padding:5px 8px; border-bottom:1px solid var(--line); vertical-align:top; }
-table.data tr:hover td { background:#fafbfc; }
-table.facts { margin-top:14px; font-size:13px; }
-table.facts th { text-align:left; color:var(--muted); font-weight:500; padding:2px 16px 2px 0; }
-td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
-.strong { font-weight:650; }
-.above { background:#fde8c8; }
-.muted { color:var(--muted); font-size:12.5px; }
-.swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:6px; }
-figure { margin:0; }
-figure img { max-width:100%; height:auto; }
-figcaption { color:var(--muted); font-size:13px; margin-top:4px; max-width:860px; }
-.row { display:flex; flex-wrap:wrap; gap:24px; align-items:flex-start; }
-.row figure { flex:1 1 420px; }
-details { margin:8px 0; } summary { cursor:pointer; font-weight:600; }
-.gallery { display:grid; grid-template-columns:repeat(auto-fill,minmax(200px,1fr)); gap:14px; }
-.tile { font-size:12.5px; } .tile img { width:100%; aspect-ratio:4/3; object-fit:cover; border-radius:6px;
-              border:1px solid var(--line); }
-footer { color:var(--muted); font-size:12.5px; border-top:1px solid var(--line); padding:16px 0 40px; }
-"""
+def table_section(section_id: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                  formats: Sequence[str] | None = None, *, text: str | None = None,
+                  caption: str | None = None, after: str | None = None) -> dict[str, Any]:
+    """A data-driven section (see the module docstring) holding one table; JSON-ready, so
+    a stage can put it in ``report["sections"]``."""
+    formats = list(formats or ["text"] * len(columns))
+    if len(formats) != len(columns) or any(f not in FORMATS for f in formats):
+        raise ValueError(f"section {section_id!r}: one format per column, each one of {FORMATS}")
+    if any(len(row) != len(columns) for row in rows):
+        raise ValueError(f"section {section_id!r}: every row needs {len(columns)} cells")
+    section = {"id": section_id, "title": title, "tables": [
+        {"columns": list(columns), "rows": [list(r) for r in rows], "formats": formats, "caption": caption}]}
+    if text:
+        section["text"] = text
+    if after:
+        section["after"] = after
+    return section
+
+
+def _generic(section: Mapping[str, Any]) -> dict[str, Any]:
+    """An extra section, its tables' formats completed with "text"."""
+    tables = []
+    for table in section.get("tables") or []:
+        formats = list(table.get("formats") or [])
+        tables.append({"caption": None, **table,
+                       "formats": formats + ["text"] * (len(table["columns"]) - len(formats))})
+    return {"id": None, "text": None, "cards": [], **section, "tables": tables,
+            "template": "report/generic.html.j2"}
+
+
+def page_sections(report: Mapping[str, Any], examples: Sequence[ExampleImage] = ()) -> list[dict[str, Any]]:
+    """The page's sections in order: the built-in ones, each extra section of
+    ``report["sections"]`` after the one its ``after`` names (else before the examples)."""
+    built = {
+        "summary": _summary_section(report),
+        "models": _models_section(report),
+        "oracle_comparison": _generic(comparison) if (comparison := _oracle_comparison_section(report)) else None,
+        "plots": _plots_section(report),
+        "cooccurrence": _cooccurrence_section(report),
+        "beats_oracle": _beats_oracle_section(report),
+        "model_zoo": _model_zoo_section(report),
+        "examples": _examples_section(report, examples),
+    }
+    extra: dict[str, list[dict[str, Any]]] = {}
+    for section in report.get("sections") or []:
+        after = section.get("after") or "model_zoo"
+        if after not in built:
+            raise ValueError(f"report section {section.get('id')!r}: 'after' must be one of {SECTION_ORDER}")
+        extra.setdefault(after, []).append(_generic(section))
+    ordered = []
+    for section_id in SECTION_ORDER:
+        if built[section_id] is not None:
+            ordered.append(built[section_id])
+        ordered.extend(extra.get(section_id, []))
+    return ordered
 
 
 def render_html(report: Mapping[str, Any], examples: Sequence[ExampleImage] = ()) -> str:
-    """The whole page for a report dict (see ``pipelines.report.build_report``)."""
+    """The whole page for a report dict (see ``auditing.report.build_report``)."""
     run = report.get("run") or {}
     release = " ".join(str(run[k]) for k in ("release_name", "release_version") if k in run)
-    title = f"Label audit{': ' + release if release else ''}"
     s = report["summary"]
-    subtitle = (f"{s['images']:,} images, {s['labels']:,} labels, {len(report['models'])} model(s). "
-                f"Generated {report['generated_at']}.")
-    body = "".join([
-        _summary_section(report),
-        _models_section(report),
-        _plot_sections(report),
-        _cooccurrence_section(report),
-        _beats_oracle_section(report),
-        _model_zoo_section(report),
-        _examples_section(report, examples),
-    ])
-    footer = ("Method: Beyer et al., <i>Are we done with ImageNet?</i> (2020) for label sets, ReaL "
-              "accuracy, co-occurrence and the unbiased oracle; Shankar et al., <i>Evaluating machine "
-              "accuracy on ImageNet</i> (2020) for multi-label accuracy and the subsets. Every number "
-              "on this page is in report.json beside it.")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
-            f'<header><div class="wrap"><h1>{_esc(title)}</h1><p>{_esc(subtitle)}</p></div></header>'
-            f"<main>{body}</main><footer><div class=\"wrap\">{footer}</div></footer></body></html>\n")
+    return templating.render(
+        "report.html.j2", title=f"Label audit{': ' + release if release else ''}",
+        subtitle=(f"{s['images']:,} images, {s['labels']:,} labels, {len(report['models'])} model(s). "
+                  f"Generated {report['generated_at']}."),
+        sections=page_sections(report, examples)) + "\n"

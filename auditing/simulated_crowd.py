@@ -80,3 +80,12 @@ def simulate_task_votes(tasks: pd.DataFrame, truth: Mapping[str, frozenset[int]]
                 answer = ANSWERS[rng.choice(3, p=matrix[int(state)])]
                 rows.append((str(task_id), file_name, int(label), rater, answer))
     return pd.DataFrame(rows, columns=["task_id", "file_name", "label", "rater_id", "answer"])
+
+
+def calibrated_confusions(votes: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per rater, the 2 x 3 confusion matrix measured on real ``votes``: the default
+    Dawid-Skene posteriors of their questions, then ``rater_confusions``. This is how
+    the simulated crowd and the raters' history are calibrated on the ReaL votes."""
+    from auditing import aggregation
+
+    return rater_confusions(votes, aggregation.aggregate(votes).scores_)

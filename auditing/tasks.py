@@ -296,6 +296,9 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
     order (a sort); larger images are clustered together, all images with the same
     number of labels in one ``cluster_labels`` call.
     """
+    if not len(pairs):  # every image skipped: no task
+        return pd.DataFrame({"task_id": pd.Series(dtype=object), "file_name": pd.Series(dtype=object),
+                             "label": pd.Series(dtype=np.int64), "position": pd.Series(dtype=np.int64)})
     frame = pairs.assign(dfs=affinity.dfs_position[pairs["label"].to_numpy()])
     frame = frame.sort_values(["file_name", "dfs"], kind="stable").reset_index(drop=True)
     file_names, labels = frame["file_name"].to_numpy(dtype=object), frame["label"].to_numpy(np.int64)
@@ -376,6 +379,8 @@ def _task_bounds(tasks: TaskSet) -> tuple[pd.DataFrame, np.ndarray]:
     each task starts (plus the end): the order of ``task_records``."""
     q = tasks.questions.sort_values(["file_name", "task_id", "position"], kind="stable")
     file_names, ids = q["file_name"].to_numpy(dtype=object), q["task_id"].to_numpy(dtype=object)
+    if not len(q):
+        return q, np.zeros(1, np.int64)  # no task: no start, one end
     starts = np.flatnonzero(np.r_[True, (file_names[1:] != file_names[:-1]) | (ids[1:] != ids[:-1])])
     return q, np.r_[starts, len(q)]
 

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from auditing.errors import InputError
 from auditing import atomic
 from auditing import sources
 
@@ -63,7 +64,7 @@ REASONS: tuple[str, ...] = (MALFORMED_FIELD, MISSING_FIELD, UNPARSABLE_LABEL, EM
 QUARANTINE_COLUMNS: tuple[str, ...] = ("source", "row", "reason", "detail", *REQUIRED_COLUMNS)
 
 
-class VoteFileError(ValueError):
+class VoteFileError(InputError):
     """A vote file that cannot be parsed at all; the message names file, row and field."""
 
 
@@ -191,8 +192,9 @@ def _read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
     except UnicodeDecodeError as e:
         raise VoteFileError(f"{path}: not a UTF-8 JSONL vote file: {e}") from e
     frame = pd.DataFrame.from_records(records, columns=[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS])
-    frame = frame.dropna(axis=1, how="all").reindex(
-        columns=[*REQUIRED_COLUMNS, *[c for c in OPTIONAL_COLUMNS if c in frame.columns]])
+    # Optional fields no line has are left out (as a CSV without them would be).
+    given = frame.dropna(axis=1, how="all").columns
+    frame = frame.reindex(columns=[*REQUIRED_COLUMNS, *[c for c in OPTIONAL_COLUMNS if c in given]])
     frame["row"] = np.asarray(rows, dtype=np.int64)
     return frame
 
@@ -310,14 +312,16 @@ def _parse_labels(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
-                   source: str | os.PathLike | None = None) -> ValidatedVotes:
+                   source: str | os.PathLike | None = None, provenance: bool = False) -> ValidatedVotes:
     """Split raw vote rows (``read_votes``) into kept votes (the schema) and a counted
     quarantine (``QUARANTINE_COLUMNS``: source, row, reason, detail, raw fields).
 
     A row gets the first reason that applies, in ``REASONS`` order; among otherwise
     valid rows the first (rater_id, file_name, label) vote is kept and later ones are
     ``duplicate_vote``. ``source`` names the file (defaults to a ``source`` column of
-    ``raw`` if any, e.g. after concatenating files).
+    ``raw`` if any, e.g. after concatenating files). ``provenance=True`` keeps
+    ``source`` and ``row`` in the kept votes too (for checks made after this one that
+    quarantine more rows, e.g. ``auditing.gold``).
     """
     n = len(raw)
     rows = raw["row"].to_numpy() if "row" in raw.columns else np.arange(1, n + 1)
@@ -344,7 +348,10 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
 
     # A JSONL field holding a list or an object is no value of the schema.
     for field in REQUIRED_COLUMNS:
-        if columns[field].dtype == object:
+        # infer_dtype scans in C: only a column that is not all strings (or numbers)
+        # is looked at value by value.
+        if columns[field].dtype == object and pd.api.types.infer_dtype(columns[field], skipna=True) not in (
+                "string", "integer", "floating", "empty"):
             nested = columns[field].map(lambda v: isinstance(v, (list, dict))).to_numpy(dtype=bool)
             if nested.any():
                 mark(nested, MALFORMED_FIELD, f"field '{field}' holds a list or an object")
@@ -377,6 +384,8 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
     duplicate = np.zeros(n, dtype=bool)
     duplicate[valid] = kept.loc[valid].duplicated(["rater_id", "file_name", "label"], keep="first").to_numpy()
     mark(duplicate, DUPLICATE_VOTE, "a vote of this rater on this (file_name, label) came earlier")
+    if provenance:
+        kept["source"], kept["row"] = sources_, rows
 
     keep = reason == ""
     bad = ~keep

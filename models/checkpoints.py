@@ -16,6 +16,7 @@ missing, unexpected and wrongly shaped parameters.
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import hashlib
 import os
 from collections.abc import Callable, Mapping
@@ -37,7 +38,7 @@ _MAX_LISTED = 25
 Variables = dict[str, Any]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file cannot be read as Flax variables."""
 
 

@@ -172,19 +172,25 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """Images (n, h, w, 3), normalised, -> logits (n, num_classes). Inference only (no dropout)."""
+    """Images (n, h, w, 3), normalised, -> logits (n, num_classes). Inference only (no dropout).
+
+    ``return_features=True`` gives ``(logits, features)``, ``features`` (n, 1280) being the
+    global-pooled head activations the classifier reads, from the same forward pass.
+    """
 
     blocks: tuple[BlockConfig, ...]
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array,
+                 return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         x = jax.nn.relu6(_batch_norm("bn0")(_conv(STEM_FEATURES, 3, "conv_stem", stride=2)(images)))
         for i, cfg in enumerate(self.blocks):
             x = MBConvBlock(cfg, name=f"blocks_{i}")(x)
         x = jax.nn.relu6(_batch_norm("bn1")(_conv(HEAD_FEATURES, 1, "conv_head")(x)))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="fc")(x)
+        features = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, name="fc")(features)
+        return (logits, features) if return_features else logits
 
 
 Model = EfficientNetLite
@@ -193,6 +199,12 @@ Model = EfficientNetLite
 def build(name: str, num_classes: int = 1000) -> EfficientNetLite:
     variant = VARIANTS[name]
     return EfficientNetLite(block_configs(variant.width, variant.depth), num_classes=num_classes)
+
+
+def num_features(name: str) -> int:
+    """Length of the penultimate feature vector (the head is not width-scaled in Lite)."""
+    VARIANTS[name]  # a KeyError for an unknown variant
+    return HEAD_FEATURES
 
 
 def bundled_weights(name: str) -> tuple[Path, str]:

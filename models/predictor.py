@@ -1,14 +1,17 @@
-"""JitPredictor: preprocessed images -> (logits, probabilities), one compiled function per model.
+"""JitPredictor: preprocessed images -> (logits, penultimate features), one compiled function per model.
 
 The forward pass is ``jax.jit``-compiled once for a fixed ``(batch_size, crop, crop, 3)``
 input and dtype; every call is cut into batches of that size and the last one padded
 with zeros, so a run over 50,000 images compiles exactly once whatever the count.
 The variables are put on the device once, at construction.
+
+Probabilities are not computed here: every consumer derives them from the logits
+(``auditing.predictions.softmax``), once, the way every reader of a stored file does.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger(__name__)
 
 
+class PredictorOutput(NamedTuple):
+    """What a predictor gives for n images; ``features`` is None for a predictor without them."""
+
+    logits: np.ndarray  # (n, num_classes) float32
+    features: np.ndarray | None  # (n, num_features) float32: global-pooled, before the classifier
+
+
 def default_dtype() -> str:
     """bfloat16 where the default backend has fast bfloat16 (GPU, TPU), float32 on CPU."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -28,8 +38,8 @@ def default_dtype() -> str:
 class JitPredictor:
     """Runs ``spec``'s model over preprocessed images.
 
-    ``dtype="bfloat16"`` casts the variables and activations (logits and probabilities
-    still come back float32); ``"auto"`` picks it on GPU/TPU and float32 on CPU.
+    ``dtype="bfloat16"`` casts the variables and activations (logits and features still
+    come back float32); ``"auto"`` picks it on GPU/TPU and float32 on CPU.
     """
 
     def __init__(self, spec: ModelSpec, batch_size: int = 32, dtype: str = "float32",
@@ -55,8 +65,9 @@ class JitPredictor:
 
     def _forward_impl(self, variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         self.trace_count += 1  # a Python side effect: runs only while tracing
-        logits = self._module.apply(variables, images.astype(_DTYPES[self.dtype])).astype(jnp.float32)
-        return logits, jax.nn.softmax(logits, axis=-1)
+        logits, features = self._module.apply(variables, images.astype(_DTYPES[self.dtype]),
+                                              return_features=True)
+        return logits.astype(jnp.float32), features.astype(jnp.float32)
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -69,8 +80,9 @@ class JitPredictor:
                              f"{self.spec.crop_size}, 3), got {images.shape}")
         return images.astype(np.float32, copy=False)
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``images`` float32 (n, crop, crop, 3), preprocessed -> ``(logits, probs)`` float32 (n, classes)."""
+    def predict(self, images: np.ndarray) -> PredictorOutput:
+        """``images`` float32 (n, crop, crop, 3), preprocessed -> logits (n, classes) and
+        features (n, num_features), both float32."""
         images = self._check(images)
         n = len(images)
         pending = []
@@ -82,10 +94,10 @@ class JitPredictor:
             # Dispatch is asynchronous: the next batch is copied while this one computes.
             pending.append(self._forward(self._variables, jax.device_put(chunk, self.device)))
         logits = np.zeros((n, self.spec.num_classes), np.float32)
-        probs = np.zeros((n, self.spec.num_classes), np.float32)
-        for i, (batch_logits, batch_probs) in enumerate(pending):
+        features = np.zeros((n, self.spec.num_features), np.float32)
+        for i, (batch_logits, batch_features) in enumerate(pending):
             start = i * self.batch_size
             stop = min(start + self.batch_size, n)
             logits[start:stop] = np.asarray(batch_logits)[:stop - start]
-            probs[start:stop] = np.asarray(batch_probs)[:stop - start]
-        return logits, probs
+            features[start:stop] = np.asarray(batch_features)[:stop - start]
+        return PredictorOutput(logits, features)

@@ -2,12 +2,15 @@
 
 Each family is one module under ``models/`` (big_vision style) exposing ``VARIANTS``
 (name -> sizes), ``MEAN_RGB``/``STDDEV_RGB``, ``build(name)``, ``bundled_weights(name)``
-(``(path, sha256)`` or None), ``convert_torch(path)`` and ``CONVERTER``. Adding a
+(``(path, sha256)`` or None), ``num_features(name)`` (the penultimate feature length),
+``convert_torch(path)`` and ``CONVERTER``; ``build(name)``'s module takes
+``return_features=True`` to give ``(logits, features)``. Adding a
 model family is adding one such file and its name to ``FAMILIES``.
 
     spec = get_model("efficientnet-lite0")
     module, variables = spec.load()          # variables = {"params": ..., "batch_stats": ...}
     logits = module.apply(variables, spec.preprocess(image)[None])
+    logits, features = module.apply(variables, batch, return_features=True)  # one pass
 """
 from __future__ import annotations
 
@@ -69,6 +72,11 @@ class ModelSpec:
 
     def build(self) -> nn.Module:
         return _family(self.family).build(self.name, num_classes=self.num_classes)
+
+    @property
+    def num_features(self) -> int:
+        """Length of the penultimate (global-pooled) feature vector."""
+        return _family(self.family).num_features(self.name)
 
     def input_shape(self, batch_size: int = 1) -> tuple[int, int, int, int]:
         return (batch_size, self.crop_size, self.crop_size, 3)

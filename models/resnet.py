@@ -63,21 +63,27 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Images (n, h, w, 3), normalised, -> logits (n, num_classes). Inference only."""
+    """Images (n, h, w, 3), normalised, -> logits (n, num_classes). Inference only.
+
+    ``return_features=True`` gives ``(logits, features)``, ``features`` (n, 2048) being the
+    global-pooled last-stage activations the classifier reads, from the same forward pass.
+    """
 
     stage_sizes: tuple[int, ...]
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array,
+                 return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         x = nn.relu(_batch_norm("bn1")(_conv(64, 7, "conv1", stride=2)(images)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x = Bottleneck(64 * 2**stage, stride, name=f"layer{stage + 1}_{block}")(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="fc")(x)
+        features = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, name="fc")(features)
+        return (logits, features) if return_features else logits
 
 
 Model = ResNet
@@ -85,6 +91,11 @@ Model = ResNet
 
 def build(name: str, num_classes: int = 1000) -> ResNet:
     return ResNet(VARIANTS[name].stage_sizes, num_classes=num_classes)
+
+
+def num_features(name: str) -> int:
+    """Length of the penultimate feature vector: the last stage's 4x-expanded width."""
+    return 64 * 2 ** (len(VARIANTS[name].stage_sizes) - 1) * 4
 
 
 def bundled_weights(name: str) -> None:

@@ -19,6 +19,7 @@ with each tensor's dtype, storage offset, size and stride honoured:
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import collections
 import dataclasses
 import io
@@ -51,11 +52,11 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, InputError):
     """The pickle references a global outside the tensor-state-dict allowlist."""
 
 
-class TorchCheckpointError(ValueError):
+class TorchCheckpointError(InputError):
     """The file is not a readable torch tensor checkpoint (truncated, wrong layout...)."""
 
 

@@ -2,11 +2,16 @@
 exposing ``add_arguments(parser)`` and ``main(args) -> int``.
 
     label-audit run CONFIG [--out DIR]       every stage the config declares  (run.py)
-    label-audit reaudit CONFIG [--out DIR]   new version if anything changed  (run.py)
-    label-audit predict --model NAME ...     stage 1 on image files           (predict.py)
-    label-audit propose --predictions ...    stage 2 label proposals          (propose.py)
-    label-audit tasks --proposals ...        stage 4 crowd tasks              (tasks.py)
-    label-audit report --labels ...          stage 7 report                   (report.py)
+    label-audit reaudit CONFIG [--out DIR]   new version if anything changed  (reaudit.py)
+    label-audit explain OUT STAGE            why a stage re-ran               (explain.py)
+    label-audit predict --model NAME ...     predict image files              (predict.py)
+    label-audit propose --predictions ...    label proposals                  (propose.py)
+    label-audit tasks --proposals ...        crowd tasks                      (tasks.py)
+    label-audit report --labels ...          the report                       (report.py)
+
+Exit codes: 0 success (reaudit: a new version), 3 nothing changed (reaudit), 2 an
+input error (one line naming the file, key or row), 1 an internal error (a traceback:
+please report it).
 """
 from __future__ import annotations
 
@@ -14,7 +19,12 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
+
+from auditing.errors import InputError
+
+EXIT_INTERNAL, EXIT_INPUT = 1, 2
 
 # subcommand -> (module, one-line help). Modules are imported only when used, so
 # `label-audit report` does not pay for importing JAX.
@@ -22,6 +32,7 @@ COMMANDS = {
     "run": ("pipelines.run", "run every stage a config declares"),
     "reaudit": ("pipelines.reaudit", "re-run a config against its latest release; exit 0 new version, "
                                      "3 nothing changed"),
+    "explain": ("pipelines.explain", "say why a stage re-ran: what its stored keys were made of"),
     "predict": ("pipelines.predict", "predict image files with a model; write a predictions NPZ"),
     "propose": ("pipelines.propose", "pool label proposals from prediction NPZ files"),
     "tasks": ("pipelines.tasks", "build crowd tasks (JSONL/CSV) from proposals"),
@@ -56,7 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "apache_beam", "jax", "tensorflow_datasets", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except InputError as e:  # the user's input: one line, no traceback
+        print(f"label-audit: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception:
+        traceback.print_exc()
+        print("label-audit: internal error (exit 1): please report it with the traceback above",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -32,9 +32,12 @@ import pydantic
 import yaml
 
 from auditing import sources
+from auditing.errors import InputError
+from auditing.gold import PresenceRule
+from auditing.labelsets import TFDS_WHEEL
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be used; the message names the file and the key."""
 
 
@@ -47,11 +50,17 @@ FileRef = Annotated[str, pydantic.Field(min_length=1)]
 
 
 class RunnerConfig(_Section):
-    """Where Beam runs. 'direct' is in-process; 'dataflow' needs the extra flags in
+    """Where Beam runs. 'direct' is in-process; 'direct-multiprocess' uses worker
+    processes; 'portable' submits to a job service (``job_endpoint``: 'embed' for Beam's
+    own, or a Flink / Spark job server HOST:PORT) executed by SDK workers over the Fn
+    API, as Dataflow Runner v2 does (a worker pool is started in isolated directories
+    unless ``environment_config`` names one); 'dataflow' needs the extra flags in
     ``options`` (see README: --project, --region, --temp_location, --setup_file...)."""
 
-    name: Literal["direct", "direct-multiprocess", "dataflow"] = "direct"
+    name: Literal["direct", "direct-multiprocess", "portable", "dataflow"] = "direct"
     num_workers: int = pydantic.Field(1, ge=1)
+    job_endpoint: str = "embed"
+    environment_config: str | None = None  # HOST:PORT of a running worker pool
     options: list[str] = []
 
 
@@ -83,7 +92,7 @@ class DatasetConfig(_Section):
     name: str = "imagenet2012"
     split: str = "validation"
     # TSV file_name<TAB>label, or 'tfds-wheel' for the 50k ILSVRC-2012 val labels.
-    original_labels: FileRef = "tfds-wheel"
+    original_labels: FileRef = TFDS_WHEEL
     images: ImagesConfig | None = None
 
 
@@ -95,7 +104,6 @@ class ModelConfig(_Section):
 class PredictConfig(_Section):
     models: list[ModelConfig] = []
     batch_size: int = pydantic.Field(32, ge=1)
-    top_k: int = pydantic.Field(5, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Predictions computed elsewhere: {model name: NPZ with file_names, logits}.
     predictions: dict[str, FileRef] = {}
@@ -106,6 +114,8 @@ class ProposeConfig(_Section):
     top_n: int | None = pydantic.Field(None, ge=1)
     # Instead of pooling: take the (image, label) questions of a ReaL raters.npz.
     questions: FileRef | None = None
+    # Rows of logits per Beam element (default: 5M values / number of classes).
+    rows_per_shard: int | None = pydantic.Field(None, ge=1)
 
 
 class SelectSubsetConfig(_Section):
@@ -129,10 +139,31 @@ class SimulatedCrowdConfig(_Section):
     calibration_votes: FileRef = "source:real_raters"
 
 
+class GoldConfig(_Section):
+    """Gold (control) questions: their truth, and the raters' answers on them
+    (auditing/gold.py). The truth comes from experts' votes with a rule ("present if at
+    least ``min_yes`` of ``of`` experts said yes") or from a ``file_name, label, truth``
+    file."""
+
+    experts: FileRef | None = None  # ReaL golden.npz, or a long vote file of the experts
+    truth: FileRef | None = None  # file_name, label, truth (CSV / JSONL / Parquet)
+    raters: list[FileRef]  # the raters' answers on the gold questions (any vote format)
+    format: Literal["auto", "real-npz", "csv", "jsonl", "parquet"] = "auto"
+    # With experts: a gold question is present if at least min_yes of its `of` experts said yes.
+    present_if: PresenceRule = PresenceRule(min_yes=3, of=5)
+
+    @pydantic.model_validator(mode="after")
+    def _one_truth(self) -> "GoldConfig":
+        if (self.experts is None) == (self.truth is None):
+            raise ValueError("gold needs exactly one of experts (expert votes) and truth (a truth file)")
+        return self
+
+
 class VotesConfig(_Section):
     paths: list[FileRef] = []
     format: Literal["auto", "real-npz", "csv", "jsonl", "parquet"] = "auto"
     simulate: SimulatedCrowdConfig | None = None
+    gold: GoldConfig | None = None
 
     @pydantic.model_validator(mode="after")
     def _some_votes(self) -> "VotesConfig":
@@ -142,19 +173,29 @@ class VotesConfig(_Section):
 
 
 class AggregateConfig(_Section):
-    method: Literal["dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad", "mace"] = "dawid-skene"
+    """``method`` names one module of auditing/aggregation/; ``params`` are its typed
+    parameters (auditing/aggregation/methods.py ``PARAMS``), checked before any stage runs."""
 
-    @pydantic.model_validator(mode="after")
-    def _history_needs_dawid_skene(self) -> "AggregateConfig":
-        if self.rater_history is not None and self.method != "dawid-skene":
-            raise ValueError(f"rater_history is a dawid-skene option, not one of {self.method!r}")
-        return self
+    method: Literal["gold-confusion", "dawid-skene", "majority-vote", "one-coin-dawid-skene", "glad",
+                    "mace"] = "dawid-skene"
     threshold: float = pydantic.Field(0.8, ge=0, lt=1)
     params: dict[str, Any] = {}
     # Raters' history (dawid-skene): their confusion matrices measured on these votes
     # (e.g. earlier audits) act as Dirichlet pseudo-counts worth `strength` votes each.
     rater_history: FileRef | None = None
     rater_history_strength: float = pydantic.Field(50.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _valid_params(self) -> "AggregateConfig":
+        from auditing.aggregation import AggregationParamsError, validate_params
+
+        if self.rater_history is not None and self.method != "dawid-skene":
+            raise ValueError(f"rater_history is a dawid-skene option, not one of {self.method!r}")
+        try:
+            validate_params(self.method, self.params)
+        except AggregationParamsError as e:
+            raise ValueError(f"params.{e.key}: {e}") from None
+        return self
 
 
 class ReleaseConfig(_Section):
@@ -172,6 +213,10 @@ class ReportConfig(_Section):
     published_labels: FileRef | None = None
     # Extra model predictions to evaluate: {name: NPZ (file_names + logits or top1)}.
     predictions: dict[str, FileRef] = {}
+    # timm's published original-vs-ReaL results, where a local copy exists.
+    model_zoo: bool = True
+    # Where index.html and report.json are published (default: <output_dir>/report).
+    out_dir: str | None = None
 
 
 class StagesConfig(_Section):
@@ -190,6 +235,9 @@ class AuditConfig(_Section):
     runner: RunnerConfig = RunnerConfig()
     dataset: DatasetConfig = DatasetConfig()
     stages: StagesConfig
+    # Artifacts given as files instead of computed by their stage, by artifact name:
+    # `label_sets: real.json` (real.json, or gold TSV / JSON) replaces the aggregate stage.
+    inputs: dict[str, FileRef] = {}
 
     # Set by load_config: where relative paths are resolved from.
     base_dir: str = "."
@@ -209,7 +257,7 @@ def resolve_ref(ref: str, base_dir: Path) -> str:
             return str(importlib.resources.files(package) / inside)
         except ModuleNotFoundError:
             raise ConfigError(f"{ref}: package {package!r} is not installed") from None
-    if ref == "tfds-wheel":
+    if ref == TFDS_WHEEL:
         return ref
     if "://" in ref:
         from pipelines.remote import RemoteInputError, localize
@@ -243,11 +291,16 @@ def file_refs(config: AuditConfig) -> list[tuple[str, str]]:
         refs.append(("stages.select_subset.gold", s.select_subset.gold))
     if s.votes:
         refs += [(f"stages.votes.paths[{i}]", p) for i, p in enumerate(s.votes.paths)]
+        if s.votes.gold:
+            gold = s.votes.gold
+            refs += [(f"stages.votes.gold.{k}", getattr(gold, k)) for k in ("experts", "truth") if getattr(gold, k)]
+            refs += [(f"stages.votes.gold.raters[{i}]", p) for i, p in enumerate(gold.raters)]
         if s.votes.simulate:
             refs.append(("stages.votes.simulate.truth", s.votes.simulate.truth))
             refs.append(("stages.votes.simulate.calibration_votes", s.votes.simulate.calibration_votes))
     if s.aggregate and s.aggregate.rater_history:
         refs.append(("stages.aggregate.rater_history", s.aggregate.rater_history))
+    refs += [(f"inputs.{k}", v) for k, v in config.inputs.items()]
     if s.report:
         if s.report.published_labels:
             refs.append(("stages.report.published_labels", s.report.published_labels))
@@ -302,6 +355,6 @@ def load_config(path: str | os.PathLike, output_dir: str | None = None,
                 resolved = config.resolve(ref)
             except (sources.SourceError, KeyError, ConfigError) as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
-            if resolved != "tfds-wheel" and not os.path.exists(resolved):
+            if resolved != TFDS_WHEEL and not os.path.exists(resolved):
                 raise ConfigError(f"{path}: {key}: file not found: {resolved}")
     return config

@@ -25,6 +25,7 @@ whole data set was predicted).
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import abc
 import dataclasses
 import functools
@@ -48,7 +49,7 @@ QUARANTINED = "quarantined"
 _TFDS_READ_CHUNK = 64
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(InputError):
     """An image folder, labels file or dataset that cannot be read as asked."""
 
 

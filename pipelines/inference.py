@@ -2,9 +2,11 @@
 
 ``PredictImages(spec)`` is the composite step: ImageRecord -> decode + the model's
 preprocess on the workers (``pipelines.images.DecodeImages``) -> ``RunInference`` with
-``FlaxClassifierHandler`` -> one ``ImagePrediction`` per image read: full logits plus
-the top-k classes with their logits and probabilities, or, for an image that could
-not be decoded, ``scores=None`` and its ``quarantine_reason``. Quarantined images ride
+``FlaxClassifierHandler`` -> one ``ImagePrediction`` per image read: full logits and the
+penultimate features of the same forward pass, or, for an image that could not be
+decoded, ``scores=None`` and its ``quarantine_reason``. Top-k classes and probabilities
+are derived from the stored logits by whoever reads them (``auditing.predictions``),
+so softmax is computed by no step here. Quarantined images ride
 through RunInference as ``None`` (skipped by the handler) rather than in a second
 PCollection, so downstream steps see every image of a shard in one stream.
 
@@ -23,24 +25,23 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from auditing.predictions import softmax, top_k
 from pipelines.images import DecodeImages, ImageKey
 
 if TYPE_CHECKING:
     from models.registry import ModelSpec
 
 # (spec, batch_size, dtype) -> a predictor like models.predictor.JitPredictor, whose
-# predict(images (n, H, W, 3) float32) gives (logits (n, C), probabilities (n, C)).
+# predict(images (n, H, W, 3) float32) gives a models.predictor.PredictorOutput:
+# .logits (n, C) and .features (n, D) or None.
 PredictorFactory = Callable[["ModelSpec", int, str], Any]
 
 
 class ClassScores(NamedTuple):
-    """One image's model output: full logits and the top-k classes."""
+    """One image's model output: full logits and, where the model gives them, its
+    penultimate features."""
 
     logits: np.ndarray  # (C,) float32
-    top_k_labels: np.ndarray  # (k,) int, most likely first
-    top_k_logits: np.ndarray  # (k,) float32
-    top_k_probs: np.ndarray  # (k,) float32, softmax over all C classes
+    features: np.ndarray | None = None  # (D,) float32
 
 
 class ImagePrediction(NamedTuple):
@@ -86,14 +87,13 @@ class FlaxClassifierHandler(ModelHandler[np.ndarray | None, ClassScores | None, 
     A None example (a quarantined image) takes no model time and gives None.
     """
 
-    def __init__(self, spec: ModelSpec, batch_size: int = 32, dtype: str = "float32", top_k: int = 5,
+    def __init__(self, spec: ModelSpec, batch_size: int = 32, dtype: str = "float32",
                  predictor_factory: PredictorFactory = jit_predictor):
         # min = max = batch: every batch but a bundle's last has the compiled shape.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._spec = spec
         self._batch_size = batch_size
         self._dtype = dtype
-        self._top_k = top_k
         self._predictor_factory = predictor_factory
 
     def load_model(self) -> Any:
@@ -106,14 +106,10 @@ class FlaxClassifierHandler(ModelHandler[np.ndarray | None, ClassScores | None, 
         return [None if image is None else next(scores) for image in batch]
 
     def _score(self, images: list[np.ndarray], model: Any) -> list[ClassScores]:
-        logits, _ = model.predict(np.stack(images))
-        logits = np.asarray(logits, dtype=np.float32)
-        # Probabilities from the stored logits, as every reader of the NPZ derives them.
-        probs = softmax(logits)
-        best = top_k(logits, self._top_k)
-        best_logits = np.take_along_axis(logits, best, axis=1)
-        best_probs = np.take_along_axis(probs, best, axis=1)
-        return [ClassScores(logits[i], best[i], best_logits[i], best_probs[i])
+        output = model.predict(np.stack(images))
+        logits = np.asarray(output.logits, dtype=np.float32)
+        features = None if output.features is None else np.asarray(output.features, dtype=np.float32)
+        return [ClassScores(logits[i], None if features is None else features[i])
                 for i in range(len(images))]
 
     def get_num_bytes(self, batch: Sequence[np.ndarray | None]) -> int:
@@ -140,11 +136,11 @@ class PredictImages(beam.PTransform):
     ``spec`` is a ``models.registry.ModelSpec`` (its ``preprocess`` runs on the workers).
     """
 
-    def __init__(self, spec: ModelSpec, batch_size: int = 32, dtype: str = "float32", top_k: int = 5,
+    def __init__(self, spec: ModelSpec, batch_size: int = 32, dtype: str = "float32",
                  predictor_factory: PredictorFactory = jit_predictor):
         super().__init__()
         self._spec = spec
-        self._handler = FlaxClassifierHandler(spec, batch_size, dtype, top_k, predictor_factory)
+        self._handler = FlaxClassifierHandler(spec, batch_size, dtype, predictor_factory)
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         return (records

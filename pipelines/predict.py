@@ -2,17 +2,24 @@
 
     label-audit predict --model efficientnet-lite0 --images photos/ cat.jpg --out pred.npz
 
-writes a predictions NPZ (format: ``auditing.predictions``) and prints each image's
-top-k classes. ``run_predictions`` is the same code behind ``label-audit run``; it keeps
-one file per model checkpoint and image set in a store::
+writes a predictions NPZ (format: ``auditing.predictions``: logits, and the penultimate
+features as float16) and prints each image's top-k classes. ``run_predictions`` is the
+same code behind ``label-audit run``; it keeps one file per model checkpoint and image
+set in a store::
 
     <store>/predictions/<model>-<sha256(weights)[:12]>[-<dtype>]/<dataset_id>/<split>.npz
 
 and a model whose file exists is not run again. While a model runs, each finished
 shard is written at once to ``<split>.shards/<run>/shard-00003-of-00010.npz``, so a
 re-run after a crash predicts only the missing shards; the shards are then merged
-(sorted by file name) into the final file and removed. Every write is a temp file +
-rename.
+(sorted by file name) into the final file and removed.
+
+Every file (shards, the merged file) is written and read through Beam's
+``FileSystems``, so the store may be a local folder or an object-store URI
+(``gs://...``): a worker writes its shards where the launcher reads them back, never
+to its own disk. Each write goes to a temporary name first and is renamed into place
+(atomic on a local disk; on an object store the final object appears only whole), so
+a visible shard is always complete.
 """
 from __future__ import annotations
 
@@ -20,19 +27,22 @@ import argparse
 import collections
 import contextlib
 import logging
-import urllib.parse
-import shutil
+import posixpath
 import threading
 import time
+import urllib.parse
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
-from auditing.predictions import (Predictions, concatenate_sorted, load_predictions,
-                                  save_predictions)
+from auditing.predictions import (Predictions, concatenate_sorted, predictions_npz_bytes,
+                                  read_predictions_npz)
 from pipelines.beam_options import make_options
 from pipelines.images import ImageFiles, ImageSource, ReadImageShards, Shard, plan_shards
 from pipelines.inference import ImagePrediction, PredictImages, PredictorFactory, jit_predictor
@@ -47,6 +57,39 @@ DEFAULT_SHARD_SIZE = 1000
 
 class ShardIncompleteError(RuntimeError):
     """A shard's images did not all come back (predicted or quarantined) in one bundle."""
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_file(path: str, data: bytes) -> str:
+    """Write ``data`` to ``path`` (local or URI) through FileSystems: a temporary name in
+    the same folder, then a rename, so nobody sees a partial file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    # UNCOMPRESSED: AUTO would pick a codec from the temporary name's suffix.
+    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+    if FileSystems.exists(path):  # a rename onto an existing object is refused on some stores
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+    return path
+
+
+def read_predictions(path: str) -> Predictions:
+    """A predictions NPZ read through FileSystems (local path or URI)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return read_predictions_npz(f, path)
+
+
+def delete_tree(folder: str) -> None:
+    """Delete a folder (local) or every object under a prefix (URI)."""
+    # An object store deletes a prefix given with a trailing "/"; the local filesystem
+    # would then delete only the folder's contents, so it gets the folder itself.
+    FileSystems.delete([folder.rstrip("/") + "/" if "://" in folder else folder])
+
+
+def _count_files(pattern: str) -> int:
+    return len(FileSystems.match([pattern])[0].metadata_list)
 
 
 # ----------------------------------------------------------------------------- store layout
@@ -69,23 +112,30 @@ def model_key(spec: ModelSpec, dtype: str = "float32") -> str:
 
 
 def predictions_path(store_dir: str | Path, spec: ModelSpec, source: ImageSource,
-                     dtype: str = "float32") -> Path:
-    return (Path(store_dir) / "predictions" / model_key(spec, dtype) / _path_safe(source.dataset_id)
-            / f"{_path_safe(source.split)}.npz")
+                     dtype: str = "float32") -> str:
+    """The store file of ``spec`` on ``source`` (a local path or a URI, as ``store_dir``)."""
+    return FileSystems.join(str(store_dir), "predictions", model_key(spec, dtype),
+                            _path_safe(source.dataset_id), f"{_path_safe(source.split)}.npz")
 
 
-def shards_dir_for(out_path: Path, spec: ModelSpec, source: ImageSource, dtype: str) -> Path:
+def shards_dir_for(out_path: str | Path, spec: ModelSpec, source: ImageSource, dtype: str) -> str:
     """Where the shards of ``out_path`` are kept until the merge: named by what they hold,
     so that a re-run with other images or another model never reuses them."""
+    folder, name = FileSystems.split(str(out_path))
     run = _path_safe(f"{model_key(spec, dtype)}_{source.dataset_id}_{source.split}")
-    return out_path.with_name(out_path.stem + ".shards") / run
+    return FileSystems.join(folder, posixpath.splitext(name)[0] + ".shards", run)
+
+
+def _shard_path(shards_dir: str, shard: Shard) -> str:
+    return FileSystems.join(shards_dir, f"{shard.name}.npz")
 
 
 # ----------------------------------------------------------------------------- pipeline
 
 
 class _WriteShardFn(beam.DoFn):
-    """Collects each shard's results and writes the shard file as soon as it is complete.
+    """Collects each shard's results and writes the shard file (through FileSystems) as
+    soon as it is complete; yields its path.
 
     A shard is read by one ``process`` call upstream and nothing in between regroups
     elements (BatchElements flushes at the end of the bundle; quarantined images come
@@ -94,10 +144,12 @@ class _WriteShardFn(beam.DoFn):
     hold every shard back until the whole data set was predicted.
     """
 
-    def __init__(self, shards_dir: Path, shards: Sequence[Shard], num_classes: int):
+    def __init__(self, shards_dir: str, shards: Sequence[Shard], num_classes: int,
+                 num_features: int | None):
         self._shards_dir = shards_dir
         self._shards = {shard.index: shard for shard in shards}
         self._num_classes = num_classes
+        self._num_features = num_features
 
     def start_bundle(self) -> None:
         self._pending: dict[int, list[ImagePrediction]] = collections.defaultdict(list)
@@ -108,8 +160,8 @@ class _WriteShardFn(beam.DoFn):
         shard = self._shards[item.shard_index]
         if len(rows) == shard.size:
             del self._pending[item.shard_index]
-            yield str(save_predictions(self._shards_dir / f"{shard.name}.npz",
-                                       _shard_predictions(rows, self._num_classes, shard.name)))
+            predictions = shard_predictions(rows, self._num_classes, self._num_features, shard.name)
+            yield write_file(_shard_path(self._shards_dir, shard), predictions_npz_bytes(predictions))
 
     def finish_bundle(self) -> None:
         if self._pending:
@@ -120,16 +172,17 @@ class _WriteShardFn(beam.DoFn):
 
 
 @contextlib.contextmanager
-def _shard_progress(shards_dir: Path, name: str, todo: int, every_s: float = 10.0) -> Iterator[None]:
+def _shard_progress(shards_dir: str | Path, name: str, todo: int, every_s: float = 10.0) -> Iterator[None]:
     """Logs finished shards and an ETA every ``every_s`` seconds while a pipeline runs
     (shard files are the progress: they appear as workers finish them)."""
-    done_before = len(list(shards_dir.glob("*.npz")))
+    pattern = FileSystems.join(str(shards_dir), "*.npz")
+    done_before = _count_files(pattern)
     stop = threading.Event()
     started = time.monotonic()
 
     def report() -> None:
         while not stop.wait(every_s):
-            done = len(list(shards_dir.glob("*.npz"))) - done_before
+            done = _count_files(pattern) - done_before
             elapsed = time.monotonic() - started
             eta = f", ETA {elapsed / done * (todo - done):.0f} s" if 0 < done < todo else ""
             log.info("%s: %d/%d shards predicted in %.0f s%s", name, done, todo, elapsed, eta)
@@ -141,18 +194,27 @@ def _shard_progress(shards_dir: Path, name: str, todo: int, every_s: float = 10.
     finally:
         stop.set()
         thread.join()
-        done = len(list(shards_dir.glob("*.npz"))) - done_before
+        done = _count_files(pattern) - done_before
         log.info("%s: %d/%d shards predicted in %.0f s", name, done, todo, time.monotonic() - started)
 
 
-def _shard_predictions(rows: list[ImagePrediction], num_classes: int, name: str) -> Predictions:
+def shard_predictions(rows: list[ImagePrediction], num_classes: int, num_features: int | None,
+                      name: str) -> Predictions:
+    """One shard's rows as ``Predictions``; features are kept when every predicted row
+    has them (``num_features`` sizes them for a shard whose every image was quarantined)."""
     predicted = [r for r in rows if r.scores is not None]
     quarantined = [r for r in rows if r.scores is None]
     logits = (np.stack([r.scores.logits for r in predicted]) if predicted
               else np.zeros((0, num_classes), np.float32))
+    features = None
+    if predicted and all(r.scores.features is not None for r in predicted):
+        features = np.stack([r.scores.features for r in predicted])
+    elif not predicted and num_features is not None:
+        features = np.zeros((0, num_features), np.float32)
     return Predictions(
         file_names=np.array([r.file_name for r in predicted], dtype=str),
         logits=logits,
+        features=features,
         # In a shard file image_index is the position in the source; the merge re-ranks.
         image_index=np.array([r.source_index for r in predicted], dtype=np.int64),
         labels=np.array([r.label for r in predicted], dtype=np.int64),
@@ -162,37 +224,37 @@ def _shard_predictions(rows: list[ImagePrediction], num_classes: int, name: str)
 
 
 def predict_source(spec: ModelSpec, source: ImageSource, out_path: str | Path, *, batch_size: int = 32,
-                   dtype: str = "float32", top_k: int = 5, shard_size: int = DEFAULT_SHARD_SIZE,
+                   dtype: str = "float32", shard_size: int = DEFAULT_SHARD_SIZE,
                    runner: str = "direct", num_workers: int = 1, beam_args: Sequence[str] = (),
                    predictor_factory: PredictorFactory = jit_predictor) -> Predictions:
-    """Predict every image of ``source`` with ``spec`` and write ``out_path`` (NPZ).
-
-    Shards already in ``<out>.shards/`` (from an interrupted run) are reused.
+    """Predict every image of ``source`` with ``spec`` and write ``out_path`` (NPZ; a local
+    path or a URI). Shards already in ``<out>.shards/`` (from an interrupted run) are reused.
     """
-    out_path = Path(out_path)
+    out_path = str(out_path)
     num_images = len(source)
     if num_images == 0:
         raise ValueError(f"{source.dataset_id}/{source.split}: no images to predict")
     shards = plan_shards(num_images, shard_size)
     shards_dir = shards_dir_for(out_path, spec, source, dtype)
-    pending = [s for s in shards if not (shards_dir / f"{s.name}.npz").exists()]
+    pending = [s for s in shards if not FileSystems.exists(_shard_path(shards_dir, s))]
     log.info("%s on %s/%s: %d images, %d of %d shards to predict", spec.name, source.dataset_id,
              source.split, num_images, len(pending), len(shards))
     if pending:
-        shards_dir.mkdir(parents=True, exist_ok=True)
         options = make_options(runner, num_workers, beam_args)
         with _shard_progress(shards_dir, spec.name, len(pending)), beam.Pipeline(options=options) as pipeline:
             _ = (pipeline
                  | "PlanShards" >> beam.Create(pending)
                  | "ReadImages" >> ReadImageShards(source)
-                 | "PredictImages" >> PredictImages(spec, batch_size, dtype, top_k, predictor_factory)
-                 | "WriteShards" >> beam.ParDo(_WriteShardFn(shards_dir, pending, spec.num_classes)))
-    merged = concatenate_sorted([load_predictions(shards_dir / f"{s.name}.npz") for s in shards],
-                                source=str(out_path))
+                 | "PredictImages" >> PredictImages(spec, batch_size, dtype, predictor_factory)
+                 | "WriteShards" >> beam.ParDo(_WriteShardFn(shards_dir, pending, spec.num_classes,
+                                                             spec.num_features)))
+    merged = concatenate_sorted([read_predictions(_shard_path(shards_dir, s)) for s in shards],
+                                source=out_path)
     if merged.num_read != num_images:
         raise RuntimeError(f"{out_path}: read {merged.num_read} images, expected {num_images}")
-    save_predictions(out_path, merged)
-    shutil.rmtree(shards_dir.parent)  # with the shards of any other, abandoned, run
+    write_file(out_path, predictions_npz_bytes(merged))
+    # The whole .shards folder, with the shards of any other, abandoned, run.
+    delete_tree(FileSystems.split(shards_dir)[0])
     if len(merged.quarantined_file_names):
         log.warning("%s: %d of %d images quarantined (undecodable), e.g. %s: %s", out_path,
                     len(merged.quarantined_file_names), num_images,
@@ -201,22 +263,21 @@ def predict_source(spec: ModelSpec, source: ImageSource, out_path: str | Path, *
 
 
 def run_predictions(models: Sequence[str | ModelSpec], source: ImageSource, store_dir: str | Path, *,
-                    batch_size: int = 32, dtype: str = "float32", top_k: int = 5,
+                    batch_size: int = 32, dtype: str = "float32",
                     shard_size: int = DEFAULT_SHARD_SIZE, runner: str = "direct",
                     num_workers: int = 1, beam_args: Sequence[str] = (),
-                    predictor_factory: PredictorFactory = jit_predictor) -> dict[str, Path]:
-    """Predictions of each model (registry name or ModelSpec) on ``source``: {name: NPZ path}.
-
-    A model whose NPZ is already in the store is not run again.
+                    predictor_factory: PredictorFactory = jit_predictor) -> dict[str, str]:
+    """Predictions of each model (registry name or ModelSpec) on ``source``: {name: NPZ path
+    or URI under ``store_dir``}. A model whose NPZ is already in the store is not run again.
     """
     paths = {}
     for model in models:
         spec = _resolve_model(model)
         path = predictions_path(store_dir, spec, source, dtype)
-        if path.exists():
+        if FileSystems.exists(path):
             log.info("%s: reusing %s", spec.name, path)
         else:
-            predict_source(spec, source, path, batch_size=batch_size, dtype=dtype, top_k=top_k,
+            predict_source(spec, source, path, batch_size=batch_size, dtype=dtype,
                            shard_size=shard_size, runner=runner, num_workers=num_workers,
                            beam_args=beam_args, predictor_factory=predictor_factory)
         paths[spec.name] = path
@@ -250,7 +311,7 @@ def main(args: argparse.Namespace) -> int:
     spec = _resolve_model(args.model)
     source = ImageFiles.from_paths(args.images)
     predictions = predict_source(spec, source, args.out, batch_size=args.batch_size,
-                                 dtype=args.dtype, top_k=args.top_k, runner=args.runner,
+                                 dtype=args.dtype, runner=args.runner,
                                  num_workers=args.num_workers)
     print(format_top_k(predictions, args.top_k, class_names(predictions.num_classes)))
     print(f"wrote {args.out}: {predictions.num_read} images read = {predictions.num_images} "

@@ -1,4 +1,4 @@
-"""``label-audit propose``: stage 2 (label-proposal pooling) and stage 3 (model subset) in Beam.
+"""``label-audit propose``: label-proposal pooling and model-subset selection in Beam.
 
     label-audit propose --predictions A.npz B.npz ... --original-labels LABELS.tsv \\
         [--top-n N] [--gold GOLD.tsv|json [--recall-target 0.97]] [--models A B] --out DIR
@@ -23,7 +23,7 @@ Outputs in DIR (each written to a temporary file, then renamed):
   number of (model, criterion) top-N selections holding the pair), ``sources``
   (list<string>: ``"<model>:logits"``, ``"<model>:probs"``, ``"<model>:top1"``,
   ``"original"``). See ``auditing.proposals`` for the rule.
-- ``selections.npz``: each model's exact selections, for stage 3 without recomputing
+- ``selections.npz``: each model's exact selections, for the subset selection without recomputing
   them: ``model_names`` (M,), ``file_names`` (images,), ``num_classes``,
   ``logits_keys`` / ``probs_keys`` int64 keys ``image * num_classes + label`` of all
   models end to end (model m's are ``[offsets[m]:offsets[m + 1]]`` of ``logits_offsets`` /
@@ -55,7 +55,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from auditing import atomic
 from auditing import labelsets
 from auditing.imagenet import NUM_CLASSES
-from auditing.predictions import PredictionsFormatError
+from auditing.predictions import PredictionsFormatError, load_predictions
 from auditing.proposals import (ModelSelections, ModelTopN, NonFiniteLogitsError, ProposalPool, TopN,
                                 candidate_pool, check_model_name, default_top_n)
 from auditing.subset_selection import ModelSubsetSelector
@@ -193,14 +193,25 @@ def plan_prediction_files(prediction_paths: Mapping[str, str | os.PathLike]
     for model, path in prediction_paths.items():
         check_model_name(model)
         path = str(path)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                names = npz["file_names"]
-                image_index = npz["image_index"] if "image_index" in npz.files else None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise PredictionsFormatError(f"{path}: cannot read 'file_names' of model {model!r}: {e}") from e
-        if names.dtype.kind == "S":
-            names = np.char.decode(names, "utf-8")
+        logits = _member_header(path, "logits") if path.lower().endswith(".npz") else None
+        if logits is None:
+            # A top-1-only file (NPZ or the published CSV format) is small: it is read and
+            # validated whole by auditing.predictions, the one validator of the format.
+            pred = load_predictions(path)
+            if pred.top1 is None:
+                raise PredictionsFormatError(f"{path}: needs 'logits' (N, C) or 'top1' (N,)")
+            names, image_index = pred.file_names.astype(str), pred.image_index
+        else:
+            # Logits are streamed in row shards: only what the stream needs is checked
+            # here (names, shape, dtype); the values are checked shard by shard.
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    names = npz["file_names"]
+                    image_index = npz["image_index"] if "image_index" in npz.files else None
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+                raise PredictionsFormatError(f"{path}: cannot read 'file_names' of model {model!r}: {e}") from e
+            if names.dtype.kind == "S":
+                names = np.char.decode(names, "utf-8")
         this_order = _image_order(path, names.astype(str), image_index)
         if not pd.Index(this_order).is_unique:
             raise PredictionsFormatError(f"{path}: 'file_names' has duplicates")
@@ -217,14 +228,7 @@ def plan_prediction_files(prediction_paths: Mapping[str, str | os.PathLike]
         row_images = pd.Index(order).get_indexer(names).astype(np.int64)
         if (row_images == np.arange(row_images.size)).all():
             row_images = None  # the common case: rows already in image order
-        logits = _member_header(path, "logits")
         if logits is None:
-            top1 = _member_header(path, "top1")
-            if top1 is None:
-                raise PredictionsFormatError(f"{path}: needs 'logits' (N, C) or 'top1' (N,)")
-            if top1.shape != (names.size,) or top1.dtype.kind not in "iu":
-                raise PredictionsFormatError(f"{path}: 'top1' must be integer ({names.size},), got "
-                                             f"{top1.dtype} {top1.shape}")
             files.append(PredictionFile(model, path, names.size, row_images, None))
             continue
         if len(logits.shape) != 2 or logits.shape[0] != names.size or logits.dtype.kind != "f":
@@ -258,8 +262,7 @@ def summarize_work(work: ShardWork, n: int) -> tuple[str, ModelTopN]:
     """Exact top-``n`` candidates and top-1 of the rows of one work item."""
     file = work.file
     if file.num_classes is None:
-        with np.load(file.path, allow_pickle=False) as npz:
-            top1 = npz["top1"].astype(np.int64)
+        top1 = load_predictions(file.path).top1.astype(np.int64)
         return file.model, ModelTopN(TopN.empty(), TopN.empty(), work.images_of_rows(0, file.num_rows),
                                      top1)
     parts = []
@@ -369,7 +372,7 @@ def proposal_summary(pool: ProposalPool) -> dict[str, Any]:
 
 
 def selection_summary(selector: ModelSubsetSelector, top: int = 20) -> dict[str, Any]:
-    """What stage 3 chose, and the best feasible subsets (the whole table is subsets.csv)."""
+    """What the subset selection chose, and the best feasible subsets (the whole table is subsets.csv)."""
     best = selector.best_
     table = selector.table_
     feasible = table[table["recall"] >= selector.recall_target]
@@ -388,8 +391,7 @@ def selection_summary(selector: ModelSubsetSelector, top: int = 20) -> dict[str,
 def _originals_in_image_order(original_labels: pd.DataFrame | str | os.PathLike,
                               file_names: np.ndarray) -> np.ndarray:
     if not isinstance(original_labels, pd.DataFrame):
-        original_labels = (labelsets.original_val_labels() if str(original_labels) == "tfds-wheel"
-                           else labelsets.read_label_tsv(original_labels))
+        original_labels = labelsets.load_original_labels(original_labels)
     by_name = pd.Series(original_labels["label"].to_numpy(np.int64),
                         index=original_labels["file_name"].astype(str))
     missing = ~pd.Index(file_names).isin(by_name.index)
@@ -501,7 +503,7 @@ def propose(prediction_paths: Mapping[str, Any] | Sequence[Any],
     num_classes = next((f.num_classes for f in files if f.num_classes), NUM_CLASSES)
     n = default_top_n(file_names.size) if top_n is None else int(top_n)
     rows = rows_per_shard or max(1, DEFAULT_SHARD_VALUES // num_classes)
-    log.info("stage 2: %d model(s) x %d images x %d classes, N = %d per model and criterion, "
+    log.info("pooling: %d model(s) x %d images x %d classes, N = %d per model and criterion, "
              "%d rows per shard", len(files), file_names.size, num_classes, n, rows)
     with beam.Pipeline(options=options or make_options("direct", 1)) as pipeline:
         build_propose_pipeline(pipeline, files, images, out, n, rows, gold, recall_target, models)
@@ -542,33 +544,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=int, default=None,
                         help="N per model and criterion (default: 3 x number of images)")
     parser.add_argument("--gold", default=None, metavar="TSV|JSON",
-                        help="gold label sets: choose the model subset (stage 3) and pool only it")
+                        help="gold label sets: choose the model subset and pool only it")
     parser.add_argument("--recall-target", type=float, default=0.97,
-                        help="stage 3: the most precise subset with at least this recall (default 0.97)")
+                        help="the most precise subset with at least this recall (default 0.97)")
     parser.add_argument("--models", nargs="+", default=None, help="pool only these models")
     parser.add_argument("--rows-per-shard", type=int, default=None,
                         help=f"rows per shard (default {DEFAULT_SHARD_VALUES:,} values / classes)")
-    parser.add_argument("--runner", default="direct", help="direct, direct-multiprocess or dataflow")
+    parser.add_argument("--runner", default="direct", choices=["direct", "direct-multiprocess", "dataflow"])
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--out", required=True, metavar="DIR")
 
 
 def main(args: argparse.Namespace) -> int:
+    """The propose stage of the graph (and select_subset with ``--gold``) on the given
+    prediction files; their outputs are copied to ``--out``."""
+    import shutil
+
+    from pipelines import run as run_lib
+    from pipelines.config import AuditConfig
+
     if args.gold and args.models:
-        raise SystemExit("--gold chooses the models itself; do not also give --models")
-    gold = labelsets.read_gold_label_sets(args.gold) if args.gold else None
-    out = propose(args.predictions, args.original_labels, args.out, args.top_n,
-                  make_options(args.runner, args.num_workers), gold=gold,
-                  recall_target=args.recall_target, models=args.models,
-                  rows_per_shard=args.rows_per_shard)
+        raise labelsets.LabelFileError("--gold chooses the models itself; do not also give --models")
+    paths = _model_paths(args.predictions)
+    if args.models:
+        unknown = sorted(set(args.models) - set(paths))
+        if unknown:
+            raise PredictionsFormatError(f"--models {unknown}: no such model among {sorted(paths)}")
+        paths = {m: paths[m] for m in args.models}
+    out = Path(args.out)
+    original = args.original_labels
+    stages: dict[str, Any] = {"predict": {"predictions": {m: str(Path(p).resolve()) for m, p in paths.items()}},
+                              "propose": {"top_n": args.top_n, "rows_per_shard": args.rows_per_shard}}
+    if args.gold:
+        stages["select_subset"] = {"gold": str(Path(args.gold).resolve()), "recall_target": args.recall_target}
+    config = AuditConfig.model_validate({
+        "output_dir": str((out / ".label-audit").resolve()),
+        "runner": {"name": args.runner, "num_workers": args.num_workers},
+        "dataset": {"original_labels": original if original == labelsets.TFDS_WHEEL
+                    else str(Path(original).resolve())},
+        "stages": stages})
+    result = run_lib.execute(config, target="propose", echo=lambda *a, **k: log.info(" ".join(map(str, a))))
+    for artifact, names in (("proposals", ("proposals.parquet", "selections.npz", "summary.json")),
+                            ("selection", ("selection.json", "subsets.csv"))):
+        for name in names:
+            if artifact in result.artifacts and result.artifacts[artifact].file(name).is_file():
+                with atomic.atomic_path(out / name) as tmp:
+                    shutil.copyfile(result.artifacts[artifact].file(name), tmp)
     summary = json.loads((out / "summary.json").read_text())
-    if gold is not None:
+    if args.gold:
         chosen = json.loads((out / "selection.json").read_text())
-        print(f"stage 3: chose {chosen['selected_models']} of {chosen['subsets_tried']:,} subsets: "
+        print(f"chose {chosen['selected_models']} of {chosen['subsets_tried']:,} subsets: "
               f"precision {chosen['precision']:.4f}, recall {chosen['recall']:.4f} "
               f"(target {chosen['recall_target']}{'' if chosen['target_met'] else ', NOT met'}) "
               f"on {chosen['gold_images']:,} gold images")
-    print(f"stage 2: {summary['proposals']:,} proposals on {summary['images']:,} images "
+    print(f"{summary['proposals']:,} proposals on {summary['images']:,} images "
           f"({summary['proposals_per_image']:.2f} per image) from {len(summary['models'])} model(s) "
           f"-> {out / 'proposals.parquet'}")
     return 0

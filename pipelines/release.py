@@ -7,14 +7,20 @@ the features of TFDS ``imagenet2012_real`` (``file_name``, ``original_label``,
 Beside TFDS's own files it holds ``RELEASE_NOTES.md``, ``manifest.json`` (sha256 of
 every input and of the config) and ``counts.json``.
 
-The whole version folder is built under a temporary name and renamed into place, so
-a crash leaves no partial version, and an existing version is never overwritten.
+The version folder may be local or on an object store (``gs://``, ``s3://``): it is
+written through Beam's ``FileSystems`` under the commit protocol of ``pipelines.commit``
+(no rename: the version exists once its ``_COMMITTED.json`` marker, written last,
+lists every file with its size and sha256). A crash leaves no committed partial version,
+and a committed version is never overwritten. Versions follow TFDS's semantics (see
+``auditing.release_diff.next_version``). Users read a remote version through
+``pipelines.release_pull.load_release``.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -27,10 +33,15 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 import tensorflow_datasets as tfds
+from etils import epath
 from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import writer as tfds_writer
+from tensorflow_datasets.proto import tf_example_pb2
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from auditing.imagenet import imagenet_wnids
+from auditing.release_diff import version_key
+from pipelines import commit
 
 SPLIT = "validation"
 ROWS_PER_CHUNK = 2000
@@ -43,33 +54,78 @@ CITATION = """@article{beyer2020imagenet,
 }"""
 
 
+class SerializedExample(bytes):
+    """A record already encoded and serialized by ``serialize_row`` (the fast path);
+    TFDS's encode and serialize steps pass it through unchanged."""
+
+
 def _serialize_example_deterministically(self, example):
+    if isinstance(example, SerializedExample):
+        return bytes(example)
     return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+_encode_features = tfds.features.FeaturesDict.encode_example
+
+
+def _encode_unless_serialized(self, example):
+    return example if isinstance(example, SerializedExample) else _encode_features(self, example)
 
 
 # Same inputs must give byte-identical release files. protobuf orders the map of a
 # tf.train.Example's features differently in each process unless asked not to, and
 # TFDS has no option for it; this module is imported wherever a release is written
-# (Beam workers unpickle the builder from it), so the patch is in force there too.
+# (Beam workers unpickle the builder from it), so the patches are in force there too.
 example_serializer.ExampleSerializer.serialize_example = _serialize_example_deterministically
+# TFDS encodes and serializes each record through its generic feature tree (~0.5 ms a
+# record: most of a 50,000-image release write). Records without images are built
+# here directly as the same tf.train.Example (serialize_row; a test checks the bytes
+# against TFDS's own path), and TFDS's steps let them through.
+tfds.features.FeaturesDict.encode_example = _encode_unless_serialized
+
+
+def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample:
+    """The release record of a row without an image, byte for byte what TFDS's
+    ``encode_example`` + deterministic serialization of ``release_features`` give."""
+    labels = [row["original_label"], *row["real_label"], *row["score_labels"]]
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise ValueError(f"{row['file_name']}: label {bad[0]} outside [0, {num_classes})")
+    if len(row["score_labels"]) != len(row["scores"]):
+        raise ValueError(f"{row['file_name']}: {len(row['score_labels'])} score labels, {len(row['scores'])} scores")
+    example = tf_example_pb2.Example()
+    feature = example.features.feature
+    feature["file_name"].bytes_list.value.append(row["file_name"].encode())
+    feature["original_label"].int64_list.value.append(row["original_label"])
+    # SetInParent: an empty list is still a present (empty) feature, as TFDS writes it.
+    feature["real_label"].int64_list.SetInParent()
+    feature["real_label"].int64_list.value.extend(row["real_label"])
+    feature["label_scores/label"].int64_list.SetInParent()
+    feature["label_scores/label"].int64_list.value.extend(row["score_labels"])
+    raw = np.asarray(row["scores"], np.float64).tobytes()  # TFDS's Encoding.BYTES: native order
+    feature["label_scores/score"].bytes_list.SetInParent()
+    feature["label_scores/score"].bytes_list.value.extend(raw[i:i + 8] for i in range(0, len(raw), 8))
+    return SerializedExample(example.SerializeToString(deterministic=True))
 
 
 class ReleaseExistsError(FileExistsError):
     """The requested version is already released; versions are immutable."""
 
 
-def release_dir(out_dir: str | os.PathLike, name: str, version: str) -> Path:
+def release_dir(out_dir: str | os.PathLike, name: str, version: str) -> str | Path:
+    """``<out>/tfds/<name>/<version>``: a Path for local outputs, a URI string otherwise."""
+    if commit.is_uri(out_dir):
+        return commit.join(str(out_dir), "tfds", name, version)
     return Path(out_dir) / "tfds" / name / version
 
 
 def released_versions(out_dir: str | os.PathLike, name: str) -> list[str]:
-    """Complete versions of ``name`` under ``out_dir``, oldest first."""
-    root = Path(out_dir) / "tfds" / name
-    if not root.is_dir():
-        return []
-    versions = [p.name for p in root.iterdir()
-                if p.is_dir() and (p / "dataset_info.json").is_file() and not p.name.startswith(".")]
-    return sorted(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+    """Committed versions of ``name`` under ``out_dir`` (local or URI), oldest first.
+
+    A version without its commit marker (being written, or left by a crashed run) is
+    not released and is not listed."""
+    versions = commit.committed_children(commit.join(str(out_dir), "tfds", name))
+    return sorted((v for v in versions if re.fullmatch(r"\d+\.\d+\.\d+", v)), key=version_key)
 
 
 def release_features(class_names: list[str], with_images: bool = False) -> tfds.features.FeaturesDict:
@@ -82,7 +138,9 @@ def release_features(class_names: list[str], with_images: bool = False) -> tfds.
         "real_label": tfds.features.Sequence(tfds.features.ClassLabel(names=class_names)),
         "label_scores": tfds.features.Sequence({
             "label": tfds.features.ClassLabel(names=class_names),
-            "score": np.float32,
+            # float64, stored as its 8 bytes: the published ReaL scores need 1e-12, and a
+            # tf.train.Example's float_list is float32 (~1e-7), whatever the dtype says.
+            "score": tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES),
         }),
     })
 
@@ -94,20 +152,22 @@ def release_table(file_names: list[str], original_labels: np.ndarray,
 
     ``scores`` has one row per rated question (file_name, label, score).
     """
-    by_image = {name: (group["label"].to_numpy(np.int64), group["score"].to_numpy(np.float32))
-                for name, group in scores.sort_values(["file_name", "label"]).groupby("file_name", sort=False)}
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
-    rows = []
-    for file_name, original in zip(file_names, original_labels):
-        labels, values = by_image.get(file_name, empty)
-        rows.append({
-            "file_name": file_name,
-            "original_label": int(original),
-            "real_label": sorted(label_sets[file_name]),
-            "score_labels": labels.tolist(),
-            "scores": values.tolist(),
-        })
-    return pd.DataFrame(rows)
+    ordered = scores.sort_values(["file_name", "label"], kind="stable")
+    # One split of the sorted columns at the image boundaries (not a groupby per image:
+    # 50,000 small groups cost seconds).
+    names = ordered["file_name"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, int)
+    label_lists = np.split(ordered["label"].to_numpy(np.int64), starts[1:]) if len(names) else []
+    score_lists = np.split(ordered["score"].to_numpy(np.float64), starts[1:]) if len(names) else []
+    position = {name: i for i, name in enumerate(names[starts])}
+    rows_of = [position.get(name, -1) for name in file_names]
+    return pd.DataFrame({
+        "file_name": list(file_names),
+        "original_label": [int(v) for v in original_labels],
+        "real_label": [sorted(label_sets[name]) for name in file_names],
+        "score_labels": [label_lists[i].tolist() if i >= 0 else [] for i in rows_of],
+        "scores": [score_lists[i].tolist() if i >= 0 else [] for i in rows_of],
+    })
 
 
 def _rgb_encoded(path: str) -> bytes:
@@ -124,12 +184,11 @@ def _rgb_encoded(path: str) -> bytes:
         return buffer.getvalue()
 
 
-def _to_example(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    image = {}
-    if row.get("image_path"):
-        image = {"image": _rgb_encoded(row["image_path"])}
+def _to_example(row: dict[str, Any], num_classes: int) -> tuple[str, Any]:
+    if not row.get("image_path"):
+        return row["file_name"], serialize_row(row, num_classes)
     return row["file_name"], {
-        **image,
+        "image": _rgb_encoded(row["image_path"]),
         "file_name": row["file_name"],
         "original_label": row["original_label"],
         "real_label": row["real_label"],
@@ -137,19 +196,25 @@ def _to_example(row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     }
 
 
-def _write_row_chunks(table: pd.DataFrame, folder: Path) -> list[str]:
-    folder.mkdir(parents=True)
+def _write_row_chunks(table: pd.DataFrame, folder: str) -> list[str]:
+    """The rows as JSON files under ``folder`` (inside the release prefix, so that
+    workers anywhere read them; removed before the commit)."""
     paths = []
     for start in range(0, len(table), ROWS_PER_CHUNK):
-        path = folder / f"rows-{start // ROWS_PER_CHUNK:05d}.json"
-        path.write_text(table.iloc[start:start + ROWS_PER_CHUNK].to_json(orient="records", double_precision=15))
-        paths.append(str(path))
+        path = commit.join(folder, f"rows-{start // ROWS_PER_CHUNK:05d}.json")
+        # json.dumps writes floats as repr (exact for float64); DataFrame.to_json stops at 15 digits.
+        commit.write_text(path, json.dumps(table.iloc[start:start + ROWS_PER_CHUNK].to_dict(orient="records")))
+        paths.append(path)
     return paths
 
 
 def _read_row_chunk(path: str) -> list[dict[str, Any]]:
     with FileSystems.open(path) as f:
         return json.loads(f.read())
+
+
+def _read_examples(path: str, num_classes: int) -> list[tuple[str, Any]]:
+    return [_to_example(row, num_classes) for row in _read_row_chunk(path)]
 
 
 # Builders register themselves by class name when defined. Releases are built at run
@@ -166,6 +231,10 @@ with tfds.core.registered.skip_registration():
         CLASS_NAMES: list[str] = []
         WITH_IMAGES = False
         ROW_CHUNKS: list[str] = []
+        SHARD_TARGET = ""  # the version prefix (local or URI) the shards are copied into
+
+        def _example_writer(self) -> tfds_writer.ExampleWriter:
+            return _CopyingShardWriter(self.info.file_format, self.SHARD_TARGET)
 
         def _info(self) -> tfds.core.DatasetInfo:
             return tfds.core.DatasetInfo(
@@ -181,71 +250,166 @@ with tfds.core.registered.skip_registration():
             # beam.Create, which infers a type from every row (~0.5 ms per row) and is
             # pickled into every stage of the job.
             return ("ListRowChunks" >> beam.Create(self.ROW_CHUNKS, reshuffle=True)
-                    | "ReadRows" >> beam.FlatMap(_read_row_chunk)
-                    | "ToExample" >> beam.Map(_to_example))
+                    | "ReadRows" >> beam.FlatMap(_read_examples, num_classes=len(self.CLASS_NAMES)))
+
+
+_INCOMPLETE = re.compile(r"^incomplete\.[0-9a-fA-F]{32}\.")
+
+
+class _CopyingShardWriter(tfds_writer.ExampleWriter):
+    """TFDS's shard writer, writing a local file and copying it into the release prefix.
+
+    array_record's writer (C++) writes local files only, so TFDS cannot write a shard to
+    ``gs://``; and on Dataflow a worker's disk vanishes with the worker. So each worker
+    writes its shard to a local file and copies the finished file into ``target``
+    through Beam's FileSystems, which reaches object stores. For a local ``target`` the
+    shard is written where TFDS asks (the launcher's staging folder, on this machine
+    with local runners); for a URI always to a temporary folder of the worker, as on
+    Dataflow (the shard lengths go to the release too: ``_store_split_info_in_release``)."""
+
+    def __init__(self, file_format, target: str):
+        super().__init__(file_format)
+        self.target = target
+
+    def write(self, path, examples):
+        path = epath.Path(path)
+        final_name = _INCOMPLETE.sub("", path.name)
+        if not commit.is_uri(self.target):
+            positions = super().write(path, examples)
+            _copy_to(str(path), commit.join(self.target, final_name))
+            return positions
+        with tempfile.TemporaryDirectory(prefix="release-shard-") as local_dir:
+            local = os.path.join(local_dir, final_name)
+            positions = super().write(local, examples)
+            _copy_to(local, commit.join(self.target, final_name))
+        return positions
+
+
+_store_split_info = tfds_writer.BeamWriter._store_split_info
+_finalize_split = tfds_writer.BeamWriter.finalize
+
+
+def _split_info_uri(beam_writer) -> str | None:
+    shard_writer = getattr(beam_writer, "_example_writer", None)
+    if isinstance(shard_writer, _CopyingShardWriter) and commit.is_uri(shard_writer.target):
+        return commit.join(shard_writer.target, "_split_info", f"{beam_writer._filename_template.split}.json")
+    return None
+
+
+def _store_split_info_in_release(self, shard_infos) -> None:
+    """TFDS's Beam writer has a worker write the split's shard lengths into the
+    launcher's staging folder, which a Dataflow worker does not have: for a release on
+    an object store they go into the release prefix (removed before the commit)."""
+    uri = _split_info_uri(self)
+    if uri is None:
+        return _store_split_info(self, shard_infos)
+    shard_infos = sorted(shard_infos, key=lambda x: x.id)
+    commit.write_json(uri, {"total_size": sum(info.size for info in shard_infos),
+                            "shard_lengths": [info.num_examples for info in shard_infos]})
+
+
+def _finalize_split_from_release(self):
+    uri = _split_info_uri(self)
+    if uri is None:
+        return _finalize_split(self)
+    info = commit.read_json(uri)
+    commit.delete_files([uri])
+    return info["shard_lengths"], info["total_size"]
+
+
+tfds_writer.BeamWriter._store_split_info = _store_split_info_in_release
+tfds_writer.BeamWriter.finalize = _finalize_split_from_release
+
+
+def _copy_to(local_path: str, destination: str) -> None:
+    with open(local_path, "rb") as source, commit.open_write(destination) as sink:
+        shutil.copyfileobj(source, sink, 8 << 20)
 
 
 def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
-                   row_chunks: list[str], class_names: list[str], table_columns: list[str] = ()) -> type:
+                   row_chunks: list[str], class_names: list[str], table_columns: list[str] = (),
+                   shard_target: str = "") -> type:
     """A builder named ``name`` at ``version`` whose examples are the rows stored in the
     JSON files ``row_chunks``."""
     with tfds.core.registered.skip_registration():
         return type(name, (AuditReleaseBuilder,), {
             "name": name, "__module__": __name__, "VERSION": tfds.core.Version(version),
             "RELEASE_NOTES": dict(release_notes), "DESCRIPTION": description,
-            "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks,
+            "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks, "SHARD_TARGET": shard_target,
             "WITH_IMAGES": "image_path" in table_columns})
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def release_notes_markdown(name: str, release_notes: Mapping[str, str]) -> str:
+    notes = "\n".join(f"## {v}\n\n{release_notes[v]}\n"
+                      for v in sorted(release_notes, key=version_key, reverse=True))
+    return f"# {name}\n\n{notes}"
 
 
 def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd.DataFrame, *,
                   release_notes: Mapping[str, str], manifest: Mapping[str, Any],
                   counts: Mapping[str, Any], options: PipelineOptions,
                   description: str = "", diff: Mapping[str, Any] | None = None,
-                  class_names: list[str] | None = None) -> Path:
-    """Write ``table`` (see ``release_table``) as ``<out>/tfds/<name>/<version>``.
+                  class_names: list[str] | None = None,
+                  stale_after_s: float = commit.STALE_AFTER_S) -> str | Path:
+    """Write ``table`` (see ``release_table``) as ``<out>/tfds/<name>/<version>``, local or
+    on an object store, and commit it. Returns its path (a Path locally, else a URI).
 
-    Refuses with ``ReleaseExistsError`` if that version exists. Returns its path.
+    Refuses with ``ReleaseExistsError`` if that version is committed (or is being
+    written by another live run). Leftovers of a crashed write of it are removed first.
     """
     final = release_dir(out_dir, name, version)
-    if final.exists():
-        raise ReleaseExistsError(
-            f"{final} already exists: released versions are never overwritten "
-            "(bump stages.release.version, or run `label-audit reaudit`)")
     if version not in release_notes:
         raise ValueError(f"release notes have no entry for version {version}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=final.parent))
+    target = str(final)
+    writer = commit.PrefixWriter(target, stale_after_s=stale_after_s)
     try:
-        row_chunks = _write_row_chunks(table, staging / "rows")
+        writer.claim()
+    except (commit.AlreadyCommittedError, commit.PrefixBusyError) as e:
+        raise ReleaseExistsError(
+            f"{final}: {e}. Released versions are never overwritten "
+            "(bump stages.release.version, or run `label-audit reaudit`)") from e
+    # TFDS builds its metadata in a local folder of the launcher; the shards are
+    # copied into the release by the workers (see _CopyingShardWriter).
+    staging = Path(tempfile.mkdtemp(prefix=f"release-{name}-{version}-"))
+    try:
+        row_chunks = _write_row_chunks(table, writer.path("_rows"))
         builder_cls = _builder_class(name, version, release_notes,
                                      description or f"Audited labels ({name} {version}).",
                                      row_chunks, class_names or list(imagenet_wnids()),
-                                     list(table.columns))
+                                     list(table.columns), shard_target=target)
         builder = builder_cls(data_dir=str(staging), file_format="array_record")
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(beam_options=options))
+        commit.delete_prefix(writer.path("_rows"))
         built = staging / name / version
-        notes = "\n".join(f"## {v}\n\n{release_notes[v]}\n" for v in
-                          sorted(release_notes, key=lambda v: tuple(int(x) for x in v.split(".")),
-                                 reverse=True))
-        (built / "RELEASE_NOTES.md").write_text(f"# {name}\n\n{notes}")
-        _write_json(built / "manifest.json", manifest)
-        _write_json(built / "counts.json", counts)
+        copied = commit.list_files(target)
+        for local in sorted(p for p in built.rglob("*") if p.is_file()):
+            rel = local.relative_to(built).as_posix()
+            if copied.get(rel) != local.stat().st_size:  # the workers' shards are there already
+                _copy_to(str(local), writer.path(rel))
+        writer.write_text("RELEASE_NOTES.md", release_notes_markdown(name, release_notes))
+        writer.write_json("manifest.json", manifest)
+        writer.write_json("counts.json", counts)
         if diff is not None:
-            _write_json(built / "diff.json", diff)
-        os.rename(built, final)  # atomic: the version appears whole or not at all
+            writer.write_json("diff.json", diff)
+        writer.commit({"release": {"name": name, "version": version}})
     finally:
+        writer.abort()  # nothing once committed; else what this attempt wrote
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def read_release(path: str | os.PathLike) -> pd.DataFrame:
-    """A release as a table (file_name, original_label, real_label, score_labels, scores)."""
-    source = tfds.builder_from_directory(str(path)).as_data_source(split=SPLIT)
+def read_release(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A release version as a table (file_name, original_label, real_label, score_labels,
+    scores), sorted by file name. ``path`` is a local version folder or a committed
+    version's URI (pulled and verified through ``release_pull.load_release``)."""
+    if commit.is_uri(path):
+        from pipelines.release_pull import load_release
+
+        builder = load_release(str(path), cache_dir=cache_dir)
+    else:
+        builder = tfds.builder_from_directory(str(path))
+    source = builder.as_data_source(split=SPLIT)
     rows = []
     for example in source:
         rows.append({

@@ -7,6 +7,7 @@ and its modification time, so a changed remote file is fetched again.
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import hashlib
 import os
 import shutil
@@ -18,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from auditing import atomic, sources
 
 
-class RemoteInputError(ValueError):
+class RemoteInputError(InputError):
     """A URI that cannot be read; the message names it."""
 
 

@@ -1,12 +1,12 @@
 """Stages 6-7: the audit report (``report.json`` + a self-contained ``index.html``).
 
-    label-audit report --labels PATH [--original-labels PATH|imagenet]
+    label-audit report --labels PATH [--original-labels PATH|tfds-wheel]
                        [--predictions NAME=PATH ...] [--images DIR] --out DIR
 
 ``--labels``: a TFDS release folder (features ``file_name``, ``original_label``,
 ``real_label``; a ``<out>/tfds/<name>`` folder means its latest version), a real.json
 list, a gold JSON ``{file_name: [labels]}`` or a gold TSV (several rows per image).
-``--original-labels``: a ``file_name<TAB>label`` TSV, or ``imagenet`` for the labels
+``--original-labels``: a ``file_name<TAB>label`` TSV, or ``tfds-wheel`` for the labels
 shipped with tensorflow-datasets; by default the release's ``original_label``.
 ``--predictions``: NPZ files in the ``auditing.predictions`` format (logits or top-1).
 
@@ -165,30 +165,6 @@ def read_label_sets(path: str | os.PathLike, images: dict[str, bytes] | None = N
     return labelsets.read_gold_label_sets(path), None
 
 
-class ImageFolder(Mapping[str, bytes]):
-    """{file_name: bytes} over the files of a folder, read only when asked for."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise ReportInputError(f"--images {folder}: not a folder")
-        self._names = {p.name for p in self.folder.iterdir() if p.is_file()}
-
-    def __getitem__(self, name: str) -> bytes:
-        if name not in self._names:
-            raise KeyError(name)
-        return (self.folder / name).read_bytes()
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._names))
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
 # ---------------------------------------------------------------------------------
 # CLI.
 
@@ -204,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True,
                         help="label sets: TFDS release folder, real.json, gold JSON or gold TSV")
     parser.add_argument("--original-labels",
-                        help="file_name<TAB>label TSV, or 'imagenet' for the TFDS wheel's "
+                        help="file_name<TAB>label TSV, or 'tfds-wheel' for the TFDS wheel's "
                              "validation labels (default: the release's original_label)")
     parser.add_argument("--predictions", action="append", type=_named_path, default=[],
                         metavar="NAME=PATH", help="a model's predictions NPZ (repeatable)")
@@ -220,28 +196,45 @@ def _percent(value: float | None) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    release_images: dict[str, bytes] = {}
-    sets, release_original = read_label_sets(args.labels, images=release_images)
-    if args.original_labels == "imagenet":
-        original = labelsets.original_val_labels()
-    elif args.original_labels:
-        original = labelsets.read_label_tsv(args.original_labels)
-    elif release_original is not None:
-        original = release_original
-    else:
-        raise ReportInputError(f"{args.labels} carries no original labels: pass --original-labels "
-                               "(a TSV, or 'imagenet')")
+    """The report stage of the graph (pipelines/stages/report.py) on label sets given
+    as a file: ``--labels`` becomes ``inputs.label_sets``. A release's own original
+    labels and images are used when the flags do not name others."""
+    from pipelines import run as run_lib
+    from pipelines.config import AuditConfig
+
+    out = Path(args.out)
+    work = out / ".label-audit"  # the graph's store for this report
     names = [name for name, _ in args.predictions]
     if len(set(names)) != len(names):
         raise ReportInputError(f"--predictions: model names must be unique, got {names}")
-    predictions = {name: load_predictions(path) for name, path in args.predictions}
-    paths = write_report(
-        args.out, sets, original, predictions,
-        extra_summary={"labels": str(args.labels),
-                       "original_labels": str(args.original_labels or "release")},
-        example_images=ImageFolder(args.images) if args.images else (release_images or None),
-        model_zoo=local_model_zoo() if args.model_zoo else None)
-    report = json.loads(paths["report_json"].read_text())
+    original, images = args.original_labels, args.images
+    if Path(args.labels).is_dir():
+        release_images: dict[str, bytes] = {}
+        _, release_original = read_label_sets(args.labels, images=release_images)
+        if original is None and release_original is not None:
+            original = str(work / "original_labels.tsv")
+            work.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(original, release_original.to_csv(sep="\t", index=False))
+        if images is None and release_images:
+            images = str(work / "images")
+            Path(images).mkdir(parents=True, exist_ok=True)
+            for name, data in release_images.items():
+                atomic.write_bytes(Path(images) / name, data)
+    if original is None:
+        raise ReportInputError(f"{args.labels} carries no original labels: pass --original-labels "
+                               "(a TSV, or 'tfds-wheel')")
+    if images is not None and not Path(images).is_dir():
+        raise ReportInputError(f"--images {images}: not a folder")
+    config = AuditConfig.model_validate({
+        "output_dir": str(work.resolve()),
+        "dataset": {"original_labels": str(original) if original == labelsets.TFDS_WHEEL
+                    else str(Path(original).resolve()),
+                    "images": {"type": "folder", "path": str(Path(images).resolve())} if images else None},
+        "inputs": {"label_sets": str(Path(args.labels).resolve())},
+        "stages": {"report": {"predictions": {n: str(Path(p).resolve()) for n, p in args.predictions},
+                              "model_zoo": args.model_zoo, "out_dir": str(out.resolve())}}})
+    run_lib.execute(config, target="report", echo=lambda *a, **k: log.info(" ".join(map(str, a))))
+    report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
     print(f"{summary['images']} images, {summary['labels']} labels, {summary['empty_sets']} empty "
           f"sets; ReaL accuracy of the original labels: "
@@ -250,5 +243,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"{name}: original {_percent(m['original_accuracy'])}, ReaL "
               f"{_percent(m['real_accuracy'])}, multi-label {_percent(m['multilabel_accuracy'])}, "
               f"strict top-k {_percent(m['strict_topk_accuracy'])}")
-    print(f"wrote {paths['report_json']} and {paths['html']}")
+    print(f"wrote {out / 'report.json'} and {out / 'index.html'}")
     return 0

@@ -17,13 +17,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from auditing.labelsets import TFDS_WHEEL
 from auditing.sources import sha256_file
 
 _FILE_HASHES: dict[tuple[str, float, int], str] = {}
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file, memoised on (path, mtime, size) within the process."""
+    """sha256 of a file, memoised on (path, mtime, size) within the process. The
+    built-in ImageNet labels (``tfds-wheel``) are named by what they are."""
+    if str(path) == TFDS_WHEEL:
+        return "tfds-wheel:imagenet2012/validation_labels.txt"
     stat = os.stat(path)
     memo_key = (str(Path(path).resolve()), stat.st_mtime, stat.st_size)
     if memo_key not in _FILE_HASHES:
@@ -51,9 +55,19 @@ class Store:
     def has(self, stage: str, key: str) -> bool:
         return self.path(stage, key).is_dir()
 
+    def keys(self, stage: str) -> list[dict[str, Any]]:
+        """The ``_key.json`` of every stored output of ``stage``, oldest first."""
+        folder = self.root / stage
+        records = [(p.stat().st_mtime, json.loads(p.read_text()))
+                   for p in folder.glob("[!.]*/_key.json")] if folder.is_dir() else []
+        return [record for _, record in sorted(records, key=lambda r: r[0])]
+
     def get_or_compute(self, stage: str, key: str, compute: Callable[[Path], None],
                        describe: dict[str, Any] | None = None) -> Path:
-        """The output folder of (stage, key); ``compute(tmp_dir)`` fills it if absent."""
+        """The output folder of (stage, key); ``compute(tmp_dir)`` fills it if absent.
+
+        ``describe`` (the input artifacts' keys and the parameters the key was made of)
+        is kept in ``_key.json``, so ``label-audit explain`` can say why a stage re-ran."""
         final = self.path(stage, key)
         if final.is_dir():
             return final
@@ -62,7 +76,7 @@ class Store:
         try:
             compute(staging)
             (staging / "_key.json").write_text(
-                json.dumps({"stage": stage, "key": key, "inputs": describe or {}},
+                json.dumps({"stage": stage, "key": key, **(describe or {})},
                            indent=2, sort_keys=True, default=str) + "\n")
             try:
                 os.rename(staging, final)

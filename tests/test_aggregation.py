@@ -8,6 +8,7 @@ import pytest
 from crowdkit.aggregation import DawidSkene, MajorityVote
 
 from auditing import aggregation, labelsets, sources, votes
+from auditing import gold as gold_lib
 from auditing.aggregation import PresenceDawidSkene
 
 
@@ -52,6 +53,19 @@ def _hand_built_crowd() -> pd.DataFrame:
             rows.append((f"img{q}", q, f"r{r}", answer))
         rows.append((f"img{q}", q, "r3", "yes"))
     return _votes(rows)
+
+
+def _hand_built_gold() -> gold_lib.Gold:
+    """10 gold questions (gold0..3 present): r0 answers them right with yes / no, r1
+    with maybe / no, r3 says yes to all; r2 answered none."""
+    truth = pd.DataFrame({"file_name": [f"gold{k}" for k in range(10)], "label": range(10),
+                          "truth": [k < 4 for k in range(10)]})
+    rows = []
+    for k in range(10):
+        present = k < 4
+        rows += [(f"gold{k}", k, "r0", "yes" if present else "no"), (f"gold{k}", k, "r1", "maybe" if present else "no"),
+                 (f"gold{k}", k, "r3", "yes")]
+    return gold_lib.Gold.from_frames(truth, _votes(rows))
 
 
 def test_presence_ds_learns_2x3_matrices_and_ignores_a_rater_who_always_says_yes():
@@ -123,7 +137,7 @@ def test_shrinkage_mixes_each_rater_matrix_with_the_pooled_one():
     assert abs(own_evidence.loc[("r3", "yes")]) < 0.2 < evidence.loc[("r3", "yes")] < evidence.loc[("r0", "yes")]
     scores = half.scores_.set_index("label")["score"]
     assert (scores.loc[:5] > 0.9).all() and (scores.loc[6:] < 0.1).all()
-    with pytest.raises(ValueError, match="shrinkage must be in"):
+    with pytest.raises(aggregation.AggregationParamsError, match="parameter 'shrinkage' of aggregation method 'dawid-skene'"):
         aggregation.aggregate(crowd, shrinkage=1.5)
 
 
@@ -131,7 +145,8 @@ def test_shrinkage_mixes_each_rater_matrix_with_the_pooled_one():
 def test_every_method_scores_every_question(method):
     crowd = _hand_built_crowd()
     params = {"n_restarts": 1} if method == "mace" else {}
-    result = aggregation.aggregate(crowd, method=method, **params)
+    gold = _hand_built_gold() if method in aggregation.methods.NEEDS_GOLD else None
+    result = aggregation.aggregate(crowd, method=method, gold=gold, **params)
     scores = result.scores_
     assert len(scores) == 20 and scores["score"].between(0, 1).all()
     assert scores.loc[scores["label"] < 6, "score"].min() > scores.loc[scores["label"] >= 6, "score"].max()
@@ -144,8 +159,13 @@ def test_bad_method_and_prior_arguments_are_errors():
     with pytest.raises(ValueError, match="needs original_labels"):
         aggregation.aggregate(crowd, prior="original-label")
     original = pd.DataFrame({"file_name": [f"img{q}" for q in range(20)], "label": range(20)})
-    with pytest.raises(ValueError, match="dawid-skene option"):
+    with pytest.raises(aggregation.AggregationParamsError, match="unknown parameter 'prior' for aggregation method "
+                                                                 "'glad'; valid: n_iter, tol, m_step_max_iter"):
         aggregation.aggregate(crowd, method="glad", prior="original-label", original_labels=original)
+    with pytest.raises(ValueError, match="dawid-skene options, not 'glad'"):
+        aggregation.aggregate(crowd, method="glad", prior_groups=original.assign(group="g"))
+    with pytest.raises(ValueError, match="gold-confusion needs gold questions"):
+        aggregation.aggregate(crowd, method="gold-confusion")
 
 
 def test_original_label_prior_groups():

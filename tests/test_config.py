@@ -43,6 +43,13 @@ def test_out_flag_overrides_output_dir(tmp_path):
     ("output_dir: o\nstages: {tasks: {max_labels: 0}}", r"stages\.tasks\.max_labels"),
     ("output_dir: o\nstages: {release: {version: one}}", r"stages\.release\.version"),
     ("output_dir: o\nstages: {votes: {}}", r"stages\.votes: Value error, votes needs paths"),
+    ("output_dir: o\nstages: {aggregate: {params: {shrinkge: 0.3}}}",
+     r"stages\.aggregate: .*params\.shrinkge: unknown parameter 'shrinkge' for aggregation method "
+     r"'dawid-skene'; valid: .*shrinkage"),
+    ("output_dir: o\nstages: {aggregate: {method: gold-confusion, params: {smoothing: -1}}}",
+     r"params\.smoothing: parameter 'smoothing' of aggregation method 'gold-confusion'"),
+    ("output_dir: o\nstages: {votes: {paths: [v.csv], gold: {raters: [g.csv]}}}",
+     r"gold needs exactly one of experts"),
     ("stages: {}", r"output_dir: Field required"),
     ("output_dir: o\nstagez: {}", r"stagez: unknown key"),
     ("- just\n- a list", r"expected a mapping"),
@@ -73,9 +80,15 @@ def test_missing_config_file():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_shipped_configs_validate(name, shared_data):
+def test_shipped_configs_validate_and_plan_every_declared_stage(name, shared_data):
+    from pipelines.run import plan
+
     config = load_config(REPO / "configs" / name)
-    assert config.stages.release is not None
+    declared = ["dataset"] + [key for key, section in config.stages if section is not None]
+    planned = [stage.name for stage in plan(config)]
+    # Every declared section runs (select_subset pools through propose even undeclared).
+    assert set(declared) <= set(planned) <= set(declared) | {"propose"}
+    assert planned[-2:] == ["release", "report"]
 
 
 def test_rater_history_only_with_dawid_skene(tmp_path):
@@ -83,3 +96,14 @@ def test_rater_history_only_with_dawid_skene(tmp_path):
                             "rater_history: 'source:real_raters'}}")
     with pytest.raises(ConfigError, match=r"stages\.aggregate: Value error, rater_history is a dawid-skene"):
         load_config(path, check_files=False)
+
+
+def test_a_parameter_typo_exits_2_before_any_stage_runs(tmp_path, capsys):
+    from pipelines import cli
+
+    path = _write(tmp_path, "output_dir: out\nstages:\n  votes: {paths: ['source:real_raters']}\n"
+                            "  aggregate: {params: {shrinkge: 0.3}}\n")
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "shrinkge" in err and "valid:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -57,7 +57,10 @@ def test_config_runner_section_reaches_the_dataflow_options(tmp_path):
     config = tmp_path / "audit.yaml"
     config.write_text("output_dir: out\nrunner: {name: dataflow, options: " + json.dumps(DATAFLOW_ARGS)
                       + "}\nstages: {aggregate: {method: dawid-skene}}\n")
-    options = run._options(load_config(config))  # noqa: SLF001 (the options every stage gets)
+    from pipelines.stages import Context
+    from pipelines.store import Store
+
+    options = Context(load_config(config), Store(tmp_path)).beam_options()  # the options every stage gets
     assert options.view_as(StandardOptions).runner == "DataflowRunner"
     assert options.view_as(GoogleCloudOptions).project == PROJECT
     assert options.view_as(WorkerOptions).sdk_container_image == IMAGE
@@ -174,24 +177,28 @@ def test_propose_in_worker_processes_equals_in_process(realish_predictions, tmp_
 
 
 @pytest.fixture(scope="module")
-def slice_state(real_slice, tmp_path_factory) -> run.RunState:
+def slice_table(real_slice, tmp_path_factory) -> pd.DataFrame:
     """The real slice audited up to the release table (no release written)."""
+    from pipelines.stages import Context
+    from pipelines.stages.release import release_table
+
     config = load_config(real_slice / "audit.yaml", output_dir=str(tmp_path_factory.mktemp("state")))
-    return run.execute(config, stages=["dataset", "votes", "aggregate"], echo=lambda *a, **k: None)
+    result = run.execute(config, target="aggregate", echo=lambda *a, **k: None)
+    return release_table(Context(config, result.store), result.artifacts)
 
 
-def test_release_written_by_worker_processes_equals_in_process(slice_state, tmp_path):
+def test_release_written_by_worker_processes_equals_in_process(slice_table, tmp_path):
     written = {}
     for runner in ("direct", "direct-multiprocess"):
         written[runner] = release.write_release(
-            tmp_path / runner, "slice_release", "1.0.0", slice_state.release_table,
-            release_notes={"1.0.0": "check"}, manifest={"content_key": slice_state.labels_key},
-            counts={"images": len(slice_state.release_table)}, options=make_options(runner, num_workers=2))
+            tmp_path / runner, "slice_release", "1.0.0", slice_table,
+            release_notes={"1.0.0": "check"}, manifest={"content_key": "check"},
+            counts={"images": len(slice_table)}, options=make_options(runner, num_workers=2))
     pd.testing.assert_frame_equal(release.read_release(written["direct-multiprocess"]),
                                   release.read_release(written["direct"]))
     for path in written.values():
         info = json.loads((path / "dataset_info.json").read_text())
-        assert sum(map(int, info["splits"][0]["shardLengths"])) == len(slice_state.release_table)
+        assert sum(map(int, info["splits"][0]["shardLengths"])) == len(slice_table)
 
 
 def test_release_files_are_byte_identical_across_processes(real_slice, tmp_path):

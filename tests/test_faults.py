@@ -27,7 +27,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from auditing import labelsets
-from auditing.predictions import load_predictions, softmax
+from auditing.predictions import load_predictions
 from pipelines import cli, reaudit, release, run
 from pipelines.config import load_config
 from tests.conftest import N_RATED, N_UNRATED
@@ -138,7 +138,7 @@ def assert_store_complete(store: Path) -> None:
             assert json.loads(key_file.read_text())["stage"] == stage.name
 
 
-def rerun(config: Path, out: Path) -> run.RunState:
+def rerun(config: Path, out: Path) -> run.RunResult:
     return run.execute(load_config(config, output_dir=str(out)), echo=quiet)
 
 
@@ -205,7 +205,7 @@ def test_kill_during_aggregate_leaves_no_unfinished_store_folder(real_slice, tmp
     assert not (out / "tfds").exists()
 
     state = rerun(config, out)
-    assert [stage for stage, _ in state.store.computed] == ["aggregate"]  # votes reused
+    assert state.computed == ["aggregate", "release", "report"]  # dataset and votes reused
     assert_store_complete(out / "store")
     assert len([p for p in aggregate.iterdir() if not p.name.startswith(".")]) == 1
     assert_same_release(version_dir(out), clean_release(config, tmp_path / "reference"))
@@ -245,11 +245,12 @@ class StandInPredictor:
     def __init__(self, spec, batch_size: int, dtype: str):
         self.weights = np.random.default_rng(0).normal(size=(3, spec.num_classes)).astype(np.float32)
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray):
+        from models.predictor import PredictorOutput
+
         time.sleep(StandInPredictor.delay_s)
         StandInPredictor.images_seen += len(images)
-        logits = images.mean(axis=(1, 2)) @ self.weights
-        return logits, softmax(logits)
+        return PredictorOutput(images.mean(axis=(1, 2)) @ self.weights, None)
 
 
 def write_photo_folder(folder: Path) -> Path:

@@ -7,7 +7,6 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from auditing.predictions import softmax
 from models.predictor import JitPredictor
 from pipelines.beam_options import make_options
 from pipelines.images import ReadImageShards, plan_shards
@@ -29,7 +28,7 @@ def test_predict_images_matches_a_bare_predictor(spec, photo_source):
     source, bad = photo_source
     with BeamTestPipeline(options=make_options()) as pipeline:
         outputs = (pipeline | beam.Create(plan_shards(len(source), 4)) | ReadImageShards(source)
-                   | PredictImages(spec, batch_size=BATCH, top_k=3))
+                   | PredictImages(spec, batch_size=BATCH))
         assert_that(outputs | beam.Filter(lambda r: r.scores is None)
                     | beam.Map(lambda r: (r.file_name, bool(r.quarantine_reason))),
                     equal_to([(n, True) for n in bad]), label="CheckQuarantined")
@@ -44,14 +43,12 @@ def _check_predictions(rows, spec, source, bad):
     assert [r.file_name for r in rows] == [n for n in source.file_names if n not in bad]
     # The same model outside Beam, on the same decoded images.
     images = np.stack([spec.preprocess(Image.open(source.paths[r.source_index])) for r in rows])
-    logits, _ = shared_predictor(spec, BATCH, "float32").predict(images)
-    got = np.stack([r.scores.logits for r in rows])
-    np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4)
+    logits, features = shared_predictor(spec, BATCH, "float32").predict(images)
+    np.testing.assert_allclose(np.stack([r.scores.logits for r in rows]), logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack([r.scores.features for r in rows]), features, rtol=1e-4, atol=1e-4)
     for r in rows:
-        assert r.scores.top_k_labels.tolist() == np.argsort(-r.scores.logits)[:3].tolist()
-        np.testing.assert_allclose(r.scores.top_k_probs, softmax(r.scores.logits)[r.scores.top_k_labels])
         assert r.source_index == source.file_names.index(r.file_name)
-    top1 = {r.file_name: int(r.scores.top_k_labels[0]) for r in rows}
+    top1 = {r.file_name: int(np.argmax(r.scores.logits)) for r in rows}
     # Real photos, real weights: the cat is a cat even in the Beam path, and the CMYK coffee is espresso.
     assert top1["chelsea.jpg"] in (TABBY, TIGER_CAT, EGYPTIAN_CAT)
     assert top1["coffee_cmyk.jpg"] == ESPRESSO
@@ -64,7 +61,7 @@ class RecordingPredictor:
         self.inner = inner
         self.batch_sizes: list[int] = []
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray):
         self.batch_sizes.append(len(images))
         return self.inner.predict(images)
 

@@ -187,3 +187,15 @@ def test_agreement_with_published_by_hand():
     assert got["all_images_exact_match"] == pytest.approx(1 / 3)
     assert got["original_labels_real_accuracy_ours"] == pytest.approx(2 / 3)  # a misses, b and c hit
     assert got["original_labels_real_accuracy_published"] == pytest.approx(1.0)  # c excluded (empty)
+
+
+def test_proposal_quality_leaves_out_empty_reference_sets():
+    from auditing.metrics import LabelSets, proposal_quality
+
+    proposed = LabelSets.from_sets([[1, 2, 3], [4], [5, 6]], 10)
+    reference = LabelSets.from_sets([[1, 9], [4], []], 10)
+    quality = proposal_quality(proposed, reference)
+    assert (quality.n_images, quality.n_reference_labels, quality.n_proposed, quality.n_hits) == (2, 3, 4, 2)
+    assert (quality.recall, quality.precision) == (2 / 3, 2 / 4)
+    with pytest.raises(ValueError, match="3 proposed sets"):
+        proposal_quality(proposed, reference.take([0, 1]))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import efficientnet_lite, preprocessing, registry
+from models import efficientnet_lite, preprocessing, registry, resnet
 from models.predictor import JitPredictor
 
 
@@ -108,15 +108,38 @@ def photo_batch() -> np.ndarray:
 def test_predictor_compiles_once_and_padding_changes_nothing(lite0_predictor, photo_batch) -> None:
     n = len(photo_batch)
     assert n % lite0_predictor.batch_size != 0  # the last batch is padded
-    logits, probs = lite0_predictor.predict(photo_batch)
-    assert logits.shape == probs.shape == (n, 1000)
-    assert logits.dtype == probs.dtype == np.float32
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    one_by_one = np.concatenate([lite0_predictor.predict(photo_batch[i:i + 1])[0] for i in range(3)])
+    logits, features = lite0_predictor.predict(photo_batch)
+    assert logits.shape == (n, 1000) and features.shape == (n, 1280)
+    assert logits.dtype == features.dtype == np.float32
+    one_by_one = np.concatenate([lite0_predictor.predict(photo_batch[i:i + 1]).logits for i in range(3)])
     np.testing.assert_allclose(one_by_one, logits[:3], atol=1e-4)
-    empty_logits, empty_probs = lite0_predictor.predict(photo_batch[:0])
-    assert empty_logits.shape == empty_probs.shape == (0, 1000)
+    empty = lite0_predictor.predict(photo_batch[:0])
+    assert empty.logits.shape == (0, 1000) and empty.features.shape == (0, 1280)
     assert lite0_predictor.trace_count == 1
+
+
+def test_features_are_what_the_classifier_reads(lite0_predictor, photo_batch) -> None:
+    """The features come from the same forward pass: the fc layer applied to them gives
+    the logits, and they are pooled ReLU6 activations (in [0, 6])."""
+    logits, features = lite0_predictor.predict(photo_batch)
+    fc = lite0_predictor._variables["params"]["fc"]
+    np.testing.assert_allclose(features @ np.asarray(fc["kernel"]) + np.asarray(fc["bias"]), logits,
+                               rtol=1e-4, atol=1e-3)
+    assert features.min() >= 0 and features.max() <= 6 and features.std() > 0.1
+    assert lite0_predictor.spec.num_features == 1280
+
+
+def test_resnet_returns_its_pooled_features_with_the_logits() -> None:
+    import jax
+
+    module = resnet.build("resnet50", num_classes=10)
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    variables = module.init(jax.random.PRNGKey(0), images)
+    logits, features = module.apply(variables, images, return_features=True)
+    assert features.shape == (2, resnet.num_features("resnet50")) == (2, 2048)
+    np.testing.assert_allclose(module.apply(variables, images), logits, rtol=1e-5, atol=1e-5)
+    fc = variables["params"]["fc"]
+    np.testing.assert_allclose(features @ fc["kernel"] + fc["bias"], logits, rtol=1e-4, atol=1e-4)
 
 
 def test_predictor_rejects_wrongly_sized_images(lite0_predictor) -> None:
@@ -130,9 +153,12 @@ def test_bfloat16_predictor_agrees_with_float32(lite0_predictor, photo_batch, tm
     monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path))
     bf16 = JitPredictor(registry.get_model("efficientnet-lite0"), batch_size=len(photo_batch),
                         dtype="bfloat16")
-    logits16, probs16 = bf16.predict(photo_batch)
-    logits32, probs32 = lite0_predictor.predict(photo_batch)
-    assert logits16.dtype == np.float32
+    from auditing.predictions import softmax
+
+    logits16, features16 = bf16.predict(photo_batch)
+    logits32, features32 = lite0_predictor.predict(photo_batch)
+    probs16, probs32 = softmax(logits16), softmax(logits32)
+    assert logits16.dtype == features16.dtype == np.float32
     # bfloat16 keeps 8 bits of mantissa: the confident top-1s survive, the probabilities move a little.
     confident = probs32.max(axis=1) > 0.5
     assert confident.sum() >= 3

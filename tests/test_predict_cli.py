@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from auditing.predictions import (Predictions, PredictionsFormatError, concatenate_sorted,
-                                  load_predictions, save_predictions, softmax)
+                                  load_predictions, save_predictions)
+from models.predictor import PredictorOutput
 from pipelines import predict
 from pipelines.images import TfdsImages
 # tfds_dir is a fixture: imported so that pytest finds it here too.
@@ -28,10 +30,60 @@ def test_save_load_round_trip(tmp_path):
     for key in ("file_names", "logits", "image_index", "labels", "quarantined_file_names",
                 "quarantine_reasons"):
         np.testing.assert_array_equal(getattr(loaded, key), getattr(original, key))
-    assert loaded.top1 is None and loaded.num_read == 4
+    assert loaded.top1 is None and loaded.features is None and loaded.num_read == 4
     np.testing.assert_allclose(loaded.probabilities().sum(axis=1), 1, rtol=1e-6)
     assert loaded.top1_labels().tolist() == np.argmax(logits, axis=1).tolist()
     assert [p.name for p in tmp_path.iterdir()] == ["p.npz"]  # no temp file left behind
+
+
+def test_features_are_stored_as_float16(tmp_path):
+    features = np.random.default_rng(1).uniform(0, 6, size=(2, 1280)).astype(np.float32)
+    original = Predictions(file_names=np.array(["a.jpg", "b.jpg"]), logits=np.zeros((2, 4), np.float32),
+                           features=features)
+    loaded = load_predictions(save_predictions(tmp_path / "p.npz", original))
+    assert loaded.features.dtype == np.float16
+    np.testing.assert_allclose(loaded.features, features, rtol=1e-3, atol=1e-3)
+    with pytest.raises(PredictionsFormatError, match=r"'features' must be a float array of shape \(2, D\)"):
+        Predictions(file_names=original.file_names, logits=original.logits, features=features[:1])
+    with pytest.raises(PredictionsFormatError, match=r"'features' row 1 \(b.jpg\) has a NaN"):
+        Predictions(file_names=original.file_names, logits=original.logits,
+                    features=np.array([[0.0], [np.inf]]))
+
+
+# ImageNet-X (SOURCES.md): top-1 accuracy against the original labels, computed from the CSVs.
+IMAGENETX_ORIGINAL_ACCURACY = {"ResNet50": 0.7613, "ViT": 0.7801, "DINO": 0.7675, "SimCLR": 0.6814}
+
+
+@pytest.mark.parametrize("model", sorted(IMAGENETX_ORIGINAL_ACCURACY))
+def test_published_top1_csv_is_read_directly(shared_data, model):
+    from auditing import labelsets
+
+    loaded = load_predictions(shared_data / "imagenetx_predictions" / f"{model}.csv")
+    assert loaded.num_images == 50_000 and loaded.logits is None and loaded.top1.dtype == np.int64
+    original = labelsets.read_label_tsv(shared_data / "derived" / "imagenet_val_labels_by_filename.tsv")
+    labels = original.set_index("file_name")["label"].loc[loaded.file_names].to_numpy()
+    assert round(float(np.mean(loaded.top1_labels() == labels)), 4) == IMAGENETX_ORIGINAL_ACCURACY[model]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("file_name,predicted_class\na.jpg,1\n", "header must be file_name,predicted_class,predicted_probability"),
+    ("file_name,predicted_class,predicted_probability\na.jpg,1,0.5\nb.jpg,x,0.5\n",
+     "line 3, field 'predicted_class': 'x' is not a class index"),
+    ("file_name,predicted_class,predicted_probability\na.jpg,1000,0.5\n", "line 2, field 'predicted_class'"),
+    ("file_name,predicted_class,predicted_probability\na.jpg,2.5,0.5\n", "line 2, field 'predicted_class'"),
+    ("file_name,predicted_class,predicted_probability\na.jpg,1,1.5\n",
+     "line 2, field 'predicted_probability': '1.5' is not a probability"),
+    ("file_name,predicted_class,predicted_probability\na.jpg,1,\n", "line 2, field 'predicted_probability'"),
+    ("file_name,predicted_class,predicted_probability\n,1,0.5\n", "line 2, field 'file_name': '' is empty"),
+    ("file_name,predicted_class,predicted_probability\na.jpg,1,0.5\nb.jpg,2,0.5\na.jpg,3,0.1\n",
+     r"line 4, field 'file_name': 'a.jpg' appears again \(first on line 2\)"),
+])
+def test_bad_csv_rows_are_refused_naming_file_and_line(tmp_path, rows, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(rows)
+    with pytest.raises(PredictionsFormatError, match=message) as error:
+        load_predictions(path)
+    assert str(path) in str(error.value)
 
 
 def test_top1_only_predictions(tmp_path):
@@ -105,12 +157,12 @@ class StandInPredictor:
     def __init__(self, spec, batch_size: int, dtype: str):
         self.weights = np.random.default_rng(0).normal(size=(3, spec.num_classes)).astype(np.float32)
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray) -> PredictorOutput:
         if self.fail_from_call is not None and len(self.batch_sizes) >= self.fail_from_call:
             raise RuntimeError("simulated crash")
         StandInPredictor.batch_sizes.append(len(images))
-        logits = images.mean(axis=(1, 2)) @ self.weights
-        return logits, softmax(logits)
+        features = images.mean(axis=(1, 2))  # (n, 3): the mean colour
+        return PredictorOutput(features @ self.weights, features)
 
 
 @pytest.fixture
@@ -121,10 +173,13 @@ def stand_in():
     StandInPredictor.fail_from_call = None
 
 
-def _expected_logits(spec, source, file_names):
-    weights = StandInPredictor(spec, 1, "float32").weights
+def _expected_features(spec, source, file_names):
     paths = dict(zip(source.file_names, source.paths))
-    return np.stack([spec.preprocess(Image.open(paths[n])).mean(axis=(0, 1)) for n in file_names]) @ weights
+    return np.stack([spec.preprocess(Image.open(paths[n])).mean(axis=(0, 1)) for n in file_names])
+
+
+def _expected_logits(spec, source, file_names):
+    return _expected_features(spec, source, file_names) @ StandInPredictor(spec, 1, "float32").weights
 
 
 def test_run_predictions_writes_the_store_and_reuses_it(tmp_path, spec, photo_source, stand_in):
@@ -132,8 +187,8 @@ def test_run_predictions_writes_the_store_and_reuses_it(tmp_path, spec, photo_so
     paths = predict.run_predictions([spec], source, tmp_path, batch_size=2, shard_size=4,
                                     predictor_factory=stand_in)
     path = paths["efficientnet-lite0"]
-    assert path == (tmp_path / "predictions" / f"efficientnet-lite0-{spec.checkpoint_sha256()[:12]}"
-                    / source.dataset_id / "all.npz")
+    assert path == str(tmp_path / "predictions" / f"efficientnet-lite0-{spec.checkpoint_sha256()[:12]}"
+                       / source.dataset_id / "all.npz")
     result = load_predictions(path)
     good = [n for n in source.file_names if n not in bad]
     assert result.file_names.tolist() == good
@@ -141,7 +196,11 @@ def test_run_predictions_writes_the_store_and_reuses_it(tmp_path, spec, photo_so
     assert sorted(result.quarantined_file_names.tolist()) == sorted(bad)
     assert result.num_read == len(source)
     np.testing.assert_allclose(result.logits, _expected_logits(spec, source, good), rtol=1e-4, atol=1e-5)
-    assert not (path.parent / "all.shards").exists()
+    # The features of the same call, beside the logits, as float16.
+    assert result.features.dtype == np.float16
+    np.testing.assert_allclose(result.features, _expected_features(spec, source, good), atol=2e-3)
+    assert sorted(p.name for p in (tmp_path / "predictions").rglob("*")) == sorted(
+        [f"efficientnet-lite0-{spec.checkpoint_sha256()[:12]}", source.dataset_id, "all.npz"])
 
     stand_in.fail_from_call = 0  # any model call would now fail
     assert predict.run_predictions([spec], source, tmp_path, predictor_factory=stand_in) == paths
@@ -173,7 +232,7 @@ def test_tfds_predictions_are_sorted_by_file_name(tmp_path, spec, tfds_dir, stan
     source = TfdsImages("label_audit_tiny_photos", "validation", data_dir=tfds_dir)
     path = predict.run_predictions([spec], source, tmp_path, batch_size=4, shard_size=3,
                                    predictor_factory=stand_in)["efficientnet-lite0"]
-    assert path.parent.name == "label_audit_tiny_photos-1.0.0" and path.name == "validation.npz"
+    assert Path(path).parent.name == "label_audit_tiny_photos-1.0.0" and Path(path).name == "validation.npz"
     result = load_predictions(path)
     good = sorted(n for n in tfds_photos() if n != "photo_07.jpg")
     assert result.file_names.tolist() == good
@@ -224,3 +283,76 @@ def test_shard_progress_logs_counts_and_an_eta(tmp_path, caplog):
 def test_store_paths_of_different_splits_never_collide():
     names = ["validation[:1000]", "validation[1000:]", "validation[:50]", "validation[:50%]", "validation"]
     assert len({predict._path_safe(n) for n in names}) == len(names)
+
+
+# ----------------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    """A local GCS emulator (gcp-storage-emulator, loopback, in memory) with a bucket
+    ``audits``, reached by Beam's own GCS filesystem through STORAGE_EMULATOR_HOST."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("apache_beam.io.gcp.gcsio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory", "--default-bucket", "audits"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    try:
+        yield "gs://audits"
+    finally:
+        if previous is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_store_on_object_storage_with_crash_resume(gcs_emulator, spec, photo_source, stand_in, tmp_path,
+                                                   monkeypatch):
+    from apache_beam.io.filesystems import FileSystems
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory either
+    source, bad = photo_source
+    store = f"{gcs_emulator}/store-{tmp_path.name}"
+    path = predict.predictions_path(store, spec, source)
+    assert path.startswith("gs://audits/")
+    stand_in.fail_from_call = 2
+    with pytest.raises(Exception, match="simulated crash"):
+        predict.run_predictions([spec], source, store, batch_size=2, shard_size=2, predictor_factory=stand_in)
+    shards = FileSystems.match([f"{store}/**/shard-*.npz"])[0].metadata_list
+    assert 1 <= len(shards) < 5 and not FileSystems.exists(path)
+    done = sum(predict.read_predictions(m.path).num_read for m in shards)  # read back from the bucket
+
+    stand_in.fail_from_call = None
+    stand_in.batch_sizes = []
+    assert predict.run_predictions([spec], source, store, batch_size=2, shard_size=2,
+                                   predictor_factory=stand_in) == {"efficientnet-lite0": path}
+    # Only the missing shards ran (quarantined images take no model call).
+    assert sum(stand_in.batch_sizes) < len(source) - len(bad)
+    assert sum(stand_in.batch_sizes) + done >= len(source) - len(bad)
+    objects = [m.path for m in FileSystems.match([f"{store}/**"])[0].metadata_list]
+    assert objects == [path]  # the shards and every temporary object are gone
+    result = predict.read_predictions(path)
+    good = [n for n in source.file_names if n not in bad]
+    assert result.file_names.tolist() == good and result.num_read == len(source)
+    np.testing.assert_allclose(result.logits, _expected_logits(spec, source, good), rtol=1e-4, atol=1e-5)
+    assert result.features.dtype == np.float16
+    assert not any(tmp_path.iterdir())

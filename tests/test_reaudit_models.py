@@ -1,4 +1,4 @@
-"""Adding a model and re-auditing: only the new model predicts; a new minor version
+"""Adding a model and re-auditing: only the new model predicts; the next version
 with a diff comes out. Real photos, the real EfficientNet-Lite weights."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _config(models: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_adding_a_model_predicts_only_that_model_and_releases_1_1_0(shared_data, tmp_path, monkeypatch):
+def test_adding_a_model_predicts_only_that_model_and_releases_the_next_version(shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
     calls: Counter[str] = Counter()
     real_predict_source = predict.predict_source
@@ -56,10 +56,11 @@ def test_adding_a_model_predicts_only_that_model_and_releases_1_1_0(shared_data,
     calls.clear()
     assert cli.main(["reaudit", str(three), "--out", str(out)]) == 0
     assert calls == {"efficientnet-lite2": 1}  # the two earlier models were not run again
-    assert release.released_versions(out, "photos_reaudit") == ["1.0.0", "1.1.0"]
-    new = out / "tfds" / "photos_reaudit" / "1.1.0"
+    # The new model's proposals got votes: existing records changed, so a MAJOR version.
+    assert release.released_versions(out, "photos_reaudit") == ["1.0.0", "2.0.0"]
+    new = out / "tfds" / "photos_reaudit" / "2.0.0"
     diff = json.loads((new / "diff.json").read_text())
-    assert diff["from_version"] == "1.0.0"
+    assert diff["from_version"] == "1.0.0" and diff["to_version"] == "2.0.0"
     notes = (new / "RELEASE_NOTES.md").read_text()
     assert "added model(s) efficientnet-lite2" in notes
     manifest = json.loads((new / "manifest.json").read_text())
@@ -70,6 +71,7 @@ def test_adding_a_model_predicts_only_that_model_and_releases_1_1_0(shared_data,
     assert len(all_task_files) == 2
     second_tasks = [json.loads(line) for path in all_task_files for line in path.read_text().splitlines()
                     if json.loads(line)["task_id"] not in first_tasks]
+    assert second_tasks, "the third model proposed pairs never asked before"
     asked_before = set()
     for row in release.read_release(out / "tfds" / "photos_reaudit" / "1.0.0").itertuples():
         asked_before |= {(row.file_name, label) for label in row.score_labels}

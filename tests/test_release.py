@@ -62,3 +62,22 @@ def test_release_with_images_stores_rgb_photos(tmp_path):
     images = {ex["file_name"].decode(): ex["image"] for ex in source}
     assert images["a.JPEG"].shape == (512, 512, 3) and images["a.JPEG"].dtype == np.uint8
     assert images["b.JPEG"].shape[2] == 3 and images["c.JPEG"].shape == (427, 640, 3)
+
+
+def test_fast_record_serialization_gives_tfds_bytes():
+    """serialize_row is byte for byte TFDS's encode_example + serialization, empty lists included."""
+    from tensorflow_datasets.core import example_serializer
+
+    features = release.release_features([f"c{i}" for i in range(1000)])
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    rows = _table().to_dict(orient="records") + [
+        {"file_name": "ü.JPEG", "original_label": 999, "real_label": [0, 999], "score_labels": [0, 5, 999],
+         "scores": [1 / 3, 0.8000000000000002, 1e-300]}]
+    for row in rows:
+        example = {"file_name": row["file_name"], "original_label": row["original_label"],
+                   "real_label": row["real_label"],
+                   "label_scores": {"label": row["score_labels"], "score": row["scores"]}}
+        generic = serializer.get_tf_example(features.encode_example(example)).SerializeToString(deterministic=True)
+        assert bytes(release.serialize_row(row, 1000)) == generic
+    with pytest.raises(ValueError, match="ü.JPEG: label 999 outside"):
+        release.serialize_row(rows[-1], 999)

@@ -1,4 +1,6 @@
-from auditing.release_diff import diff_label_sets, next_minor_version
+import pytest
+
+from auditing.release_diff import diff_label_sets, next_minor_version, next_version, version_key
 
 
 def test_diff_lists_changed_images_and_counts():
@@ -23,3 +25,14 @@ def test_identical_sets_have_an_empty_diff():
 def test_next_minor_version():
     assert next_minor_version("1.0.0") == "1.1.0"
     assert next_minor_version("2.9.3") == "2.10.0"
+
+
+def test_next_version_follows_tfds_semantics():
+    assert next_version("1.2.3", "major") == "2.0.0"  # a label set changed
+    assert next_version("1.2.3", "minor") == "1.3.0"  # features added, records unchanged
+    assert next_version("1.2.3", "patch") == "1.2.4"  # same records re-serialised
+    assert sorted(["1.10.0", "1.9.0", "10.0.0", "2.0.0"], key=version_key) == ["1.9.0", "1.10.0", "2.0.0", "10.0.0"]
+    with pytest.raises(ValueError, match="one of major, minor, patch"):
+        next_version("1.0.0", "huge")
+    with pytest.raises(ValueError, match="MAJOR.MINOR.PATCH"):
+        version_key("1.0")

@@ -13,6 +13,7 @@ from tests.conftest import N_RATED, N_UNRATED
 
 from pipelines import cli, reaudit, release, run
 from pipelines.config import load_config
+from pipelines.store import Store
 
 def test_run_writes_release_and_report_then_rerun_recomputes_nothing(real_slice, tmp_path, capsys):
     out = tmp_path / "out"
@@ -34,14 +35,14 @@ def test_run_writes_release_and_report_then_rerun_recomputes_nothing(real_slice,
 
     config = load_config(real_slice / "audit.yaml", output_dir=str(out))
     state = run.execute(config, echo=lambda *a, **k: None)
-    assert state.store.computed == []
+    assert state.store.computed == [] and state.computed == []
     assert state.release_status == "unchanged"
     # Nothing changed: reaudit says so with exit code 3 and writes no version.
     assert cli.main(["reaudit", str(real_slice / "audit.yaml"), "--out", str(out)]) == reaudit.EXIT_UNCHANGED
     assert release.released_versions(out, "real_slice_audit") == ["1.0.0"]
 
 
-def test_reaudit_with_new_votes_writes_a_minor_version_with_a_diff(real_slice, tmp_path):
+def test_reaudit_with_new_votes_writes_a_major_version_with_a_diff(real_slice, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(out)]) == 0
     config_text = (real_slice / "audit.yaml").read_text().replace(
@@ -49,25 +50,30 @@ def test_reaudit_with_new_votes_writes_a_minor_version_with_a_diff(real_slice, t
     (real_slice / "audit_more_votes.yaml").write_text(config_text)
     code = cli.main(["reaudit", str(real_slice / "audit_more_votes.yaml"), "--out", str(out)])
     assert code == reaudit.EXIT_NEW_VERSION
-    assert release.released_versions(out, "real_slice_audit") == ["1.0.0", "1.1.0"]
-    new = out / "tfds" / "real_slice_audit" / "1.1.0"
+    # Label sets changed: existing records changed, a new MAJOR version (TFDS semantics).
+    assert release.released_versions(out, "real_slice_audit") == ["1.0.0", "2.0.0"]
+    new = out / "tfds" / "real_slice_audit" / "2.0.0"
     diff = json.loads((new / "diff.json").read_text())
-    assert diff["from_version"] == "1.0.0" and diff["to_version"] == "1.1.0"
+    assert diff["from_version"] == "1.0.0" and diff["to_version"] == "2.0.0"
     assert diff["images_changed"] == len(diff["changed"]) > 0
     notes = (new / "RELEASE_NOTES.md").read_text()
-    assert "## 1.1.0" in notes and "## 1.0.0" in notes and "votes changed" in notes
+    assert "## 2.0.0" in notes and "## 1.0.0" in notes and "votes changed" in notes
     old_sets = dict(zip(*release.read_release(out / "tfds/real_slice_audit/1.0.0")[["file_name", "real_label"]]
                         .T.values))
     new_sets = dict(zip(*release.read_release(new)[["file_name", "real_label"]].T.values))
     changed = {f for f in old_sets if list(old_sets[f]) != list(new_sets[f])}
     assert changed == {c["file_name"] for c in diff["changed"]}
-    # The earlier votes were kept: every vote of 1.0.0 is still used.
-    summary = json.loads((Path(run.RunState.for_config(load_config(
-        real_slice / "audit_more_votes.yaml", output_dir=str(out))).store.root) / "votes").glob(
-        "*/summary.json").__next__().read_text())
-    assert summary["read"] > 0
+    # The earlier votes were kept: every vote of 1.0.0 is still used, merged with the new file.
+    first, second = (pd.read_csv(real_slice / name) for name in ("votes_first.csv", "votes_later.csv"))
+    key = json.loads((new / "manifest.json").read_text())["stage_keys"]["votes"]
+    used = pd.read_parquet(Store(out / "store").path("votes", key) / "votes.parquet")
+    summary = json.loads((Store(out / "store").path("votes", key) / "summary.json").read_text())
+    assert summary["carried_over"] == len(first) and summary["votes_used"] == len(first) + len(second)
+    columns = ["file_name", "label", "rater_id", "answer"]
+    merged = used[columns].astype(str).merge(first[columns].astype(str), how="inner")
+    assert len(merged) == len(first)
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["run"]["diff"]["to_version"] == "1.1.0"
+    assert report["run"]["diff"]["to_version"] == "2.0.0"
     # Running the newer config again changes nothing.
     assert cli.main(["reaudit", str(real_slice / "audit_more_votes.yaml"), "--out", str(out)]) == 3
 
@@ -126,7 +132,7 @@ def test_a_corrected_vote_file_wins_over_the_carried_vote(real_slice, tmp_path):
     votes.to_csv(tmp_path / "votes_corrected.csv", index=False)
     (tmp_path / "fixed.yaml").write_text((real_slice / "audit.yaml").read_text().replace(
         "paths: [votes_first.csv]", "paths: [votes_corrected.csv]").replace(
-        "labels.tsv", f"{real_slice}/labels.tsv").replace('"source:real_labels"', '"source:real_labels"'))
+        "labels.tsv", f"{real_slice}/labels.tsv"))
     assert cli.main(["reaudit", str(tmp_path / "fixed.yaml"), "--out", str(out)]) == 0
     store_votes = [pd.read_parquet(p) for p in (out / "store" / "votes").glob("*/votes.parquet")]
     newest = max(store_votes, key=len)

@@ -3,17 +3,28 @@
 One algorithm per module, crowd-kit style:
 
 - ``dawid_skene``: ``PresenceDawidSkene``, crowd-kit's DS with 2 truths x 3 answers,
-  run to convergence (the default engine).
-- ``methods``: ``aggregate(votes, method=...)`` and the other methods by name.
+  run to convergence (the default engine), optionally with gold questions.
+- ``gold_confusion``: ``GoldConfusion``, rater matrices counted on gold questions, one
+  posterior per question (the published ReaL recipe).
+- ``original_label_rater``: the original label as a pseudo-rater.
+- ``methods``: ``aggregate(votes, method=...)``, the methods by name and their typed
+  parameters (``PARAMS``, ``validate_params``).
+- ``crowd``: votes and gold answers as crowd-kit frames.
 - ``priors``: which questions share a class prior (original label vs proposals).
 - ``label_sets``: the ReaL rule from scores to label sets.
 """
-from auditing.aggregation.dawid_skene import ABSENT, PRESENCE_OF_ANSWER, PRESENT, PresenceDawidSkene
+from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores
+from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
+                                              PresenceDawidSkene)
+from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
 from auditing.aggregation.label_sets import LabelSets, label_sets
-from auditing.aggregation.methods import (DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS, PRIORS,
-                                          AggregationResult, CrowdData, aggregate, present_scores)
+from auditing.aggregation.methods import (DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS, PARAMS, PRIORS,
+                                          AggregationParamsError, AggregationResult, aggregate, validate_params)
+from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import ANIMAL_WNID, original_label_prior_groups, resolve_prior_classes
 
-__all__ = ["ABSENT", "ANIMAL_WNID", "DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "PRESENCE_OF_ANSWER",
-           "PRESENT", "PRIORS", "AggregationResult", "CrowdData", "LabelSets", "PresenceDawidSkene",
-           "aggregate", "label_sets", "present_scores", "original_label_prior_groups", "resolve_prior_classes"]
+__all__ = ["ABSENT", "ANIMAL_WNID", "DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "PARAMS",
+           "PRESENCE_OF_ANSWER", "PRESENT", "PRIORS", "AggregationParamsError", "AggregationResult", "CrowdData",
+           "DawidSkeneParams", "GoldConfusion", "GoldConfusionParams", "GoldTasks", "LabelSets",
+           "OriginalLabelRaterParams", "PresenceDawidSkene", "aggregate", "label_sets", "original_label_answers",
+           "original_label_prior_groups", "present_scores", "resolve_prior_classes", "validate_params"]

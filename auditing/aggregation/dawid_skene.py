@@ -30,22 +30,54 @@ wrong for ReaL-style votes (measured on the 924,810 ReaL votes, see
    these votes (see ``benchmarks/aggregation_fidelity.py``); 0.3 was chosen offline
    by measurement against the published labels (flat optimum over 0.15..0.5).
 
+5. Gold (optional, ``fit(..., true_labels=, initial_error=)``, crowd-kit's names):
+   ``true_labels`` (task -> truth) holds the gold tasks' posteriors fixed at their
+   truth in every iteration (crowd-kit's ``_correct_probas_with_golden``), so gold
+   answers count in every M-step; gold tasks get a class prior of their own, so they
+   do not move the voted questions' prior. ``initial_error`` ((worker, answer) x
+   truth probabilities, e.g. ``GoldConfusion.errors_``) replaces the majority-vote
+   initialisation with one E-step under those matrices.
+
 With ``initial_truth=None`` the truth classes are the answers, as in the 1979 paper;
 only the stopping rule, smoothing and priors differ from the stock class.
 """
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import attr
 import numpy as np
 import pandas as pd
+import pydantic
 from crowdkit.aggregation import DawidSkene, MajorityVote
 from crowdkit.aggregation.utils import get_most_probable_labels
 
+from auditing.aggregation.original_label_rater import OriginalLabelRaterParams
+
 ABSENT, PRESENT = 0, 1
 PRESENCE_OF_ANSWER: dict[str, int] = {"no": ABSENT, "maybe": PRESENT, "yes": PRESENT}
+_GOLD_GROUP = "__gold__"
+
+
+class DawidSkeneParams(pydantic.BaseModel):
+    """Parameters of ``dawid-skene`` (``stages.aggregate.params``)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    n_iter: int = pydantic.Field(100, ge=1)
+    tol: float = pydantic.Field(1e-5, ge=0)
+    smoothing: float = pydantic.Field(1.0, ge=0)
+    shrinkage: float = pydantic.Field(0.0, ge=0, le=1)
+    # Class priors: one for all questions, or questions on an image's original label
+    # get their own, for labels in prior_classes (WordNet id, class indices, None = all).
+    prior: Literal["global", "original-label"] = "global"
+    prior_classes: str | list[int] | None = None
+    # With gold questions given: seed from the gold-counted matrices and hold the gold
+    # truth fixed. False: votes only, even when gold is there.
+    use_gold: bool = True
+    gold_smoothing: float = pydantic.Field(1.0, ge=0)  # alpha of the gold-counted seed matrices
+    # The original label as a pseudo-rater (auditing/aggregation/original_label_rater.py).
+    original_label_rater: OriginalLabelRaterParams | None = None
 
 
 @attr.s
@@ -74,7 +106,8 @@ class PresenceDawidSkene(DawidSkene):
     n_iter_: int = attr.ib(init=False, default=0)
     converged_: bool = attr.ib(init=False, default=False)
 
-    def fit(self, data: pd.DataFrame, prior_groups: pd.Series | None = None  # type: ignore[override]
+    def fit(self, data: pd.DataFrame, prior_groups: pd.Series | None = None,  # type: ignore[override]
+            true_labels: pd.Series | None = None, initial_error: pd.DataFrame | None = None
             ) -> "PresenceDawidSkene":
         if not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
@@ -90,7 +123,12 @@ class PresenceDawidSkene(DawidSkene):
         probas = MajorityVote().fit_predict_proba(data.assign(label=data["label"].map(truth_of)))
         probas = probas.reindex(columns=truths, fill_value=0.0)
         probas.columns = pd.Index(truths, name="label")
-        groups = self._task_groups(probas.index, prior_groups)
+        groups = self._task_groups(probas.index, prior_groups, true_labels)
+        if initial_error is not None:  # one E-step under the given matrices instead
+            seed_prior = self._priors(self._fix_gold(probas, true_labels), groups)
+            probas = self._e_step(data, seed_prior, initial_error).reindex(index=probas.index, columns=truths)
+            probas.columns = pd.Index(truths, name="label")
+        probas = self._fix_gold(probas, true_labels)
         pseudo_counts = self._pseudo_counts(data, truth_of, truths)
         strategy = "addition" if pseudo_counts is not None else None
 
@@ -100,6 +138,7 @@ class PresenceDawidSkene(DawidSkene):
         for iteration in range(1, self.n_iter + 1):
             new = self._e_step(data, priors, errors).reindex(index=probas.index, columns=truths)
             new.columns = probas.columns
+            new = self._fix_gold(new, true_labels)
             change = float(np.abs(new.to_numpy() - probas.to_numpy()).max())
             probas = new
             priors = self._priors(probas, groups)
@@ -113,14 +152,16 @@ class PresenceDawidSkene(DawidSkene):
         self.labels_ = get_most_probable_labels(probas)
         return self
 
-    def fit_predict_proba(self, data: pd.DataFrame, prior_groups: pd.Series | None = None  # type: ignore[override]
+    def fit_predict_proba(self, data: pd.DataFrame, prior_groups: pd.Series | None = None,  # type: ignore[override]
+                          true_labels: pd.Series | None = None, initial_error: pd.DataFrame | None = None
                           ) -> pd.DataFrame:
-        self.fit(data, prior_groups)
+        self.fit(data, prior_groups, true_labels, initial_error)
         return self.probas_
 
-    def fit_predict(self, data: pd.DataFrame, prior_groups: pd.Series | None = None  # type: ignore[override]
+    def fit_predict(self, data: pd.DataFrame, prior_groups: pd.Series | None = None,  # type: ignore[override]
+                    true_labels: pd.Series | None = None, initial_error: pd.DataFrame | None = None
                     ) -> "pd.Series[Any]":
-        self.fit(data, prior_groups)
+        self.fit(data, prior_groups, true_labels, initial_error)
         return self.labels_
 
     # ------------------------------------------------------------------ helpers
@@ -165,10 +206,29 @@ class PresenceDawidSkene(DawidSkene):
         return counts
 
     @staticmethod
-    def _task_groups(tasks: pd.Index, prior_groups: pd.Series | None) -> np.ndarray | None:
-        if prior_groups is None:
+    def _fix_gold(probas: pd.DataFrame, true_labels: pd.Series | None) -> pd.DataFrame:
+        """Gold tasks' posteriors = their truth (one-hot)."""
+        if true_labels is None or not len(true_labels):
+            return probas
+        gold = true_labels.reindex(probas.index)
+        known = gold.notna().to_numpy()
+        values = probas.to_numpy(copy=True)
+        values[known] = (gold[known].to_numpy()[:, None] == probas.columns.to_numpy()[None, :]).astype(float)
+        return pd.DataFrame(values, index=probas.index, columns=probas.columns)
+
+    @staticmethod
+    def _task_groups(tasks: pd.Index, prior_groups: pd.Series | None, true_labels: pd.Series | None = None
+                     ) -> np.ndarray | None:
+        """Prior group codes per task; gold tasks form a group of their own."""
+        gold = (true_labels.reindex(tasks).notna().to_numpy() if true_labels is not None and len(true_labels)
+                else None)
+        if prior_groups is None and gold is None:
             return None
-        aligned = prior_groups.reindex(tasks)
+        if prior_groups is None:
+            prior_groups = pd.Series("all", index=tasks)
+        aligned = prior_groups.reindex(tasks).astype(object)
+        if gold is not None:
+            aligned = aligned.where(~gold, _GOLD_GROUP)
         if aligned.isna().any():
             missing = list(tasks[aligned.isna().to_numpy()][:3])
             raise ValueError(f"prior_groups has no group for {int(aligned.isna().sum())} task(s), e.g. {missing}")
@@ -184,3 +244,4 @@ class PresenceDawidSkene(DawidSkene):
         sums = np.stack([np.bincount(groups, weights=values[:, k]) for k in range(values.shape[1])], axis=1)
         means = sums / np.bincount(groups)[:, None]
         return pd.DataFrame(means[groups], index=probas.index, columns=probas.columns)
+

@@ -1,9 +1,14 @@
 """``aggregate``: votes -> one score P(label present) per (image, label) question.
 
-Methods by name (crowd-kit does the maths in each):
+Methods by name, each with a typed parameter model (``PARAMS``; unknown or ill-typed
+parameters are an ``AggregationParamsError`` naming the key and the valid ones, so a
+config can be checked before anything runs):
 
 - ``dawid-skene`` (default): ``PresenceDawidSkene``, one 2 x 3 confusion matrix
   P(no/maybe/yes | absent/present) per rater, EM to convergence (see dawid_skene.py).
+  With gold questions: seeded from the gold-counted matrices, gold truth held fixed.
+- ``gold-confusion``: rater matrices counted on gold questions, one posterior per
+  question, no EM: the published ReaL recipe (gold_confusion.py). Needs gold.
 - ``majority-vote``: share of a question's votes that are yes or maybe.
 - ``one-coin-dawid-skene``, ``glad``, ``mace``: crowd-kit's models on binary votes
   (yes, maybe -> present; no -> absent). They have one truth class per answer, so
@@ -11,62 +16,76 @@ Methods by name (crowd-kit does the maths in each):
   the ReaL votes it is evidence for presence (a question answered "maybe" by all 5
   raters is in the published labels 121 times out of 121).
 
-Votes are passed to crowd-kit with integer task/worker codes (faster joins); results
-are mapped back to (file_name, label) and rater ids.
+``gold-confusion`` and ``dawid-skene`` take an ``original_label_rater``: the original
+label as one more rater (original_label_rater.py).
+
+Votes are passed to crowd-kit with integer task/worker codes (crowd.py); results are
+mapped back to (file_name, label) and rater ids.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pydantic
 from crowdkit.aggregation import GLAD, MACE, MajorityVote, OneCoinDawidSkene
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENCE_OF_ANSWER, PRESENT, PresenceDawidSkene
+from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores
+from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
+                                              PresenceDawidSkene)
+from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
 from auditing.aggregation.label_sets import LabelSets, label_sets
+from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers, resolve
 from auditing.aggregation.priors import original_label_prior_groups, resolve_prior_classes
-from auditing.votes import ANSWERS, REQUIRED_COLUMNS
+from auditing.errors import InputError
+from auditing.gold import Gold
 
 DEFAULT_METHOD = "dawid-skene"
 DEFAULT_THRESHOLD = 0.8
 PRIORS = ("global", "original-label")
 
 
-@dataclasses.dataclass
-class CrowdData:
-    """Votes in crowd-kit's long format plus the maps back to questions and raters."""
+class _Params(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-    data: pd.DataFrame  # task (int), worker (int), label (answer str)
-    questions: pd.DataFrame  # row i = task i: file_name, label
-    raters: np.ndarray  # worker code -> rater_id
 
-    @classmethod
-    def from_votes(cls, votes: pd.DataFrame) -> "CrowdData":
-        missing = [c for c in REQUIRED_COLUMNS if c not in votes.columns]
-        if missing:
-            raise ValueError(f"votes lack column(s) {missing}")
-        # Task codes in order of first appearance, matching drop_duplicates' order.
-        task = votes.groupby(["file_name", "label"], sort=False).ngroup().to_numpy()
-        questions = votes[["file_name", "label"]].drop_duplicates()
-        worker, raters = pd.factorize(votes["rater_id"].to_numpy())
-        answers = votes["answer"].astype(object).to_numpy()
-        if not np.isin(answers, ANSWERS).all():
-            raise ValueError(f"votes.answer has values outside {ANSWERS}; validate the votes first")
-        data = pd.DataFrame({"task": task, "worker": worker, "label": answers})
-        question_frame = pd.DataFrame({"file_name": questions["file_name"].to_numpy(dtype=object),
-                                       "label": questions["label"].to_numpy(np.int64)})
-        return cls(data, question_frame, np.asarray(raters, dtype=object))
+class MajorityVoteParams(_Params):
+    """``majority-vote`` has no parameters."""
 
-    def binary(self) -> pd.DataFrame:
-        return self.data.assign(label=self.data["label"].map(PRESENCE_OF_ANSWER).astype(np.int64))
 
-    def task_groups(self, groups: pd.DataFrame) -> pd.Series:
-        """(file_name, label, group) rows -> group per task code."""
-        keyed = groups.set_index(["file_name", "label"])["group"]
-        index = pd.MultiIndex.from_frame(self.questions[["file_name", "label"]])
-        return pd.Series(keyed.reindex(index).to_numpy(), index=pd.RangeIndex(len(self.questions)))
+class OneCoinParams(_Params):
+    n_iter: int = pydantic.Field(100, ge=1)
+    tol: float = pydantic.Field(1e-5, ge=0)
+
+
+class GladParams(_Params):
+    n_iter: int = pydantic.Field(100, ge=1)
+    tol: float = pydantic.Field(1e-5, ge=0)
+    m_step_max_iter: int = pydantic.Field(25, ge=1)
+    m_step_tol: float = pydantic.Field(1e-2, ge=0)
+
+
+class MaceParams(_Params):
+    n_iter: int = pydantic.Field(50, ge=1)
+    # crowd-kit's default of 10 restarts costs ~4 min on the ReaL votes (1 restart ~25 s).
+    n_restarts: int = pydantic.Field(1, ge=1)
+    random_state: int = 0
+    method: Literal["vb", "em"] = "vb"
+    smoothing: float = pydantic.Field(0.1, ge=0)
+    default_noise: float = pydantic.Field(0.5, ge=0, le=1)
+    alpha: float = pydantic.Field(0.5, gt=0)
+    beta: float = pydantic.Field(0.5, gt=0)
+
+
+class AggregationParamsError(InputError):
+    """A bad ``stages.aggregate`` method or parameter: one line naming the key and the valid ones."""
+
+    def __init__(self, message: str, *, method: str, key: str, valid: list[str]):
+        super().__init__(message)
+        self.method, self.key, self.valid = method, key, valid
 
 
 @dataclasses.dataclass
@@ -76,8 +95,8 @@ class AggregationResult:
     method: str
     threshold: float
     scores_: pd.DataFrame  # file_name, label, score = P(label present)
-    model_: Any  # the fitted crowd-kit aggregator
-    rater_ids_: np.ndarray  # crowd-kit worker code -> rater_id
+    model_: Any  # the fitted crowd-kit-style aggregator
+    rater_ids_: np.ndarray  # worker code -> rater_id
     params: dict[str, Any]
 
     @property
@@ -86,7 +105,7 @@ class AggregationResult:
 
     @property
     def errors_(self) -> pd.DataFrame | None:
-        """Per-rater confusion matrices indexed by (rater_id, answer), DS methods only."""
+        """Per-rater confusion matrices indexed by (rater_id, answer), DS-like methods only."""
         errors = getattr(self.model_, "errors_", None)
         if errors is None or not len(errors):
             return None
@@ -100,7 +119,19 @@ class AggregationResult:
                           self.threshold if threshold is None else threshold)
 
 
-def rater_history_counts(rater_matrices: Mapping[str, np.ndarray], strength: float) -> pd.DataFrame:
+@dataclasses.dataclass
+class _Inputs:
+    """What a method gets besides its parameters."""
+
+    gold: Gold | None
+    original_labels: pd.DataFrame | None
+    prior_groups: pd.Series | None  # per task code
+    rater_history: Mapping[str, np.ndarray] | None
+    rater_history_strength: float
+    pseudo_rater: OriginalLabelRaterParams | None
+
+
+def rater_history_counts(rater_matrices: Mapping[Any, np.ndarray], strength: float) -> pd.DataFrame:
     """Pseudo-counts from raters' known confusion matrices.
 
     ``rater_matrices``: rater (crowd-kit worker key) -> (2, 3) P(answer in (no, maybe, yes) | absent, present);
@@ -115,95 +146,186 @@ def rater_history_counts(rater_matrices: Mapping[str, np.ndarray], strength: flo
                         columns=pd.Index([ABSENT, PRESENT], name="label"))
 
 
-def _dawid_skene(crowd: CrowdData, *, n_iter: int = 100, tol: float = 1e-5, smoothing: float = 1.0,
-                 shrinkage: float = 0.0, prior_groups: pd.Series | None = None,
-                 rater_history: Mapping[str, np.ndarray] | None = None,
-                 rater_history_strength: float = 50.0) -> tuple[np.ndarray, Any]:
+def gold_tasks(crowd: CrowdData, inputs: _Inputs) -> tuple[GoldTasks, CrowdData, list[int], float]:
+    """The gold answers as crowd-kit tasks after the voted ones, the crowd with codes
+    for gold raters not in the votes, the pseudo-rater's code (if any) and the share
+    of present gold questions (under the gold's own rule)."""
+    gold = inputs.gold
+    assert gold is not None
+    truth = gold.truth()
+    if not len(truth):
+        raise ValueError("the gold set has no questions")
+    codes, crowd = crowd.worker_codes(gold.rater_votes["rater_id"])
+    tasks = GoldTasks.empty().append(gold.rater_votes, truth, codes, first_code=len(crowd.questions))
+    excludes: list[int] = []
+    rater = inputs.pseudo_rater
+    if rater is not None:
+        assert inputs.original_labels is not None
+        answers = original_label_answers(truth, inputs.original_labels, None, rater.rater_id)
+        pseudo_codes, crowd = crowd.worker_codes(answers["rater_id"])
+        tasks = tasks.append(answers, gold.truth(rater.present_if), pseudo_codes, first_code=tasks.next_code)
+        excludes = sorted(set(pseudo_codes.tolist()))
+    return tasks, crowd, excludes, float(truth["truth"].mean())
+
+
+def _gold_confusion(crowd: CrowdData, p: GoldConfusionParams, inputs: _Inputs
+                    ) -> tuple[np.ndarray, Any, CrowdData]:
+    if inputs.gold is None:
+        raise ValueError("gold-confusion needs gold questions (stages.votes.gold)")
+    tasks, crowd, excludes, gold_prior = gold_tasks(crowd, inputs)
+    model = GoldConfusion(smoothing=p.smoothing, raters_without_gold=p.raters_without_gold,
+                          prior=gold_prior if p.prior is None else p.prior, default_excludes=excludes)
+    model.fit(crowd.data, tasks.data, tasks.true_labels)
+    return present_scores(model.probas_, len(crowd.questions)), model, crowd
+
+
+def _dawid_skene(crowd: CrowdData, p: DawidSkeneParams, inputs: _Inputs) -> tuple[np.ndarray, Any, CrowdData]:
     history = None
-    if rater_history is not None:
+    if inputs.rater_history is not None:
         # crowd-kit sees worker codes; the history is keyed by rater id.
         code_of = {str(rater): code for code, rater in enumerate(crowd.raters)}
-        known = {code_of[str(r)]: m for r, m in rater_history.items() if str(r) in code_of}
-        history = rater_history_counts(known, rater_history_strength) if known else None
-    model = PresenceDawidSkene(n_iter=n_iter, tol=tol, smoothing=smoothing, shrinkage=shrinkage,
+        known = {code_of[str(r)]: m for r, m in inputs.rater_history.items() if str(r) in code_of}
+        history = rater_history_counts(known, inputs.rater_history_strength) if known else None
+    model = PresenceDawidSkene(n_iter=p.n_iter, tol=p.tol, smoothing=p.smoothing, shrinkage=p.shrinkage,
                                initial_truth=PRESENCE_OF_ANSWER, rater_pseudo_counts=history)
-    probas = model.fit_predict_proba(crowd.data, prior_groups=prior_groups)
-    return present_scores(probas, len(crowd.questions)), model
+    n = len(crowd.questions)
+    if inputs.gold is not None and p.use_gold:
+        tasks, crowd, excludes, _ = gold_tasks(crowd, inputs)
+        seed = GoldConfusion(smoothing=p.gold_smoothing, default_excludes=excludes)
+        seed.fit(crowd.data, tasks.data, tasks.true_labels)
+        data = pd.concat([crowd.data, tasks.data], ignore_index=True)
+        probas = model.fit_predict_proba(data, prior_groups=inputs.prior_groups, true_labels=tasks.true_labels,
+                                         initial_error=seed.errors_)
+    else:
+        probas = model.fit_predict_proba(crowd.data, prior_groups=inputs.prior_groups)
+    return present_scores(probas, n), model, crowd
 
 
-def _majority_vote(crowd: CrowdData) -> tuple[np.ndarray, Any]:
-    model = MajorityVote()
-    return present_scores(model.fit_predict_proba(crowd.binary()), len(crowd.questions)), model
+def _binary(model: Any) -> Callable[[CrowdData], tuple[np.ndarray, Any, CrowdData]]:
+    def run(crowd: CrowdData) -> tuple[np.ndarray, Any, CrowdData]:
+        return present_scores(model.fit_predict_proba(crowd.binary()), len(crowd.questions)), model, crowd
+    return run
 
 
-def _one_coin(crowd: CrowdData, *, n_iter: int = 100, tol: float = 1e-5) -> tuple[np.ndarray, Any]:
-    model = OneCoinDawidSkene(n_iter=n_iter, tol=tol)
-    return present_scores(model.fit_predict_proba(crowd.binary()), len(crowd.questions)), model
+def _majority_vote(crowd: CrowdData, p: MajorityVoteParams, inputs: _Inputs):
+    return _binary(MajorityVote())(crowd)
 
 
-def _glad(crowd: CrowdData, *, n_iter: int = 100, tol: float = 1e-5, **params: Any) -> tuple[np.ndarray, Any]:
-    model = GLAD(n_iter=n_iter, tol=tol, **params)
-    return present_scores(model.fit_predict_proba(crowd.binary()), len(crowd.questions)), model
+def _one_coin(crowd: CrowdData, p: OneCoinParams, inputs: _Inputs):
+    return _binary(OneCoinDawidSkene(n_iter=p.n_iter, tol=p.tol))(crowd)
 
 
-def _mace(crowd: CrowdData, *, n_iter: int = 50, n_restarts: int = 1, random_state: int = 0,
-          **params: Any) -> tuple[np.ndarray, Any]:
-    # crowd-kit's default of 10 restarts costs ~4 min on the ReaL votes (1 restart ~25 s).
-    model = MACE(n_iter=n_iter, n_restarts=n_restarts, random_state=random_state, **params)
-    return present_scores(model.fit_predict_proba(crowd.binary()), len(crowd.questions)), model
+def _glad(crowd: CrowdData, p: GladParams, inputs: _Inputs):
+    return _binary(GLAD(**p.model_dump()))(crowd)
 
 
-def present_scores(probas: pd.DataFrame, n_tasks: int) -> np.ndarray:
-    """P(present) per task code 0..n_tasks-1 from a crowd-kit probas frame."""
-    if PRESENT not in probas.columns:  # nobody ever answered yes/maybe
-        return np.zeros(n_tasks)
-    return probas[PRESENT].reindex(pd.RangeIndex(n_tasks)).to_numpy(np.float64)
+def _mace(crowd: CrowdData, p: MaceParams, inputs: _Inputs):
+    return _binary(MACE(**p.model_dump()))(crowd)
 
 
-METHODS: dict[str, Callable[..., tuple[np.ndarray, Any]]] = {
+METHODS: dict[str, Callable[..., tuple[np.ndarray, Any, CrowdData]]] = {
     "dawid-skene": _dawid_skene,
+    "gold-confusion": _gold_confusion,
     "majority-vote": _majority_vote,
     "one-coin-dawid-skene": _one_coin,
     "glad": _glad,
     "mace": _mace,
 }
+# Method name -> its parameter model: the config layer validates stages.aggregate.params with it.
+PARAMS: dict[str, type[pydantic.BaseModel]] = {
+    "dawid-skene": DawidSkeneParams,
+    "gold-confusion": GoldConfusionParams,
+    "majority-vote": MajorityVoteParams,
+    "one-coin-dawid-skene": OneCoinParams,
+    "glad": GladParams,
+    "mace": MaceParams,
+}
+NEEDS_GOLD = frozenset({"gold-confusion"})
+
+
+def _fields_at(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the (nested) model at ``loc``."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        nested = None if field is None else next(
+            (t for t in getattr(field.annotation, "__args__", (field.annotation,))
+             if isinstance(t, type) and issubclass(t, pydantic.BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return list(model.model_fields)
+
+
+def validate_params(method: str, params: Mapping[str, Any]) -> pydantic.BaseModel:
+    """``params`` as ``method``'s typed model; AggregationParamsError naming the bad key."""
+    if method not in PARAMS:
+        raise AggregationParamsError(f"unknown aggregation method {method!r}; expected one of {sorted(PARAMS)}",
+                                     method=method, key="method", valid=sorted(PARAMS))
+    model = PARAMS[method]
+    if not isinstance(params, Mapping):
+        raise AggregationParamsError(f"parameters of aggregation method {method!r} must be a mapping, got "
+                                     f"{params!r}", method=method, key="params", valid=list(model.model_fields))
+    try:
+        return model.model_validate(dict(params))
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc)
+        valid = _fields_at(model, loc[:-1])
+        if error["type"] == "extra_forbidden":
+            message = (f"unknown parameter {key!r} for aggregation method {method!r}; "
+                       f"valid: {', '.join(valid) or '(none)'}")
+        else:
+            message = (f"parameter {key!r} of aggregation method {method!r}: {error['msg']} "
+                       f"(got {error.get('input')!r})")
+        raise AggregationParamsError(message, method=method, key=key, valid=valid) from None
 
 
 def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: float = DEFAULT_THRESHOLD, *,
-              prior: str = "global", prior_classes: str | Iterable[int] | None = None,
-              original_labels: pd.DataFrame | None = None, prior_groups: pd.DataFrame | None = None,
-              **params: Any) -> AggregationResult:
+              original_labels: pd.DataFrame | None = None, gold: Gold | None = None,
+              prior_groups: pd.DataFrame | None = None, rater_history: Mapping[str, np.ndarray] | None = None,
+              rater_history_strength: float = 50.0, **params: Any) -> AggregationResult:
     """Score every (file_name, label) question of validated ``votes``.
 
-    ``params`` go to the method (dawid-skene: n_iter, tol, smoothing, shrinkage toward
-    the pooled rater matrix, see ``PresenceDawidSkene``). Class priors
-    (dawid-skene only): ``prior="global"`` is one prior for all questions (votes
-    alone); ``prior="original-label"`` gives questions about an image's original
-    label their own prior, for labels in ``prior_classes`` (a WordNet id such as
-    ``priors.ANIMAL_WNID``, class indices, or None = all), and needs
-    ``original_labels`` (file_name, label). ``prior_groups`` (file_name, label, group)
-    sets the groups directly.
+    ``params`` are the method's (``PARAMS[method]``, checked by ``validate_params``).
+    Inputs besides the votes: ``original_labels`` (file_name, label; for the
+    original-label prior and pseudo-rater), ``gold`` (``auditing.gold.Gold``; needed by
+    gold-confusion, used by dawid-skene unless ``use_gold=False``, ignored by the
+    others), ``prior_groups`` (file_name, label, group;
+    dawid-skene's class-prior groups set directly), ``rater_history`` (rater ->
+    2 x 3 matrix, dawid-skene pseudo-counts worth ``rater_history_strength`` votes).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown aggregation method {method!r}; expected one of {sorted(METHODS)}")
-    if prior not in PRIORS:
-        raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
+    spec = validate_params(method, params)
+    prior = getattr(spec, "prior", None) if method == "dawid-skene" else None
+    pseudo: OriginalLabelRaterParams | None = getattr(spec, "original_label_rater", None)
+    if (prior == "original-label" or pseudo is not None) and original_labels is None:
+        what = "prior='original-label'" if prior == "original-label" else "original_label_rater"
+        raise ValueError(f"{what} needs original_labels (file_name, label)")
+    if method != "dawid-skene" and (prior_groups is not None or rater_history is not None):
+        raise ValueError(f"class-prior groups and rater history are dawid-skene options, not {method!r}")
+    if method in NEEDS_GOLD and gold is None:
+        raise ValueError(f"{method} needs gold questions (stages.votes.gold)")
+    if pseudo is not None:
+        if (votes["rater_id"].astype(str) == pseudo.rater_id).any():
+            raise ValueError(f"original_label_rater.rater_id {pseudo.rater_id!r} is also a rater of the votes")
+        questions = votes[["file_name", "label"]].drop_duplicates()
+        extra = original_label_answers(questions, original_labels, resolve(pseudo), pseudo.rater_id)
+        # Appended last: the pseudo-rater's factor comes last in each product.
+        votes = pd.concat([votes[list(extra.columns)], extra], ignore_index=True)
     crowd = CrowdData.from_votes(votes)
     if prior == "original-label" and prior_groups is None:
-        if original_labels is None:
-            raise ValueError("prior='original-label' needs original_labels (file_name, label)")
         prior_groups = original_label_prior_groups(crowd.questions, original_labels,
-                                                   resolve_prior_classes(prior_classes))
-    if prior_groups is not None:
-        if method != "dawid-skene":
-            raise ValueError(f"class-prior groups are a dawid-skene option, not {method!r}")
-        params["prior_groups"] = crowd.task_groups(prior_groups)
-    scores, model = METHODS[method](crowd, **params)
+                                                   resolve_prior_classes(getattr(spec, "prior_classes")))
+    inputs = _Inputs(gold=gold, original_labels=original_labels,
+                     prior_groups=crowd.task_groups(prior_groups) if prior_groups is not None else None,
+                     rater_history=rater_history, rater_history_strength=rater_history_strength,
+                     pseudo_rater=pseudo)
+    scores, model, crowd = METHODS[method](crowd, spec, inputs)
     frame = crowd.questions.assign(score=scores)
-    used = {k: v for k, v in params.items() if k != "prior_groups"} | {"prior": prior,
-                                                                        "prior_classes": prior_classes}
+    used = spec.model_dump() | {"gold": gold is not None}
     return AggregationResult(method=method, threshold=threshold, scores_=frame, model_=model,
                              rater_ids_=crowd.raters, params=used)
 
 
-__all__ = ["ABSENT", "PRESENT", "AggregationResult", "CrowdData", "METHODS", "aggregate", "present_scores"]
+__all__ = ["ABSENT", "PARAMS", "PRESENT", "AggregationParamsError", "AggregationResult", "CrowdData", "METHODS",
+           "aggregate", "present_scores", "validate_params"]

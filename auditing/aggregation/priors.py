@@ -12,7 +12,9 @@ three groups: (animal class, original label), (animal class, other label), and e
 other question. "Animal" is WordNet n00015388, i.e. ImageNet classes 0..397. So
 ``prior_classes=ANIMAL_WNID`` reproduces the published prior structure; ``None``
 splits every class by original label (the uniform variant, slightly worse against
-the published labels).
+the published labels). With the golden questions the structure is explained: the
+published scores have one prior and the original label as a pseudo-rater on animal
+classes (``gold-confusion``, ``original_label_rater.py``).
 """
 from __future__ import annotations
 

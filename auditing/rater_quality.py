@@ -1,0 +1,189 @@
+"""Rater quality measured on gold questions: per-rater counts, tests, flags, a figure.
+
+Per rater (``rater_quality``): answers on gold, accuracy, the 2 x 3 count matrix
+(truth absent / present x answer no / maybe / yes) and two tests, each flagging the
+rater when it cannot reject "no better than":
+
+- chance: the answers are independent of the truth (likelihood-ratio G-test of
+  independence on the 2 x 3 table, ``scipy.stats.chi2_contingency`` with
+  ``lambda_="log-likelihood"``; a rater who gives one answer only is independent by
+  construction, p = 1);
+- always "no": accuracy is not above that of answering "no" to every gold question
+  the rater saw (one-sided exact binomial test, ``scipy.stats.binomtest``).
+
+Accuracy counts an answer as correct when its presence (``PRESENCE_OF_ANSWER``: no ->
+absent; maybe, yes -> present, as the aggregation reads them) is the truth: in the
+ReaL gold answers "maybe" is evidence of presence (raters who say "maybe" where others
+say "yes" are informative, and would all fail the always-"no" test if "maybe" were
+counted wrong). The tests are per rater at level
+``alpha`` without a multiple-testing correction: a flag says "look at this rater",
+not "this rater is a spammer".
+
+``drop_flagged_effect`` re-aggregates without the flagged raters (their votes and
+gold answers) and counts what changes in the label sets. ``plot_rater_matrices``
+draws one small panel per rater, sorted by accuracy, and returns a matplotlib
+``Figure`` (``figure_png`` turns it into PNG bytes); nothing is written to disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from auditing.aggregation import PRESENCE_OF_ANSWER, PRESENT, aggregate
+from auditing.gold import Gold, PresenceRule
+from auditing.votes import ANSWERS
+
+COUNT_COLUMNS: tuple[str, ...] = tuple(f"{truth}_{answer}" for truth in ("absent", "present") for answer in ANSWERS)
+QUALITY_COLUMNS: tuple[str, ...] = ("rater_id", "answers", "correct", "accuracy", "always_no_accuracy",
+                                    *COUNT_COLUMNS, "chance_p", "always_no_p", "no_better_than_chance",
+                                    "no_better_than_always_no", "flagged")
+
+
+def rater_quality(gold: Gold, *, alpha: float = 0.01, rule: PresenceRule | None = None) -> pd.DataFrame:
+    """One row per rater with gold answers (``QUALITY_COLUMNS``), best accuracy first.
+
+    ``rule``: the gold truth rule (default: the gold's own)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    truth = gold.truth(rule).set_index(["file_name", "label"])["truth"]
+    answers = gold.rater_votes
+    present = truth.reindex(pd.MultiIndex.from_frame(answers[["file_name", "label"]])).to_numpy()
+    if pd.isna(present).any():
+        raise ValueError("gold answers on questions without gold truth; read gold with auditing.gold")
+    raters, rater_code = np.unique(answers["rater_id"].astype(str).to_numpy(), return_inverse=True)
+    answer_code = pd.Categorical(answers["answer"].astype(object), categories=list(ANSWERS)).codes
+    cell = (rater_code * 2 + present.astype(np.int64)) * len(ANSWERS) + answer_code
+    counts = np.bincount(cell, minlength=len(raters) * 2 * len(ANSWERS)).reshape(len(raters), 2, len(ANSWERS))
+    says_present = np.array([PRESENCE_OF_ANSWER[a] == PRESENT for a in ANSWERS])
+    n = counts.sum(axis=(1, 2))
+    correct = counts[:, 0, ~says_present].sum(axis=1) + counts[:, 1, says_present].sum(axis=1)
+    absent = counts[:, 0].sum(axis=1)
+    chance_p = np.array([_independence_p(c) for c in counts])
+    always_no_p = np.array([stats.binomtest(int(k), int(m), float(a / m), alternative="greater").pvalue
+                            if 0 < a < m else 1.0 for k, m, a in zip(correct, n, absent)])
+    table = pd.DataFrame({"rater_id": raters, "answers": n, "correct": correct, "accuracy": correct / n,
+                          "always_no_accuracy": absent / n,
+                          **{name: counts.reshape(len(raters), -1)[:, i] for i, name in enumerate(COUNT_COLUMNS)},
+                          "chance_p": chance_p, "always_no_p": always_no_p})
+    table["no_better_than_chance"] = table["chance_p"] >= alpha
+    table["no_better_than_always_no"] = table["always_no_p"] >= alpha
+    table["flagged"] = table["no_better_than_chance"] | table["no_better_than_always_no"]
+    return table.sort_values(["accuracy", "rater_id"], ascending=[False, True], ignore_index=True)
+
+
+def _independence_p(counts: np.ndarray) -> float:
+    """G-test p-value that answer and truth are independent (1 when untestable)."""
+    table = counts[:, counts.sum(axis=0) > 0]
+    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
+        return 1.0
+    return float(stats.chi2_contingency(table, correction=False, lambda_="log-likelihood").pvalue)
+
+
+def matrices(table: pd.DataFrame) -> np.ndarray:
+    """The (raters, 2, 3) count matrices of a ``rater_quality`` table, in its row order."""
+    return table[list(COUNT_COLUMNS)].to_numpy().reshape(len(table), 2, len(ANSWERS))
+
+
+@dataclasses.dataclass(frozen=True)
+class DropEffect:
+    """What dropping raters changes in the label sets (counts only)."""
+
+    raters_dropped: int
+    votes_dropped: int
+    gold_answers_dropped: int
+    questions_left_without_votes: int
+    images_changed: int
+    labels_added: int
+    labels_removed: int
+    labels_before: int
+    labels_after: int
+    empty_sets_before: int
+    empty_sets_after: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def drop_flagged_effect(votes: pd.DataFrame, flagged: Collection[str], *, original_labels: pd.DataFrame,
+                        method: str, params: Mapping[str, Any] | None = None, gold: Gold | None = None,
+                        threshold: float = 0.8, before: Mapping[str, frozenset[int]] | None = None) -> DropEffect:
+    """Aggregate ``votes`` with and without the ``flagged`` raters (their votes and gold
+    answers) by ``method`` / ``params`` and compare the label sets. ``before``: the
+    label sets with every rater, if already computed."""
+    params = dict(params or {})
+    flagged = {str(r) for r in flagged}
+    if before is None:
+        before = aggregate(votes, method, threshold, original_labels=original_labels, gold=gold,
+                           **params).label_sets(original_labels)
+    dropped = votes["rater_id"].astype(str).isin(flagged).to_numpy()
+    kept_gold, gold_dropped = gold, 0
+    if gold is not None:
+        drop_gold = gold.rater_votes["rater_id"].astype(str).isin(flagged).to_numpy()
+        gold_dropped = int(drop_gold.sum())
+        kept_gold = dataclasses.replace(gold, rater_votes=gold.rater_votes.loc[~drop_gold].reset_index(drop=True))
+    if not dropped.any() and not gold_dropped:
+        after = before
+    else:
+        after = aggregate(votes.loc[~dropped], method, threshold, original_labels=original_labels, gold=kept_gold,
+                          **params).label_sets(original_labels)
+    questions = votes[["file_name", "label"]]
+    left = questions.loc[~dropped].drop_duplicates()
+    added = removed = changed = 0
+    for name in before.keys() | after.keys():
+        old, new = before.get(name, frozenset()), after.get(name, frozenset())
+        added += len(new - old)
+        removed += len(old - new)
+        changed += old != new
+    return DropEffect(raters_dropped=len(flagged & set(votes["rater_id"].astype(str))),
+                      votes_dropped=int(dropped.sum()), gold_answers_dropped=gold_dropped,
+                      questions_left_without_votes=len(questions.drop_duplicates()) - len(left),
+                      images_changed=changed, labels_added=added, labels_removed=removed,
+                      labels_before=sum(map(len, before.values())), labels_after=sum(map(len, after.values())),
+                      empty_sets_before=sum(1 for s in before.values() if not s),
+                      empty_sets_after=sum(1 for s in after.values() if not s))
+
+
+def plot_rater_matrices(table: pd.DataFrame, *, columns: int = 8, panel_inches: float = 1.5):
+    """One small panel per rater of a ``rater_quality`` table (its order: best accuracy
+    first): P(answer | truth) as a heatmap with the counts written in, titled with the
+    rater id and accuracy; flagged raters' titles in red. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    if not len(table):
+        raise ValueError("no raters with gold answers to plot")
+    counts = matrices(table)
+    rows = -(-len(table) // columns)
+    figure = Figure(figsize=(columns * panel_inches, rows * panel_inches * 0.9), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat[len(table):]:
+        ax.set_axis_off()
+    for ax, (_, rater), matrix in zip(axes.flat, table.iterrows(), counts):
+        with np.errstate(invalid="ignore"):
+            share = matrix / matrix.sum(axis=1, keepdims=True)
+        ax.imshow(np.nan_to_num(share), vmin=0, vmax=1, cmap="Blues")
+        for (t, a), n in np.ndenumerate(matrix):
+            ax.text(a, t, str(n), ha="center", va="center", fontsize=6,
+                    color="white" if np.nan_to_num(share[t, a]) > 0.6 else "black")
+        ax.set_title(f"{rater['rater_id']}: {rater['accuracy']:.0%}", fontsize=7,
+                     color="red" if rater["flagged"] else "black")
+        ax.set_xticks(range(len(ANSWERS)), [a[0] for a in ANSWERS], fontsize=6)
+        ax.set_yticks([0, 1], ["abs", "pres"], fontsize=6)
+    figure.suptitle("Raters on gold questions: P(answer | truth), counts written in; red = flagged", fontsize=9)
+    return figure
+
+
+def figure_png(figure, dpi: int = 100) -> bytes:
+    """A matplotlib Figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+__all__ = ["COUNT_COLUMNS", "DropEffect", "QUALITY_COLUMNS", "drop_flagged_effect", "figure_png", "matrices",
+           "plot_rater_matrices", "rater_quality"]

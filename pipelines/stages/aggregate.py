@@ -1,0 +1,129 @@
+"""``stages.aggregate``: votes -> one score P(label present) per (image, label)
+question (auditing/aggregation/: ``method`` names the algorithm, ``params`` its typed
+parameters) -> label sets by the ReaL rule (score > ``threshold``; unrated images keep
+their original label). Label sets can instead be given as a file
+(``inputs.label_sets``: real.json, or a gold TSV / JSON).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
+from pipelines.stages.dataset import original_labels
+from pipelines.stages.tasks import read_tasks
+from pipelines.stages.votes import calibrated_confusions, read_gold, read_votes
+from pipelines.store import content_key, file_digest
+
+
+class AggregateStage(Stage):
+    name = "aggregate"
+    produces = "label_sets"
+    consumes = ("dataset", "votes")
+    consumes_if_present = ("tasks",)
+
+    def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
+        cfg = ctx.config.stages.aggregate
+        history = ctx.resolve(cfg.rater_history) if cfg.rater_history else None
+        return {"method": cfg.method, "params": cfg.params, "threshold": cfg.threshold,
+                "rater_history": file_digest(history) if history else None,
+                "rater_history_strength": cfg.rater_history_strength if history else None}
+
+    def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
+        from auditing import aggregation
+
+        cfg = ctx.config.stages.aggregate
+        params = dict(cfg.params)
+        if cfg.rater_history:
+            params["rater_history"] = calibrated_confusions(ctx, cfg.rater_history)
+            params["rater_history_strength"] = cfg.rater_history_strength
+        labels = original_labels(inputs["dataset"])
+        # Original labels are an input of the method (a class prior may depend on them).
+        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method, original_labels=labels,
+                                       gold=read_gold(inputs["votes"]), **params)
+        result.scores_.to_parquet(out / "scores.parquet", index=False)
+        sets = aggregation.label_sets(result.scores_, labels, threshold=cfg.threshold)
+        counts = write_label_sets(out, sets, labels) | {"questions": int(len(result.scores_))}
+        if "tasks" in inputs:
+            # Proposed pairs nobody has answered yet are awaiting a crowd: they make no
+            # label (never a silent "no"), and their images are flagged in the release.
+            from auditing.reaudit import unasked
+
+            questions = read_tasks(inputs["tasks"])[["file_name", "label"]].drop_duplicates()
+            awaiting = unasked(questions, result.scores_[["file_name", "label"]])
+            awaiting = awaiting[awaiting["file_name"].isin(set(labels["file_name"]))]
+            awaiting.to_parquet(out / "awaiting.parquet", index=False)
+            counts |= {"pairs_awaiting_votes": int(len(awaiting)),
+                       "images_awaiting_votes": int(awaiting["file_name"].nunique())}
+        return counts
+
+    def describe(self, artifact: Artifact) -> str:
+        c = artifact.counts
+        outside = c.get("rated_images_not_in_dataset", 0)
+        note = f"; {outside:,} rated image(s) not in the dataset left out" if outside else ""
+        if c.get("pairs_awaiting_votes"):
+            note += f"; {c['pairs_awaiting_votes']:,} pairs awaiting votes on {c['images_awaiting_votes']:,} images"
+        return f"{c['questions']:,} questions scored; {c['labels']:,} labels, {c['empty_sets']:,} empty sets{note}"
+
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
+        return {"scores": str(artifact.file("scores.parquet"))}
+
+
+def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.DataFrame,
+                     every_image: bool = True) -> dict[str, Any]:
+    """label_sets.parquet (file_name, labels) for the dataset's images, in its order.
+
+    Votes about images that are not in the dataset (another split, a typo) make no
+    label set: the release and its counts hold the dataset's images only. Label sets
+    given as a file may cover only some images (``every_image=False``)."""
+    from auditing.labelsets import label_set_counts
+
+    names = labels["file_name"].astype(str).tolist()
+    outside = sorted(set(sets) - set(names))
+    missing = [n for n in names if n not in sets]
+    if missing and every_image:
+        raise StageError(f"no label set for {len(missing)} image(s) of the dataset, e.g. {missing[:3]}")
+    names = [n for n in names if n in sets]
+    pd.DataFrame({"file_name": names, "labels": [sorted(sets[n]) for n in names]}).to_parquet(
+        out / "label_sets.parquet", index=False)
+    return label_set_counts({n: sets[n] for n in names}) | {
+        "rated_images_not_in_dataset": len(outside), "outside_examples": outside[:3]}
+
+
+def read_label_sets(artifact: Artifact) -> dict[str, frozenset[int]]:
+    frame = pd.read_parquet(artifact.file("label_sets.parquet"))
+    return {f: frozenset(int(v) for v in labels) for f, labels in zip(frame["file_name"], frame["labels"])}
+
+
+def read_scores(artifact: Artifact) -> pd.DataFrame | None:
+    """file_name, label, score per rated question; None for label sets given as a file."""
+    path = artifact.file("scores.parquet")
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def label_sets_from_file(ctx: Context, ref: str) -> Artifact:
+    """``inputs.label_sets``: a TFDS release folder, real.json (file order), or a gold
+    TSV / JSON (pipelines/report.py ``read_label_sets``), as the artifact."""
+    from auditing import labelsets
+    from pipelines.report import read_label_sets as read_label_file
+    from pipelines.stages.base import load_artifact, write_json
+
+    path = ctx.resolve(ref)
+    labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
+
+    def fill(out: Path) -> None:
+        sets, _ = read_label_file(path)
+        write_json(out / "summary.json", write_label_sets(out, sets, labels, every_image=False) | {"questions": 0})
+
+    digest = file_digest(path) if Path(path).is_file() else content_key(folder=path)
+    key = content_key(label_sets=digest, dataset=file_digest(ctx.resolve(ctx.config.dataset.original_labels)))
+    folder = ctx.store.get_or_compute("label_sets_input", key, fill, describe={"params": {"file": path}})
+    return load_artifact("label_sets", folder)
+
+
+def images_awaiting_votes(artifact: Artifact) -> set[str]:
+    """Images with proposed pairs that no rater has answered yet."""
+    path = artifact.file("awaiting.parquet")
+    return set(pd.read_parquet(path)["file_name"]) if path.is_file() else set()

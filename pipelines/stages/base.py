@@ -1,0 +1,133 @@
+"""What a stage is: its config section, the artifacts it consumes and produces, its
+content key and its ``compute``.
+
+An ``Artifact`` is a small typed record (a folder of files plus counts), never a
+DataFrame in shared state: a stage reads what it needs from its inputs' files. The
+runner (``pipelines/run.py``) orders the stages, gives each one its inputs, and skips a
+stage whose key is already stored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from auditing.errors import InputError
+from pipelines.config import AuditConfig
+from pipelines.store import Store
+
+
+class StageError(InputError):
+    """A stage cannot run with what the config gives it (the message says what to add)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A stage's output: ``folder`` holds its files; ``counts`` is its summary.json."""
+
+    name: str
+    key: str
+    folder: Path
+    counts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return self.folder / name
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage may look at besides its inputs: the config, the store, and for
+    a re-audit the latest release (whose asked pairs and votes carry over)."""
+
+    config: AuditConfig
+    store: Store
+    previous_release: Path | None = None
+    # `reaudit` writes the next version when the labels changed; `run` writes the
+    # config's version and refuses to overwrite a different one.
+    mode: str = "run"
+
+    def resolve(self, ref: str) -> str:
+        return self.config.resolve(ref)
+
+    def previous_manifest(self) -> dict[str, Any] | None:
+        if self.previous_release is None:
+            return None
+        return json.loads((self.previous_release / "manifest.json").read_text())
+
+    def beam_options(self):
+        from pipelines.beam_options import make_options
+
+        runner = self.config.runner
+        return make_options(runner.name, runner.num_workers, runner.options)
+
+
+Inputs = Mapping[str, Artifact]
+
+
+class Stage:
+    """One step of the method. Subclasses set the class attributes and implement
+    ``params`` (everything the output depends on besides the input artifacts' keys)
+    and ``compute`` (fill a folder, return its counts)."""
+
+    name: ClassVar[str]  # also the store folder: store/<name>/<key>/
+    produces: ClassVar[str]  # the artifact name
+    consumes: ClassVar[tuple[str, ...]] = ()  # required inputs
+    consumes_if_present: ClassVar[tuple[str, ...]] = ()  # used when their stage runs
+
+    def section(self, config: AuditConfig) -> Any:
+        """The stage's config section (``stages.<name>``); None means "not declared"."""
+        return getattr(config.stages, self.name)
+
+    def enabled(self, config: AuditConfig) -> bool:
+        return self.section(config) is not None
+
+    def check(self, ctx: Context, available: set[str]) -> None:
+        """Raise StageError before anything runs if the stage cannot run."""
+        missing = [a for a in self.consumes if a not in available]
+        if missing:
+            raise StageError(f"stages.{self.name} needs {', '.join(missing)}: declare the stage that "
+                             f"produces it ({', '.join(PRODUCERS.get(a, '?') for a in missing)}) "
+                             f"or give it under inputs.{missing[0]}")
+
+    def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
+        return {}
+
+    def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def lookup(self, ctx: Context, key: str, params: dict[str, Any]) -> Artifact | None:
+        """The stored output of this key, if any (the release stage looks in tfds/)."""
+        if not ctx.store.has(self.name, key):
+            return None
+        return load_artifact(self.produces, ctx.store.path(self.name, key))
+
+    def finish(self, ctx: Context, artifact: Artifact) -> None:
+        """Called with the stage's output whether computed or reused (the report
+        publishes itself to <out>/report/)."""
+
+    def describe(self, artifact: Artifact) -> str:
+        """One line for the progress log."""
+        return ", ".join(f"{k.replace('_', ' ')}: {v:,}" if isinstance(v, int) else
+                         f"{k.replace('_', ' ')}: {v}" for k, v in artifact.counts.items()
+                         if not isinstance(v, (dict, list)))
+
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
+        """Paths printed in the run's summary."""
+        return {}
+
+
+# artifact name -> the stage producing it; filled by pipelines/stages/__init__.py
+PRODUCERS: dict[str, str] = {}
+
+
+def load_artifact(name: str, folder: Path) -> Artifact:
+    summary = folder / "summary.json"
+    counts = json.loads(summary.read_text()) if summary.is_file() else {}
+    key = folder.name
+    return Artifact(name=name, key=key, folder=folder, counts=counts)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")

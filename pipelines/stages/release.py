@@ -1,0 +1,183 @@
+"""``stages.release``: the label sets as a versioned TFDS dataset (pipelines/release.py:
+array_record through TFDS's Beam writer), with release notes, a manifest of every input
+and counts. A version is never overwritten. Its key is what it holds (labels, scores,
+images), not how it was computed: a re-audit that reaches the same release by another
+path writes nothing.
+
+Versions follow TFDS's semantics: a re-audit that changes existing records (a label
+set or a score) is a new MAJOR version; one that only adds features to unchanged
+records is MINOR; the same records re-serialised are PATCH (auditing/release_diff.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from auditing.release_diff import diff_label_sets
+from auditing.versions import next_version, version_change
+from pipelines.config import file_refs
+from pipelines.stages.aggregate import read_label_sets, read_scores
+from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
+from pipelines.stages.dataset import image_source, original_labels
+from pipelines.stages.predict import prediction_paths
+from pipelines.store import content_key, file_digest
+
+
+def release_table(ctx: Context, inputs: Inputs) -> pd.DataFrame:
+    """One row per image of the dataset (pipelines/release.py ``release_table``)."""
+    from pipelines import release as release_lib
+
+    labels = original_labels(inputs["dataset"])
+    scores = read_scores(inputs["label_sets"])
+    if scores is None:
+        scores = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype="int64"),
+                               "score": pd.Series(dtype="float64")})
+    table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
+                                      read_label_sets(inputs["label_sets"]), scores)
+    if ctx.config.stages.release.include_images:
+        paths = release_image_paths(ctx, table)
+        table["image_path"] = table["file_name"].map(paths)
+    return table
+
+
+def release_image_paths(ctx: Context, table: pd.DataFrame) -> dict[str, str]:
+    """file_name -> image file, for ``stages.release.include_images``."""
+    images = ctx.config.dataset.images
+    if images is None or images.type not in ("files", "folder"):
+        raise StageError("stages.release.include_images needs dataset.images of type files or folder")
+    source = image_source(ctx.config)
+    paths = dict(zip(source.file_names, source.paths))
+    missing = sorted(set(table["file_name"]) - set(paths))
+    if missing:
+        raise StageError(f"stages.release.include_images: no image file for {len(missing)} image(s), "
+                         f"e.g. {missing[:3]}")
+    return paths
+
+
+def table_key(table: pd.DataFrame) -> str:
+    """The content key of a release: its records, and the bytes of its images."""
+    labels_only = table.drop(columns=["image_path"], errors="ignore")
+    images = [file_digest(p) for p in table["image_path"]] if "image_path" in table else None
+    # json writes floats by repr, which round-trips: a score that changes in its last
+    # bit changes the key.
+    records = json.dumps(labels_only.to_dict(orient="records"), sort_keys=True, default=_plain)
+    return content_key(table=hashlib.sha256(records.encode()).hexdigest(), images=images)
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+class ReleaseStage(Stage):
+    name = "release"
+    produces = "release"
+    consumes = ("dataset", "label_sets")
+    consumes_if_present = ("predictions", "proposals", "tasks", "votes")
+
+    def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
+        return {"content": table_key(release_table(ctx, inputs))}
+
+    def lookup(self, ctx: Context, key: str, params: dict[str, Any]) -> Artifact | None:
+        # The runner's key also covers the input artifacts' keys (how the labels were
+        # computed); a release is identified by what it holds only.
+        from pipelines import release as release_lib
+
+        cfg = ctx.config.stages.release
+        content = params["content"]
+        if ctx.mode == "reaudit" and ctx.previous_release is not None:
+            manifest = ctx.previous_manifest()
+            return _artifact(ctx.previous_release) if manifest.get("content_key") == content else None
+        existing = release_lib.release_dir(ctx.config.output_dir, cfg.name, cfg.version)
+        if not existing.exists():
+            return None
+        if json.loads((existing / "manifest.json").read_text()).get("content_key") == content:
+            return _artifact(existing)
+        raise release_lib.ReleaseExistsError(
+            f"{existing} exists with different content: released versions are never overwritten; "
+            "bump stages.release.version or run `label-audit reaudit`")
+
+    def write(self, ctx: Context, inputs: Inputs, key: str, params: dict[str, Any]) -> Artifact:
+        from pipelines import release as release_lib
+
+        cfg = ctx.config.stages.release
+        table = release_table(ctx, inputs)
+        notes = {cfg.version: cfg.release_notes}
+        version, diff = cfg.version, None
+        if ctx.mode == "reaudit" and ctx.previous_release is not None:
+            previous = release_lib.read_release(ctx.previous_release)
+            latest = ctx.previous_release.name
+            version = next_version(latest, version_change(previous, table.drop(columns=["image_path"],
+                                                                                  errors="ignore")))
+            old = {r.file_name: frozenset(r.real_label) for r in previous.itertuples()}
+            new = {r.file_name: frozenset(r.real_label) for r in table.itertuples()}
+            diff = diff_label_sets(old, new, latest, version)
+            builder_notes = json.loads((ctx.previous_release / "dataset_info.json").read_text()).get(
+                "releaseNotes", {})
+            notes = dict(builder_notes) | {version: (
+                f"Re-audit of {latest}: {describe_changes(ctx, inputs)}. {diff['images_changed']:,} images "
+                f"changed label set ({diff['labels_added']:,} labels added, {diff['labels_removed']:,} removed).")}
+        sets = inputs["label_sets"].counts
+        votes = inputs["votes"].counts if "votes" in inputs else {}
+        counts = {k: sets[k] for k in ("images", "labels", "empty_sets", "multi_label_images")} | {
+            "questions": int(sets.get("questions", 0)), "votes_read": votes.get("read"),
+            "votes_quarantined": votes.get("quarantined"),
+            "rated_images_not_in_dataset": sets.get("rated_images_not_in_dataset", 0)}
+        path = release_lib.write_release(
+            ctx.config.output_dir, cfg.name, version, table, release_notes=notes,
+            manifest=manifest(ctx, inputs, params["content"]) | {"version": version}, counts=counts,
+            options=ctx.beam_options(), description=cfg.description, diff=diff)
+        return _artifact(path)
+
+    def describe(self, artifact: Artifact) -> str:
+        return f"{artifact.folder.parent.name} {artifact.folder.name}: {artifact.folder}"
+
+    def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
+        return {"release": str(artifact.folder)}
+
+
+def _artifact(version_dir: Path) -> Artifact:
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    counts = json.loads((version_dir / "counts.json").read_text())
+    return Artifact("release", manifest["content_key"], version_dir, counts)
+
+
+def manifest(ctx: Context, inputs: Inputs, content: str) -> dict[str, Any]:
+    """What a release was made of: every input file's sha256, the stage keys, the config."""
+    cfg = ctx.config
+    files = {key: {"ref": ref, "sha256": file_digest(cfg.resolve(ref))} for key, ref in file_refs(cfg)}
+    models = prediction_paths(inputs["predictions"]) if "predictions" in inputs else {}
+    for name, path in models.items():  # also models the subset selection left out
+        files[f"predictions.{name}"] = {"ref": Path(path).name, "sha256": file_digest(path)}
+    config_dump = cfg.model_dump(exclude={"base_dir", "output_dir"}, mode="json")
+    stage_keys = {name: inputs[name].key for name in ("dataset", "proposals", "tasks", "votes", "label_sets")
+                  if name in inputs}
+    stage_keys["predictions"] = {name: file_digest(p) for name, p in sorted(models.items())}
+    return {"content_key": content, "inputs": files, "stage_keys": stage_keys,
+            "dataset": {"name": cfg.dataset.name, "split": cfg.dataset.split},
+            "config": config_dump, "config_sha256": content_key(config=config_dump)}
+
+
+def describe_changes(ctx: Context, inputs: Inputs) -> str:
+    """A sentence for the release notes: what differs from the previous manifest."""
+    previous = ctx.previous_manifest()
+    before = previous.get("stage_keys", {})
+    now = manifest(ctx, inputs, "")
+    old_models, new_models = set(before.get("predictions", {})), set(now["stage_keys"]["predictions"])
+    parts = []
+    if new_models - old_models:
+        parts.append("added model(s) " + ", ".join(sorted(new_models - old_models)))
+    if old_models - new_models:
+        parts.append("removed model(s) " + ", ".join(sorted(old_models - new_models)))
+    changed = [m for m in sorted(old_models & new_models)
+               if before["predictions"][m] != now["stage_keys"]["predictions"][m]]
+    if changed:
+        parts.append("new predictions for " + ", ".join(changed))
+    if before.get("votes") != now["stage_keys"].get("votes"):
+        parts.append("votes changed")
+    if previous.get("config_sha256") != now["config_sha256"]:
+        parts.append("config changed")
+    return "; ".join(parts) or "inputs changed"

@@ -1,0 +1,82 @@
+"""Rater quality on gold: counts and flags by hand, the tests' edge cases, the figure,
+and the real golden answers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from auditing import labelsets, rater_quality
+from auditing import gold as gold_lib
+from tests.test_aggregation import _hand_built_crowd, _votes
+from tests.test_gold import real_gold, real_gold_paths, real_kept  # noqa: F401  (fixtures)
+from tests.test_gold_aggregation import REAL_PARAMS
+
+
+def _gold_with(raters: dict[str, list[str]], n_present: int = 20, n: int = 60) -> gold_lib.Gold:
+    truth = pd.DataFrame({"file_name": [f"g{k}" for k in range(n)], "label": 0, "truth": np.arange(n) < n_present})
+    rows = [(f"g{k}", 0, rater, answers[k]) for rater, answers in raters.items() for k in range(n)]
+    return gold_lib.Gold.from_frames(truth, _votes(rows))
+
+
+def test_counts_accuracy_and_flags():
+    truthful = ["yes"] * 20 + ["no"] * 40
+    hedging = ["maybe"] * 20 + ["no"] * 40  # maybe on present questions: informative, counted present
+    always_no = ["no"] * 60
+    coin = (["yes", "no"] * 30)  # answers unrelated to the truth
+    inverted = ["no"] * 20 + ["yes"] * 40
+    table = rater_quality.rater_quality(_gold_with({"t": truthful, "h": hedging, "n": always_no, "c": coin,
+                                                    "i": inverted})).set_index("rater_id")
+    assert table.loc["t", ["absent_no", "present_yes", "answers", "correct"]].tolist() == [40, 20, 60, 60]
+    assert table.loc["h", "present_maybe"] == 20 and table.loc["h", "accuracy"] == 1.0
+    assert table.loc["n", "accuracy"] == pytest.approx(40 / 60) == table.loc["n", "always_no_accuracy"]
+    assert table["flagged"].to_dict() == {"t": False, "h": False, "n": True, "c": True, "i": True}
+    assert table.loc["n", "chance_p"] == 1.0  # one answer only: independent of the truth
+    assert table.loc["c", "no_better_than_chance"] and not table.loc["i", "no_better_than_chance"]
+    assert table.loc["i", "no_better_than_always_no"]  # informative, but the wrong way round
+    assert list(table.index[:2]) == ["h", "t"]  # best accuracy first (ties by id)
+
+
+def test_figure_has_one_panel_per_rater_and_png_bytes():
+    table = rater_quality.rater_quality(_gold_with({"a": ["yes"] * 20 + ["no"] * 40, "b": ["no"] * 60}))
+    figure = rater_quality.plot_rater_matrices(table, columns=4)
+    visible = [ax for ax in figure.axes if ax.axison]
+    assert [ax.get_title() for ax in visible] == ["a: 100%", "b: 67%"]
+    assert visible[1].title.get_color() == "red"
+    png = rater_quality.figure_png(figure)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drop_effect_counts_changes_in_label_sets():
+    crowd = _hand_built_crowd()
+    original = pd.DataFrame({"file_name": [f"img{q}" for q in range(20)], "label": range(20)})
+    # Without the three truthful raters only r3 (always yes) is left: every question present.
+    effect = rater_quality.drop_flagged_effect(crowd, ["r0", "r1", "r2"], original_labels=original,
+                                               method="majority-vote")
+    assert effect.raters_dropped == 3 and effect.votes_dropped == 60 and effect.questions_left_without_votes == 0
+    assert (effect.labels_before, effect.labels_after, effect.labels_added, effect.labels_removed) == (6, 20, 14, 0)
+    assert effect.images_changed == 14 and effect.empty_sets_before == 14 and effect.empty_sets_after == 0
+    none = rater_quality.drop_flagged_effect(crowd, [], original_labels=original, method="majority-vote")
+    assert none.images_changed == 0 and none.labels_before == none.labels_after == 6
+
+
+def test_real_golden_answers(real_gold):
+    table = rater_quality.rater_quality(real_gold)
+    assert len(table) == 78 and (table["answers"] == 1135).all()
+    assert (table["always_no_accuracy"] == 887 / 1135).all()
+    # Rater 145 answers yes to 1,046 of 1,135 golden questions; 3 more are not clearly
+    # above always-"no" (measured at alpha 0.01).
+    assert table.loc[table["flagged"], "rater_id"].tolist() == ["116", "157", "142", "145"]
+    assert table.loc[table["no_better_than_chance"], "rater_id"].tolist() == ["145"]
+
+
+@pytest.mark.slow
+def test_real_drop_effect_of_flagged_raters(real_kept, real_gold):
+    table = rater_quality.rater_quality(real_gold)
+    effect = rater_quality.drop_flagged_effect(real_kept, table.loc[table["flagged"], "rater_id"],
+                                               original_labels=labelsets.original_val_labels(),
+                                               method="gold-confusion", params=REAL_PARAMS, gold=real_gold)
+    assert effect.raters_dropped == 4 and effect.gold_answers_dropped == 4 * 1135
+    assert effect.labels_before == 57_553 and effect.empty_sets_before == 3163
+    assert effect.labels_after - effect.labels_before == effect.labels_added - effect.labels_removed
+    assert effect.images_changed > 0
