@@ -3,9 +3,10 @@ scores written as Parquet shards.
 
 The in-memory path (``auditing.aggregation.aggregate``, crowd-kit) is the reference and
 stays the default below ``SHARDED_MIN_VOTES``; ``aggregate_sharded`` gives the same
-scores (to 1e-14 on the ReaL votes, the EM tolerance being 1e-5) from vote files of
-any size, with memory bounded by the shard size and the rater count, never by the
-number of votes. The maths is in ``auditing.aggregation.sharded``; this module is the
+scores (max |difference| ~1e-14 on the 924,810 ReaL votes, the EM tolerance being
+1e-5; <= 1e-9 for gold-confusion's matrices in one pass) from vote files of any size.
+Measured (benchmarks/aggregation_scale.py, synthetic votes, 2 loaded cores): 24M votes
+in 5.5 GB peak RSS; the in-memory path needs ~0.5 GB per million votes. The maths is in ``auditing.aggregation.sharded``; this module is the
 Beam wiring and the I/O, all through Beam's ``FileSystems`` (local paths, ``gs://``).
 
 Elements are shards, never single votes (Beam costs ~28 us per element, 11 minutes
@@ -21,24 +22,29 @@ per pass over 24M single votes):
    kept, as ``validate_votes`` does within a batch); raters get codes from one sorted
    vocabulary (a side input).
 3. ``DawidSkeneIterations``: per iteration, the E-step per shard with the current
-   rater matrices as a side input (a ``FlatMap`` emitting the shard's sufficient
-   statistics), the M-step as a ``CombineGlobally`` of those statistics and a ``Map``
-   on the one-element state. Fixed-matrix methods are one ``FlatMap`` pass.
+   state (rater matrices, priors) as a side input (a ``Map`` emitting the shard's
+   sufficient statistics), the M-step as a combine of those statistics over all
+   shards (``EMIteration``: one key, so ``CombinePerKey`` = ``CombineGlobally`` without
+   its re-keying steps) whose output is the next state. Fixed-matrix methods
+   (``fixed-matrices``, e.g. gold-confusion's matrices) are one ``Map`` pass. The
+   original label as a pseudo-rater (``original_label_rater``) is added to each
+   shard's votes where the original labels are joined.
 4. ``WriteScores``: per shard, ``scores-SSSSS-of-NNNNN.parquet`` (file_name, label,
    score) under ``out_prefix``.
 
-Why EM runs as blocks of ``iterations_per_run`` unrolled iterations, several pipeline
-runs if needed: a pipeline graph cannot loop, and the two extremes both cost. One run
-per iteration pays a job start per iteration (~1 s on the DirectRunner, minutes on
-Dataflow) and rereads the votes each time; one run of ``n_iter`` (100) unrolled
-iterations pays ~0.35 s per iteration stage on the DirectRunner even after
-convergence (then a stage does no work, but it still runs). On the ReaL votes EM
-converges in ~28 iterations, so blocks of 16 mean two runs (one on Dataflow: start
-costs there dominate, pass a larger block). Iterations after convergence inside a
-block emit nothing and the state passes through unchanged, so the result does not
-depend on the block size. Between runs the state (rater matrices, priors, history:
-kilobytes) and the vote shards (written once, by the first run) are files under
-``out_prefix``.
+Why EM runs as blocks of unrolled iterations, several pipeline runs if needed: a
+pipeline graph cannot loop, and the two extremes both cost. One run per iteration
+pays a job start per iteration (~1 s on the DirectRunner, minutes on Dataflow) and
+rereads the votes each time; one run of ``n_iter`` (100) unrolled iterations pays
+~0.3 s per iteration stage on the DirectRunner even after convergence (a stage then
+does no work, but it still runs; measured on a toy pipeline). EM converges in 14-28
+iterations on ReaL-like votes, so the first run unrolls ``iterations_per_run`` (16)
+and each later run as many as the convergence rate so far predicts are left
+(``next_block_size``): two runs at most in practice (on Dataflow, where job starts
+dominate, pass a larger block). Iterations after convergence send nothing and the
+state passes through unchanged, so the result does not depend on the block size.
+Between runs the state (rater matrices, priors, history: kilobytes) and the vote
+shards (written once, by the first run) are files under ``out_prefix``.
 """
 from __future__ import annotations
 
@@ -220,15 +226,6 @@ def _jsonl_chunks(path: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
         yield frame_of(records, rows)
 
 
-def _kept_rows(raw: pd.DataFrame, quarantine: pd.DataFrame) -> np.ndarray:
-    """File row numbers of the rows ``validate_votes`` kept, in order: (row, raw rater id)
-    names a raw row uniquely in every format (the npz has one row per question)."""
-    def keys(frame: pd.DataFrame) -> pd.MultiIndex:
-        rater = frame["rater_id"] if "rater_id" in frame.columns else pd.Series([None] * len(frame))
-        return pd.MultiIndex.from_arrays([frame["row"].to_numpy(np.int64), rater.astype(str).to_numpy()])
-    return raw["row"].to_numpy(np.int64)[~keys(raw).isin(keys(quarantine))]
-
-
 class ReadValidateVotes(beam.PTransform):
     """(source index, path) -> validated vote chunks (dicts of arrays: file_name, label,
     rater_id, answer code, source, order, row) and, tagged ``quarantine``, (name,
@@ -245,19 +242,18 @@ class ReadValidateVotes(beam.PTransform):
     def _chunks(self, indexed_path: tuple[int, str]):
         source, path = indexed_path
         for number, raw in enumerate(read_vote_chunks(path, self.vote_format, self.chunk_rows)):
-            kept, quarantine = votes_lib.validate_votes(raw, num_classes=self.num_classes, source=path)
+            # provenance: each kept vote's file row, to name a duplicate found across chunks.
+            kept, quarantine = votes_lib.validate_votes(raw, num_classes=self.num_classes, source=path,
+                                                        provenance=True)
             if len(quarantine):
                 yield beam.pvalue.TaggedOutput("quarantine", (f"read-{source:04d}-{number:06d}", quarantine))
-            rows = _kept_rows(raw, quarantine)
-            if len(rows) != len(kept):  # would misname quarantined rows: fail loudly
-                raise ShardedAggregationError(f"{path}: chunk {number}: cannot align kept rows with the file")
             yield {"file_name": kept["file_name"].to_numpy(dtype=object),
                    "label": kept["label"].to_numpy(np.int64),
                    "rater_id": kept["rater_id"].to_numpy(dtype=object),
                    "answer": kept["answer"].cat.codes.to_numpy(np.int8),
                    "source": np.full(len(kept), source, np.int32),
                    "order": number * (1 << 32) + np.arange(len(kept), dtype=np.int64),  # file order
-                   "row": rows}
+                   "row": kept["row"].to_numpy(np.int64)}
 
 
 # ---------------------------------------------------------------- step 2: shards by image
@@ -450,11 +446,11 @@ class EMModel:
 
 class EMIteration(beam.CombineFn):
     """The M-step as the reduction of the shards' statistics: their sum, and in
-    ``extract_output`` the next state from it (side inputs: the current state and the
-    model). Doing the M-step inside the combine saves a stage per iteration (measured
-    on the DirectRunner: 0.31 s instead of 0.53 s per iteration). Every shard sends one
-    element per iteration, ``None`` once EM is done, so the combine always has input and
-    a done state passes through unchanged."""
+    ``extract_output`` the next state from it (side inputs: the current state, keyed,
+    and the model). Doing the M-step inside the combine saves a stage per iteration
+    (toy pipeline on the DirectRunner: 0.31 s instead of 0.53 s per iteration). Every
+    shard sends one element per iteration, ``None`` once EM is done, so the combine
+    always has input and a done state passes through unchanged."""
 
     def create_accumulator(self, *side):
         return None

@@ -255,3 +255,43 @@ def test_fixed_matrix_pass_equals_crowdkit_e_step_on_real_votes(real_votes, tmp_
     merged = expected.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
     assert len(merged) == 184_962
     assert np.abs(merged["score_beam"] - merged["score"]).max() <= 1e-9
+
+
+def test_original_label_pseudo_rater_in_sharded_dawid_skene_matches_in_memory(tmp_path):
+    votes = hand_built_votes()
+    original = pd.DataFrame({"file_name": [f"img{i}.JPEG" for i in range(5)], "label": range(5)})
+    params = {"original_label_rater": {"classes": [0, 1, 2, 11]}, "prior": "original-label"}
+    expected = aggregation.aggregate(votes, original_labels=original, **params)
+    votes.astype({"answer": str}).to_parquet(tmp_path / "v.parquet", index=False)
+    result = B.aggregate_sharded([str(tmp_path / "v.parquet")], "dawid-skene", params, str(tmp_path / "o") + "/",
+                                 original_labels=original, votes_per_shard=10)
+    assert result.counts["kept"] == len(votes) and result.rater_ids_[-1] == "original-label"
+    merged = expected.scores_.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
+    assert len(merged) == len(expected.scores_)
+    np.testing.assert_allclose(merged["score_beam"], merged["score"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_gold_confusion_matrices_in_one_sharded_pass_equal_in_memory_on_real_votes(real_votes, tmp_path):
+    """configs/imagenet_real.yaml's method at scale: gold-confusion's matrices (counted on
+    the real golden questions, in memory: they are small) and prior, then the one
+    posterior pass over the sharded votes, with the original-label pseudo-rater."""
+    from auditing import gold as gold_lib
+
+    path, kept = real_votes
+    gold = gold_lib.read_real_gold(sources.fetch("real_golden", download=False),
+                                   sources.fetch("real_raters_golden", download=False),
+                                   known_raters=set(kept["rater_id"]))
+    original = labelsets.original_val_labels()
+    params = {"smoothing": 1.0, "raters_without_gold": "mean",
+              "original_label_rater": {"classes": ANIMAL_WNID, "present_if": {"min_yes": 2, "of": 5}}}
+    expected = aggregation.aggregate(kept, "gold-confusion", original_labels=original, gold=gold, **params)
+    errors = expected.errors_
+    matrices = {r: errors.loc[r].reindex(list(votes_lib.ANSWERS)).to_numpy().T
+                for r in errors.index.get_level_values("rater_id").unique()}
+    result = B.aggregate_sharded([path], "fixed-matrices", {
+        "rater_matrices": matrices, "class_prior": float(expected.model_.priors_[1]),
+        "original_label_rater": {"classes": ANIMAL_WNID}}, str(tmp_path) + "/", original_labels=original)
+    merged = expected.scores_.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
+    assert len(merged) == len(expected.scores_) == 184_962
+    assert np.abs(merged["score_beam"] - merged["score"]).max() <= 1e-9
