@@ -14,25 +14,29 @@ import pandas as pd
 MAJOR, MINOR, PATCH = "major", "minor", "patch"
 
 
-def parse_version(version: str) -> tuple[int, int, int]:
-    major, minor, patch = (int(x) for x in version.split("."))
+def version_key(version: str) -> tuple[int, int, int]:
+    """``"1.10.0"`` -> ``(1, 10, 0)``, for sorting versions numerically."""
+    parts = version.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{version!r}: a release version is MAJOR.MINOR.PATCH")
+    major, minor, patch = (int(p) for p in parts)
     return major, minor, patch
 
 
 def sorted_versions(versions: Iterable[str]) -> list[str]:
     """Oldest first, by number (1.10.0 after 1.9.0)."""
-    return sorted(versions, key=parse_version)
+    return sorted(versions, key=version_key)
 
 
 def next_version(version: str, change: str) -> str:
-    major, minor, patch = parse_version(version)
+    major, minor, patch = version_key(version)
     if change == MAJOR:
         return f"{major + 1}.0.0"
     if change == MINOR:
         return f"{major}.{minor + 1}.0"
     if change == PATCH:
         return f"{major}.{minor}.{patch + 1}"
-    raise ValueError(f"unknown version change {change!r}; expected {MAJOR}, {MINOR} or {PATCH}")
+    raise ValueError(f"{change!r}: a version change is one of {MAJOR}, {MINOR}, {PATCH}")
 
 
 def version_change(previous: pd.DataFrame, new: pd.DataFrame, key: str = "file_name") -> str:

@@ -12,7 +12,7 @@ written through Beam's ``FileSystems`` under the commit protocol of ``pipelines.
 (no rename: the version exists once its ``_COMMITTED.json`` marker, written last,
 lists every file with its size and sha256). A crash leaves no committed partial version,
 and a committed version is never overwritten. Versions follow TFDS's semantics (see
-``auditing.release_diff.next_version``). Users read a remote version through
+``auditing.versions.next_version``). Users read a remote version through
 ``pipelines.release_pull.load_release``.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from auditing.errors import InputError
 from auditing.imagenet import imagenet_wnids
-from auditing.release_diff import version_key
+from auditing.versions import version_key
 from pipelines import commit
 
 SPLIT = "validation"
@@ -409,17 +409,22 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
     return final
 
 
-def read_release(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """A release version as a table (file_name, original_label, real_label, score_labels,
-    scores), sorted by file name. ``path`` is a local version folder or a committed
-    version's URI (pulled and verified through ``release_pull.load_release``)."""
+def release_source(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, decoders=None):
+    """(builder, validation data source) of a release version: a local version folder,
+    or a committed version's URI (pulled and verified through ``release_pull.load_release``)."""
     if commit.is_uri(path):
         from pipelines.release_pull import load_release
 
         builder = load_release(str(path), cache_dir=cache_dir)
     else:
         builder = tfds.builder_from_directory(str(path))
-    source = builder.as_data_source(split=SPLIT)
+    return builder, builder.as_data_source(split=SPLIT, decoders=decoders)
+
+
+def read_release(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A release version as a table (file_name, original_label, real_label, score_labels,
+    scores), sorted by file name."""
+    _, source = release_source(path, cache_dir)
     rows = []
     for example in source:
         rows.append({

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import logging
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -119,15 +120,17 @@ def local_model_zoo() -> pd.DataFrame | None:
 
 
 def _release_version_dir(path: Path) -> Path:
+    """A version folder, or the latest version (by number) of a dataset folder."""
+    from auditing.versions import sorted_versions
+
     if (path / "dataset_info.json").is_file():
         return path
-    versions = sorted((p for p in path.iterdir() if (p / "dataset_info.json").is_file()
-                       and not p.name.startswith(".")),
-                      key=lambda p: tuple(int(x) if x.isdigit() else -1 for x in p.name.split(".")))
+    versions = sorted_versions(p.name for p in path.iterdir() if (p / "dataset_info.json").is_file()
+                               and re.fullmatch(r"\d+\.\d+\.\d+", p.name))
     if not versions:
         raise ReportInputError(f"{path}: not a TFDS dataset folder (no dataset_info.json here or "
                                "in a version folder below)")
-    return versions[-1]
+    return path / versions[-1]
 
 
 def read_tfds_release(path: str | os.PathLike, batch: int = 4096, images: dict[str, bytes] | None = None
@@ -138,8 +141,10 @@ def read_tfds_release(path: str | os.PathLike, batch: int = 4096, images: dict[s
     encoded image of every example (for the report's examples)."""
     import tensorflow_datasets as tfds  # only this input needs TFDS
 
+    from pipelines.release import release_source
+
     folder = _release_version_dir(Path(path))
-    builder = tfds.builder_from_directory(str(folder))
+    builder, _ = release_source(folder)
     features = builder.info.features
     missing = {"file_name", "real_label"} - set(features.keys())
     if missing:
@@ -148,7 +153,7 @@ def read_tfds_release(path: str | os.PathLike, batch: int = 4096, images: dict[s
     with_images = "image" in features.keys()
     # Encoded bytes as stored: nothing to decode, and what the report embeds.
     decoders = {"image": tfds.decode.SkipDecoding()} if with_images else None
-    source = builder.as_data_source(split="validation", decoders=decoders)
+    _, source = release_source(folder, decoders=decoders)
     sets: dict[str, frozenset[int]] = {}
     originals: list[tuple[str, int]] = []
     for start in range(0, len(source), batch):

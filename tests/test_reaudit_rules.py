@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
-
 from auditing import reaudit, versions
 
 
@@ -27,16 +25,6 @@ def test_an_earlier_source_wins_and_a_repeated_vote_counts_once():
     merged = reaudit.merge_votes([new, carried])
     assert list(merged["answer"]) == ["no", "yes", "maybe"]  # the corrected "no" wins
     assert len(merged) == 3
-
-
-@pytest.mark.parametrize("version, change, expected", [
-    ("1.0.0", "major", "2.0.0"), ("1.4.2", "minor", "1.5.0"), ("1.4.2", "patch", "1.4.3")])
-def test_next_version(version, change, expected):
-    assert versions.next_version(version, change) == expected
-
-
-def test_versions_sort_by_number():
-    assert versions.sorted_versions(["1.10.0", "1.9.0", "2.0.0", "1.9.1"]) == ["1.9.0", "1.9.1", "1.10.0", "2.0.0"]
 
 
 def test_version_change_follows_tfds_semantics():

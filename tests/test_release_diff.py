@@ -1,6 +1,7 @@
 import pytest
 
-from auditing.release_diff import diff_label_sets, next_minor_version, next_version, version_key
+from auditing.release_diff import diff_label_sets
+from auditing.versions import next_version, version_key
 
 
 def test_diff_lists_changed_images_and_counts():
@@ -23,8 +24,8 @@ def test_identical_sets_have_an_empty_diff():
 
 
 def test_next_minor_version():
-    assert next_minor_version("1.0.0") == "1.1.0"
-    assert next_minor_version("2.9.3") == "2.10.0"
+    assert next_version("1.0.0", "minor") == "1.1.0"
+    assert next_version("2.9.3", "minor") == "2.10.0"
 
 
 def test_next_version_follows_tfds_semantics():
