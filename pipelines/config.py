@@ -220,6 +220,11 @@ class AggregateConfig(_Section):
     # (e.g. earlier audits) act as Dirichlet pseudo-counts worth `strength` votes each.
     rater_history: FileRef | None = None
     rater_history_strength: float = pydantic.Field(50.0, gt=0)
+    # Where Dawid-Skene runs: `in-memory` (crowd-kit, the reference), `beam` (EM over
+    # vote shards: pipelines/beam_aggregation.py, for votes past one machine's memory),
+    # or `auto` (beam from 5M votes, for dawid-skene without gold).
+    engine: Literal["auto", "in-memory", "beam"] = "auto"
+    votes_per_shard: int = pydantic.Field(100_000, ge=1000)
 
     @pydantic.model_validator(mode="after")
     def _valid_params(self) -> "AggregateConfig":
@@ -231,6 +236,8 @@ class AggregateConfig(_Section):
             validate_params(self.method, self.params)
         except AggregationParamsError as e:
             raise ValueError(f"params.{e.key}: {e}") from None
+        if self.engine == "beam" and self.method != "dawid-skene":
+            raise ValueError(f"engine 'beam' runs dawid-skene; method {self.method!r} runs in memory")
         return self
 
 

@@ -131,3 +131,21 @@ def test_predictions_subset_selection_proposals_and_tasks_on_a_hand_built_case(t
     # Every image's top-1 (of the chosen model) is its original label: nothing to ask.
     tasks = read_tasks(art["tasks"])
     assert len(tasks) == 0 and art["tasks"].counts["images_skipped_all_top1_agree"] == 4
+
+
+def test_the_beam_engine_gives_the_in_memory_scores(real_slice, tmp_path):
+    """Dawid-Skene over vote shards in Beam equals crowd-kit in memory (within the EM
+    tolerance) on the real slice's ReaL votes."""
+    config = (real_slice / "audit.yaml").read_text()
+    (real_slice / "audit_beam.yaml").write_text(config.replace(
+        "aggregate: {method: dawid-skene, threshold: 0.8}",
+        "aggregate: {method: dawid-skene, threshold: 0.8, engine: beam, votes_per_shard: 2000}"))
+    memory = run.execute(load_config(real_slice / "audit.yaml", output_dir=str(tmp_path / "m")), target="aggregate", **QUIET)
+    beam = run.execute(load_config(real_slice / "audit_beam.yaml", output_dir=str(tmp_path / "b")), target="aggregate",
+                       **QUIET)
+    assert beam.artifacts["label_sets"].counts["engine"] == "beam"
+    a = read_scores(memory.artifacts["label_sets"]).set_index(["file_name", "label"])["score"]
+    b = read_scores(beam.artifacts["label_sets"]).set_index(["file_name", "label"])["score"]
+    assert a.index.equals(b.index)
+    assert np.abs(a.to_numpy() - b.to_numpy()).max() < 1e-4
+    assert read_label_sets(memory.artifacts["label_sets"]) == read_label_sets(beam.artifacts["label_sets"])

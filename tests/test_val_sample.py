@@ -17,7 +17,7 @@ from pipelines import cli, predict, release
 from pipelines.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-N_RATED, N_UNRATED = 24, 8
+N_RATED, N_UNRATED = 48, 16
 
 
 def _slice_config(shared_data: Path, tmp_path: Path, models: list[str]) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 
@@ -55,7 +56,14 @@ def label_sets(scores: pd.DataFrame, original_labels: pd.DataFrame, threshold: f
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     kept = scores.loc[scores["score"].to_numpy() > threshold]
-    by_image = kept.groupby("file_name", sort=False)["label"].agg(lambda s: frozenset(int(x) for x in s))
+    # One sort and one split at the image boundaries (a groupby with a Python function
+    # per image costs seconds on 50,000 images).
+    kept = kept.sort_values("file_name", kind="stable")
+    names = kept["file_name"].to_numpy(dtype=object)
+    labels = kept["label"].to_numpy(np.int64).tolist()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(names)]
+    by_image = {names[b]: frozenset(labels[b:e]) for b, e in zip(starts.tolist(), ends.tolist())}
     rated = pd.unique(scores["file_name"])
     rated_set = set(rated)
     sets: dict[str, frozenset[int]] = {}

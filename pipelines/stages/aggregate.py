@@ -27,7 +27,8 @@ class AggregateStage(Stage):
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
         cfg = ctx.config.stages.aggregate
         history = ctx.resolve(cfg.rater_history) if cfg.rater_history else None
-        return {"method": cfg.method, "params": cfg.params, "threshold": cfg.threshold,
+        return {"method": cfg.method, "params": cfg.params, "threshold": cfg.threshold, "engine": cfg.engine,
+                "votes_per_shard": cfg.votes_per_shard if cfg.engine != "in-memory" else None,
                 "rater_history": file_digest(history) if history else None,
                 "rater_history_strength": cfg.rater_history_strength if history else None}
 
@@ -46,18 +47,23 @@ class AggregateStage(Stage):
         from auditing import labelsets
 
         all_labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
-        result = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method, original_labels=all_labels,
-                                       gold=read_gold(inputs["votes"]), **params)
-        result.scores_.to_parquet(out / "scores.parquet", index=False)
-        sets = aggregation.label_sets(result.scores_, labels, threshold=cfg.threshold)
-        counts = write_label_sets(out, sets, labels) | {"questions": int(len(result.scores_))}
+        gold = read_gold(inputs["votes"])
+        if use_beam(cfg, inputs["votes"], gold):
+            scores, engine = beam_scores(ctx, inputs, params, all_labels, out), "beam"
+        else:
+            scores = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method,
+                                           original_labels=all_labels, gold=gold, **params).scores_
+            engine = "in-memory"
+        scores.to_parquet(out / "scores.parquet", index=False)
+        sets = aggregation.label_sets(scores, labels, threshold=cfg.threshold)
+        counts = write_label_sets(out, sets, labels) | {"questions": int(len(scores)), "engine": engine}
         if "tasks" in inputs:
             # Proposed pairs nobody has answered yet are awaiting a crowd: they make no
             # label (never a silent "no"), and their images are flagged in the release.
             from auditing.reaudit import unasked
 
             questions = read_tasks(inputs["tasks"])[["file_name", "label"]].drop_duplicates()
-            awaiting = unasked(questions, result.scores_[["file_name", "label"]])
+            awaiting = unasked(questions, scores[["file_name", "label"]])
             awaiting = awaiting[awaiting["file_name"].isin(set(labels["file_name"]))]
             awaiting.to_parquet(out / "awaiting.parquet", index=False)
             counts |= {"pairs_awaiting_votes": int(len(awaiting)),
@@ -74,6 +80,38 @@ class AggregateStage(Stage):
 
     def outputs(self, ctx: Context, artifact: Artifact) -> dict[str, str]:
         return {"scores": str(artifact.file("scores.parquet"))}
+
+
+def use_beam(cfg, votes: Artifact, gold) -> bool:
+    """The engine of ``stages.aggregate.engine``: ``auto`` takes Beam from
+    ``SHARDED_MIN_VOTES`` votes, for dawid-skene without gold (the sharded EM has no
+    gold questions yet)."""
+    if cfg.engine != "auto":
+        return cfg.engine == "beam"
+    from pipelines.beam_aggregation import SHARDED_MIN_VOTES
+
+    return cfg.method == "dawid-skene" and gold is None and votes.counts.get("votes_used", 0) >= SHARDED_MIN_VOTES
+
+
+def beam_scores(ctx: Context, inputs: Inputs, params: dict[str, Any], original: pd.DataFrame,
+                out: Path) -> pd.DataFrame:
+    """Dawid-Skene EM over vote shards in Beam (pipelines/beam_aggregation.py), on the
+    runner of the run; the score shards are written through FileSystems."""
+    from pipelines.beam_aggregation import aggregate_sharded
+
+    import tempfile
+
+    cfg = ctx.config.stages.aggregate
+    # The shards and the EM state are scratch: only the scores are kept.
+    with tempfile.TemporaryDirectory(prefix="sharded-") as scratch, ctx.beam_output(Path(scratch)) as prefix:
+        result = aggregate_sharded([str(inputs["votes"].file("votes.parquet"))], "dawid-skene", params,
+                                   out_prefix=str(prefix).rstrip("/") + "/", options=ctx.beam_options(),
+                                   original_labels=original, vote_format="parquet",
+                                   votes_per_shard=cfg.votes_per_shard)
+        scores = result.read_scores()
+    # In the votes' question order, as the in-memory engine gives them.
+    order = read_votes(inputs["votes"])[["file_name", "label"]].drop_duplicates()
+    return order.merge(scores, on=["file_name", "label"], how="left")
 
 
 def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.DataFrame,
