@@ -431,7 +431,7 @@ def write_tasks_csv(tasks: TaskSet, path: str | os.PathLike, image_uri_template:
     return _atomic_write_text(Path(path), lambda f: frame.to_csv(f, index=False))
 
 
-def _task_record(path: str | os.PathLike, number: int, line: str) -> dict[str, Any]:
+def task_record(path: str | os.PathLike, number: int, line: str) -> dict[str, Any]:
     """One JSONL line of a tasks file, checked; errors name the file, line and field."""
     try:
         record = json.loads(line)
@@ -450,7 +450,7 @@ def _task_record(path: str | os.PathLike, number: int, line: str) -> dict[str, A
 def read_tasks_jsonl(path: str | os.PathLike) -> pd.DataFrame:
     """A tasks JSONL as long questions: task_id, file_name, image_uri, label, position."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
-    records = [_task_record(path, n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    records = [task_record(path, n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     rows = [(r["task_id"], r["file_name"], r.get("image_uri", ""), label["index"], position)
             for r in records for position, label in enumerate(r["labels"])]
     return pd.DataFrame(rows, columns=["task_id", "file_name", "image_uri", "label", "position"]).astype(

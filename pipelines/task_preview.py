@@ -22,7 +22,7 @@ from typing import Any
 
 from auditing import atomic, task_labels, templating
 from auditing.imagenet import load_classes
-from auditing.tasks import _task_record
+from auditing.tasks import task_record
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def read_task_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 # The one validator of a task line (auditing.tasks, which read_tasks_jsonl uses).
-                yield _task_record(path, number, line)
+                yield task_record(path, number, line)
 
 
 def _read_bytes(path: Path) -> bytes | None:

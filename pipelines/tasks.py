@@ -77,7 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", nargs="+", default=None, metavar="NPZ",
                         help="read the models' top-1 from these instead of the proposals' sources")
     parser.add_argument("--out", metavar="DIR", help="where to write the tasks (required to build tasks)")
-    actions = parser.add_subparsers(dest="tasks_action", metavar="{push,pull}")
+    actions = parser.add_subparsers(dest="tasks_action", metavar="{push,pull,preview}")
+    from pipelines import task_preview
+
+    preview = actions.add_parser("preview", help="write an HTML page per task as a rater sees it",
+                                 description="Write one HTML page per task (image, labels with name, gloss "
+                                             "and example image, yes / maybe / no), as a rater sees it.")
+    task_preview.add_arguments(preview)
     push = actions.add_parser("push", help="import tasks into a Label Studio project (created or reused by title)",
                               description="Import the tasks of a tasks.jsonl into a Label Studio project.")
     push.add_argument("tasks", metavar="TASKS", help="a tasks.jsonl written by `label-audit tasks`")
@@ -162,6 +168,10 @@ def main(args: argparse.Namespace) -> int:
         return push_main(args)
     if args.tasks_action == "pull":
         return pull_main(args)
+    if args.tasks_action == "preview":
+        from pipelines import task_preview
+
+        return task_preview.main(args)
     missing = [flag for flag, value in (("--proposals", args.proposals), ("--out", args.out)) if not value]
     if missing:
         return _fail("", f"building tasks needs {' and '.join(missing)} (or use `tasks push` / `tasks pull`)")
@@ -169,9 +179,8 @@ def main(args: argparse.Namespace) -> int:
     original, top1 = None, None
     if args.predictions:
         if not args.original_labels:
-            raise SystemExit("--predictions needs --original-labels")
-        original = (labelsets.original_val_labels() if args.original_labels == "tfds-wheel"
-                    else labelsets.read_label_tsv(args.original_labels))
+            return _fail("", "--predictions needs --original-labels")
+        original = labelsets.load_original_labels(args.original_labels)
         top1 = top1_by_model(args.predictions)
     built = tasks_lib.build_tasks(proposals, original_labels=original, top1=top1,
                                   max_labels=args.max_labels)
