@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.proposals import ModelSelections
 
 Reference = Literal["audited", "examples", "both"]
@@ -174,7 +174,7 @@ class DisagreementCheck:
         return self.n_in_set / self.n_disagreeing if self.n_disagreeing else float("nan")
 
 
-def check_disagreements(original: np.ndarray, proposed: np.ndarray, sets: LabelSets) -> DisagreementCheck:
+def check_disagreements(original: np.ndarray, proposed: np.ndarray, sets: LabelSetArray) -> DisagreementCheck:
     """How often a label that contradicts the original is confirmed by ``sets`` (e.g. ReaL)."""
     original, proposed = np.asarray(original, np.int64), np.asarray(proposed, np.int64)
     rated = sets.sizes > 0
@@ -183,7 +183,7 @@ def check_disagreements(original: np.ndarray, proposed: np.ndarray, sets: LabelS
     return DisagreementCheck(int(rated.sum()), int(disagreeing.sum()), int(in_set.sum()))
 
 
-def labels_added(proposed: np.ndarray, sets: LabelSets, pool: LabelSets) -> np.ndarray:
+def labels_added(proposed: np.ndarray, sets: LabelSetArray, pool: LabelSetArray) -> np.ndarray:
     """Per image: the proposed label is in its set (e.g. ReaL) but not among the pool's
     proposals for it: a true label that only this proposer finds."""
     proposed = np.asarray(proposed, np.int64)
@@ -193,7 +193,7 @@ def labels_added(proposed: np.ndarray, sets: LabelSets, pool: LabelSets) -> np.n
 
 
 def centroid_summary(original: np.ndarray, nearest: np.ndarray, top1: Mapping[str, np.ndarray],
-                     sets: LabelSets, pool: LabelSets) -> dict[str, object]:
+                     sets: LabelSetArray, pool: LabelSetArray) -> dict[str, object]:
     """The centroid proposer measured against reference sets (e.g. ReaL), beside the
     models' top-1 (JSON-ready): for the images where each disagrees with the original
     label, how often its label is in the set; the set labels only the centroid finds

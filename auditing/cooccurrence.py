@@ -20,15 +20,15 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from auditing.metrics import LabelSets, per_class_accuracy
+from auditing.metrics import LabelSetArray, per_class_accuracy
 
 
-def oracle_images(original: np.ndarray, label_sets: LabelSets) -> np.ndarray:
+def oracle_images(original: np.ndarray, label_sets: LabelSetArray) -> np.ndarray:
     """Per image: its label set contains its original label."""
     return label_sets.contains(original)
 
 
-def oracle_accuracy(original: np.ndarray, label_sets: LabelSets) -> np.ndarray:
+def oracle_accuracy(original: np.ndarray, label_sets: LabelSetArray) -> np.ndarray:
     """Per class: mean of 1/|set| over its oracle images; NaN for a class without any."""
     kept = oracle_images(original, label_sets)
     chance = 1.0 / np.maximum(label_sets.sizes, 1)
@@ -36,7 +36,7 @@ def oracle_accuracy(original: np.ndarray, label_sets: LabelSets) -> np.ndarray:
 
 
 def accuracy_on_oracle_images(top1: np.ndarray, original: np.ndarray,
-                              label_sets: LabelSets) -> np.ndarray:
+                              label_sets: LabelSetArray) -> np.ndarray:
     """Per class: a model's accuracy against the original label over the oracle images
     (the images the oracle is scored on, so the two are comparable)."""
     kept = oracle_images(original, label_sets)
@@ -60,7 +60,7 @@ class Cooccurrence:
     shares_: np.ndarray = dataclasses.field(init=False)
     oracle_accuracy_: np.ndarray = dataclasses.field(init=False)
 
-    def fit(self, original: np.ndarray, label_sets: LabelSets) -> "Cooccurrence":
+    def fit(self, original: np.ndarray, label_sets: LabelSetArray) -> "Cooccurrence":
         original = np.asarray(original, dtype=np.int64)
         if original.shape != (len(label_sets),):
             raise ValueError(f"expected {len(label_sets)} original labels, got shape {original.shape}")

@@ -1,7 +1,7 @@
 """Accuracy metrics over label sets: original, ReaL, strict top-k, multi-label, per class.
 
 Pure numpy/pandas, no I/O. Images are rows; every per-image array has one entry per
-image, in the same order as the ``LabelSets`` it is scored against.
+image, in the same order as the ``LabelSetArray`` it is scored against.
 
 Definitions (METHOD.md, stage 6):
 - original accuracy: top-1 equals the single original label.
@@ -38,7 +38,7 @@ class LabelOutOfRange(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelSets:
+class LabelSetArray:
     """Label sets of ``n`` images in CSR form.
 
     The labels of image ``i`` are ``indices[indptr[i]:indptr[i + 1]]``, sorted and
@@ -51,7 +51,7 @@ class LabelSets:
     num_classes: int
 
     @classmethod
-    def from_sets(cls, sets: Iterable[Collection[int]], num_classes: int) -> "LabelSets":
+    def from_sets(cls, sets: Iterable[Collection[int]], num_classes: int) -> "LabelSetArray":
         """From one collection of class indices per image (duplicates are dropped)."""
         sets = [list(s) for s in sets]
         rows = np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets])
@@ -89,14 +89,14 @@ class LabelSets:
         hits = rows[self.indices == labels[rows]]
         return np.bincount(hits, minlength=len(self)).astype(bool)
 
-    def take(self, images: np.ndarray) -> "LabelSets":
+    def take(self, images: np.ndarray) -> "LabelSetArray":
         """The sets of the given images (indices or a boolean mask), in that order."""
         images = np.arange(len(self))[images]
         sizes = self.sizes[images]
         indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         starts = np.repeat(self.indptr[images] - indptr[:-1], sizes)
         indices = self.indices[starts + np.arange(indptr[-1])]
-        return LabelSets(indptr=indptr, indices=indices, num_classes=self.num_classes)
+        return LabelSetArray(indptr=indptr, indices=indices, num_classes=self.num_classes)
 
     def to_sets(self) -> list[frozenset[int]]:
         return [frozenset(self.indices[a:b].tolist()) for a, b in zip(self.indptr[:-1], self.indptr[1:])]
@@ -111,18 +111,18 @@ def original_accuracy(top1: np.ndarray, original: np.ndarray) -> float:
     return _nan_mean(np.asarray(top1) == np.asarray(original))
 
 
-def real_correct(top1: np.ndarray, label_sets: LabelSets) -> np.ndarray:
+def real_correct(top1: np.ndarray, label_sets: LabelSetArray) -> np.ndarray:
     """Per image: top-1 is in the label set (always False for an empty set)."""
     return label_sets.contains(top1)
 
 
-def real_accuracy(top1: np.ndarray, label_sets: LabelSets) -> float:
+def real_accuracy(top1: np.ndarray, label_sets: LabelSetArray) -> float:
     """ReaL accuracy: share of images with a non-empty set whose top-1 is in the set."""
     rated = label_sets.sizes > 0
     return _nan_mean(real_correct(top1, label_sets)[rated])
 
 
-def strict_topk_correct(logits: np.ndarray, label_sets: LabelSets) -> np.ndarray:
+def strict_topk_correct(logits: np.ndarray, label_sets: LabelSetArray) -> np.ndarray:
     """Per image: the top-|set| classes equal the set (False for empty sets)."""
     logits = np.asarray(logits)
     sizes = label_sets.sizes
@@ -136,7 +136,7 @@ def strict_topk_correct(logits: np.ndarray, label_sets: LabelSets) -> np.ndarray
     return correct
 
 
-def strict_topk_accuracy(logits: np.ndarray, label_sets: LabelSets, k: int | None = None) -> float:
+def strict_topk_accuracy(logits: np.ndarray, label_sets: LabelSetArray, k: int | None = None) -> float:
     """Strict top-k accuracy; ``k=None``: k = each image's set size (non-empty sets).
 
     With an int ``k``, only images whose set has exactly ``k`` labels are scored.
@@ -146,7 +146,7 @@ def strict_topk_accuracy(logits: np.ndarray, label_sets: LabelSets, k: int | Non
     return _nan_mean(strict_topk_correct(logits, label_sets)[scored])
 
 
-def strict_topk_by_size(logits: np.ndarray, label_sets: LabelSets) -> dict[int, float]:
+def strict_topk_by_size(logits: np.ndarray, label_sets: LabelSetArray) -> dict[int, float]:
     """Strict top-k accuracy for each set size k present (k = 1, 2, ...)."""
     correct = strict_topk_correct(logits, label_sets)
     sizes = label_sets.sizes
@@ -172,8 +172,8 @@ class MultiLabelAccuracy:
     n_images: int
 
 
-def multilabel_accuracy(top1: np.ndarray, original: np.ndarray, correct_sets: LabelSets,
-                        unclear_sets: LabelSets | None = None,
+def multilabel_accuracy(top1: np.ndarray, original: np.ndarray, correct_sets: LabelSetArray,
+                        unclear_sets: LabelSetArray | None = None,
                         problematic: np.ndarray | None = None) -> MultiLabelAccuracy:
     """Multi-label accuracy, TFDS ``imagenet2012_multilabel`` semantics.
 
@@ -249,13 +249,13 @@ def accuracy_regression(original: np.ndarray, real: np.ndarray) -> dict[str, Reg
 
 
 def sets_from_mapping(file_names: Sequence[str], sets: Mapping[str, Collection[int]],
-                      num_classes: int) -> LabelSets:
-    """``LabelSets`` for ``file_names`` from a {file_name: labels} mapping (all must be present)."""
+                      num_classes: int) -> LabelSetArray:
+    """``LabelSetArray`` for ``file_names`` from a {file_name: labels} mapping (all must be present)."""
     missing = [f for f in file_names if f not in sets]
     if missing:
         raise KeyError(f"{len(missing)} file names have no label set, e.g. {missing[0]!r}")
     try:
-        return LabelSets.from_sets((sets[f] for f in file_names), num_classes)
+        return LabelSetArray.from_sets((sets[f] for f in file_names), num_classes)
     except LabelOutOfRange as e:  # name the file, not just its position
         raise LabelOutOfRange(e.image, e.label, num_classes, file_names[e.image]) from None
 
@@ -312,7 +312,7 @@ class ProposalQuality:
         return dataclasses.asdict(self) | {"recall": self.recall, "precision": self.precision}
 
 
-def proposal_quality(proposed: LabelSets, reference: LabelSets) -> ProposalQuality:
+def proposal_quality(proposed: LabelSetArray, reference: LabelSetArray) -> ProposalQuality:
     """Recall and precision of ``proposed`` sets against ``reference`` sets, row for row;
     images with an empty reference set are left out (ReaL excludes them)."""
     if len(proposed) != len(reference) or proposed.num_classes != reference.num_classes:

@@ -33,6 +33,7 @@ writing this format: ``np.savez(path, file_names=names, logits=logits)``.
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import io
 import os
@@ -54,7 +55,7 @@ CSV_COLUMNS = ("file_name", "predicted_class", "predicted_probability")
 FEATURES_DTYPE = np.float16
 
 
-class PredictionsFormatError(ValueError):
+class PredictionsFormatError(InputError):
     """A predictions file or array that breaks the format; the message names file, key and row."""
 
 

@@ -3,6 +3,7 @@ labels and predictions. Pure functions (no I/O); ``pipelines/report.py`` reads t
 inputs and writes ``report.json`` and ``index.html``."""
 from __future__ import annotations
 
+from auditing.errors import InputError
 import datetime
 import math
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from auditing import cooccurrence, imagenet, metrics
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.predictions import Predictions
 
 SCHEMA_VERSION = 1
@@ -23,7 +24,7 @@ BEATS_ORACLE_LISTED = 25
 SUBSET_ORDER = ("dogs", "organisms", "objects")
 
 
-class ReportInputError(ValueError):
+class ReportInputError(InputError):
     """Inputs that cannot be reported on; the message names the file or argument."""
 
 
@@ -40,7 +41,7 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _summary(original: np.ndarray, sets: LabelSets) -> dict[str, Any]:
+def _summary(original: np.ndarray, sets: LabelSetArray) -> dict[str, Any]:
     sizes = sets.sizes
     rated = sizes > 0
     return {
@@ -57,7 +58,7 @@ def _summary(original: np.ndarray, sets: LabelSets) -> dict[str, Any]:
     }
 
 
-def _subset_summary(original: np.ndarray, sets: LabelSets, subset: np.ndarray,
+def _subset_summary(original: np.ndarray, sets: LabelSetArray, subset: np.ndarray,
                     oracle: np.ndarray) -> dict[str, Any]:
     images = metrics.subset_mask(original, subset)
     part = sets.take(images)
@@ -75,7 +76,7 @@ def _subset_summary(original: np.ndarray, sets: LabelSets, subset: np.ndarray,
 
 
 def _model_metrics(name: str, prediction: Predictions, file_names: list[str], original: np.ndarray,
-                   sets: LabelSets, co: cooccurrence.Cooccurrence,
+                   sets: LabelSetArray, co: cooccurrence.Cooccurrence,
                    subsets: Mapping[str, np.ndarray],
                    classes: imagenet.ImageNetClasses) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Report entry of one model, and its per-class accuracies (for ``per_class``)."""
@@ -169,7 +170,7 @@ def _model_zoo(zoo: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def build_report(file_names: list[str], original: np.ndarray, sets: LabelSets,
+def build_report(file_names: list[str], original: np.ndarray, sets: LabelSetArray,
                  predictions: Mapping[str, Predictions] | None = None,
                  extra_summary: Mapping[str, Any] | None = None,
                  model_zoo: pd.DataFrame | None = None,
@@ -255,9 +256,9 @@ def _original_series(original_labels: pd.DataFrame | Mapping[str, int]) -> pd.Se
 
 def align_inputs(label_sets: Mapping[str, Collection[int]],
                  original_labels: pd.DataFrame | Mapping[str, int],
-                 num_classes: int) -> tuple[list[str], np.ndarray, LabelSets, list[str]]:
+                 num_classes: int) -> tuple[list[str], np.ndarray, LabelSetArray, list[str]]:
     """Sorted file names having both a label set and an original label, their original
-    labels, their ``LabelSets``, and the label-set file names without an original label."""
+    labels, their ``LabelSetArray``, and the label-set file names without an original label."""
     original = _original_series(original_labels)
     names = sorted(label_sets)
     known = original.index.get_indexer(pd.Index(names)) >= 0
@@ -342,7 +343,7 @@ def published_accuracy(zoo: pd.DataFrame, names: Mapping[str, str] = TIMM_NAMES)
             for ours, theirs in names.items() if theirs in by_timm.index}
 
 
-def sample_accuracy(file_names: Sequence[str], original: np.ndarray, sets: LabelSets,
+def sample_accuracy(file_names: Sequence[str], original: np.ndarray, sets: LabelSetArray,
                     predictions: Mapping[str, Predictions],
                     full_sets: Mapping[str, Collection[int]] | None = None,
                     full_original: Mapping[str, int] | None = None,
@@ -379,7 +380,7 @@ def sample_accuracy(file_names: Sequence[str], original: np.ndarray, sets: Label
 
 
 def pool_label_sets(proposals: pd.DataFrame, file_names: Sequence[str], num_classes: int,
-                    ) -> dict[str, LabelSets]:
+                    ) -> dict[str, LabelSetArray]:
     """The proposals of a stage-2 table (``file_name``, ``label``, ``sources``) as label
     sets per proposer, aligned with ``file_names``: one entry per model (its pairs from
     any criterion: ``<model>:logits|probs|top1``) and ``"pooled"`` (every pair, the
@@ -393,9 +394,9 @@ def pool_label_sets(proposals: pd.DataFrame, file_names: Sequence[str], num_clas
     per_source = frame.explode("sources")
     per_source["model"] = per_source["sources"].astype(str).str.rsplit(":", n=1).str[0]
 
-    def as_sets(part: pd.DataFrame) -> LabelSets:
+    def as_sets(part: pd.DataFrame) -> LabelSetArray:
         groups = part.groupby("row")["label"].apply(list)
-        return LabelSets.from_sets([groups.get(i, []) for i in range(len(file_names))], num_classes)
+        return LabelSetArray.from_sets([groups.get(i, []) for i in range(len(file_names))], num_classes)
 
     sets = {model: as_sets(part) for model, part in per_source.groupby("model", sort=True)
             if model != "original"}
@@ -403,14 +404,14 @@ def pool_label_sets(proposals: pd.DataFrame, file_names: Sequence[str], num_clas
     return sets
 
 
-def proposal_quality_table(proposers: Mapping[str, LabelSets], reference: LabelSets) -> dict[str, Any]:
+def proposal_quality_table(proposers: Mapping[str, LabelSetArray], reference: LabelSetArray) -> dict[str, Any]:
     """Recall and precision of each proposer's sets against ``reference`` (e.g. ReaL),
     images with an empty reference set left out (``metrics.proposal_quality``)."""
     return {name: metrics.proposal_quality(sets, reference).as_dict() for name, sets in proposers.items()}
 
 
 def question_sets(questions: pd.DataFrame, file_names: Sequence[str], original: np.ndarray,
-                  num_classes: int) -> LabelSets:
+                  num_classes: int) -> LabelSetArray:
     """The paper's own proposals for these images: the ReaL questions (``file_name``,
     ``label``: raters.npz's ``info``) plus each image's original label (the paper kept
     the original label of the images it sent to no rater, and asked about it otherwise)."""
@@ -419,4 +420,4 @@ def question_sets(questions: pd.DataFrame, file_names: Sequence[str], original: 
     for name, label in zip(questions["file_name"], questions["label"]):
         if name in index:
             per_image[index[name]].add(int(label))
-    return LabelSets.from_sets(per_image, num_classes)
+    return LabelSetArray.from_sets(per_image, num_classes)

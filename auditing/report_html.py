@@ -35,7 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from auditing import templating
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.templating import count, fixed, pct, thumbnail_uri
 
 # Model colours (Tableau 10); the oracle and the original labels get neutral ones.
@@ -65,7 +65,7 @@ class ExampleImage:
     note: str | None = None  # one line shown under the labels (e.g. what the models said)
 
 
-def choose_examples(original: np.ndarray, label_sets: LabelSets, available: np.ndarray,
+def choose_examples(original: np.ndarray, label_sets: LabelSetArray, available: np.ndarray,
                     per_kind: int = 4, seed: int = 0) -> list[tuple[int, str]]:
     """Up to ``per_kind`` images (index, kind) of each kind in ``EXAMPLE_KINDS`` among the
     ``available`` ones, drawn at random with a fixed seed (the same report every run)."""

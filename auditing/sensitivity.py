@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from auditing.metrics import LabelSets, per_class_accuracy
+from auditing.metrics import LabelSetArray, per_class_accuracy
 
 CLASS_TESTS = ("independent", "paired")
 
@@ -78,7 +78,7 @@ class SensitivityAudit:
             raise ValueError(f"class_test must be one of {CLASS_TESTS}, got {self.class_test!r}")
 
     def fit(self, top1: np.ndarray, labels: np.ndarray, models: Sequence[str], transforms: Sequence[str],
-            label_sets: LabelSets | None = None, num_classes: int = 1000) -> "SensitivityAudit":
+            label_sets: LabelSetArray | None = None, num_classes: int = 1000) -> "SensitivityAudit":
         """``top1`` (M, T, N) int with ``transforms[0]`` the identity; ``labels`` (N,) original
         labels in [0, num_classes); ``label_sets``: ReaL sets of the same N images, or None."""
         top1 = np.asarray(top1, dtype=np.int64)
@@ -109,7 +109,7 @@ class SensitivityAudit:
         self.model_tests_ = self._model_tests()
         return self
 
-    def _accuracy(self, top1: np.ndarray, correct: np.ndarray, label_sets: LabelSets | None) -> pd.DataFrame:
+    def _accuracy(self, top1: np.ndarray, correct: np.ndarray, label_sets: LabelSetArray | None) -> pd.DataFrame:
         rows = []
         scored = {"original": (correct, np.ones(correct.shape[2], bool))}
         if label_sets is not None:

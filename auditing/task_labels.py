@@ -8,6 +8,7 @@ Pure: the folder listing is given as file names (``pipelines/`` lists it).
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,7 +19,7 @@ from auditing.imagenet import ImageNetClasses
 _WNID = re.compile(r"(?:^|/)(n\d{8})(?:[_/.]|$)")
 
 
-class ExamplesFolderError(ValueError):
+class ExamplesFolderError(InputError):
     """An examples folder whose file names say no class; the message names the file."""
 
 

@@ -37,6 +37,7 @@ with ``label`` the class index of the task's label and ``answer`` one of ``yes``
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import functools
 import hashlib
@@ -63,7 +64,7 @@ ANSWER_OPTIONS = (
 QUESTION_COLUMNS = ("task_id", "file_name", "label", "position")
 
 
-class TaskFileError(ValueError):
+class TaskFileError(InputError):
     """A task file that cannot be read; the message names file, line and field."""
 
 

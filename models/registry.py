@@ -14,6 +14,7 @@ model family is adding one such file and its name to ``FAMILIES``.
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import functools
 import importlib
@@ -35,8 +36,15 @@ FAMILIES = ("efficientnet_lite", "resnet")
 TORCH_SUFFIXES = (".pth", ".pt")
 
 
-class UnknownModelError(ValueError):
-    pass
+class UnknownModelError(InputError):
+    """A model name the registry does not have; the message suggests the closest ones."""
+
+
+def canonical_name(name: str) -> str:
+    """timm's spelling and ours are the same model: ``tf_efficientnet_lite0`` and
+    ``efficientnet_lite0`` are ``efficientnet-lite0``."""
+    name = name.strip().lower().replace("_", "-")
+    return name.removeprefix("tf-")
 
 
 def _family(name: str) -> ModuleType:
@@ -152,8 +160,14 @@ def get_model(name: str, checkpoint: str | os.PathLike | None = None) -> ModelSp
     state dict (``.pth``/``.pt``, read with the restricted unpickler).
     """
     specs = _specs()
+    if name not in specs and canonical_name(name) in specs:
+        name = canonical_name(name)
     if name not in specs:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(specs))}")
+        import difflib
+
+        close = difflib.get_close_matches(canonical_name(name), sorted(specs), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}{hint} (known models: {', '.join(sorted(specs))})")
     spec = specs[name]
     if checkpoint is not None:
         return dataclasses.replace(spec, checkpoint=os.fspath(checkpoint))

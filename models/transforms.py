@@ -27,6 +27,7 @@ Config form (``parse_transform``), one entry per transform::
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import json
 import math
@@ -43,7 +44,7 @@ Param = Union[float, tuple[float, float]]
 PIXEL_MAX = 255.0
 
 
-class TransformConfigError(ValueError):
+class TransformConfigError(InputError):
     """A transform entry of the config that cannot be parsed; the message names the entry."""
 
 

@@ -48,6 +48,7 @@ shards (written once, by the first run) are files under ``out_prefix``.
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import dataclasses
 import io
 import json
@@ -88,7 +89,7 @@ FIXED_PARAMS = ("rater_matrices", "class_prior", "prior", "prior_classes", "defa
 DUPLICATE_DETAIL = "a vote of this rater on this (file_name, label) came earlier"
 
 
-class ShardedAggregationError(ValueError):
+class ShardedAggregationError(InputError):
     """Bad arguments or inputs of the sharded aggregation; the message names the key, file or rater."""
 
 

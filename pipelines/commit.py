@@ -24,6 +24,7 @@ through ``apache_beam.io.filesystems.FileSystems``, so one code path serves all 
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import hashlib
 import io
 import json
@@ -60,7 +61,7 @@ class NotCommittedError(CommitError, FileNotFoundError):
     """The prefix has no commit marker."""
 
 
-class VerifyError(CommitError):
+class VerifyError(CommitError, InputError):
     """A file of a committed prefix differs from its marker (missing, resized, altered)."""
 
 

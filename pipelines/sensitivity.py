@@ -21,6 +21,7 @@ written under a temporary name and renamed), so ``output_dir`` may be a ``gs://`
 """
 from __future__ import annotations
 
+from auditing.errors import InputError
 import collections
 import dataclasses
 import functools
@@ -58,7 +59,7 @@ _SECTION_KEYS = {"models", "transforms", "alpha", "class_test", "seed", "batch_s
                  "accidental", "min_gain", "example_classes", "min_models", "min_images_per_class"}
 
 
-class SensitivityConfigError(ValueError):
+class SensitivityConfigError(InputError):
     """A ``stages.sensitivity`` key with a wrong value; the message names the key."""
 
 
@@ -449,7 +450,7 @@ def run_sensitivity(section: Mapping[str, Any] | SensitivityConfig, source: Imag
     listed count as unrated). The report goes to ``<output_dir>/sensitivity/`` and the
     predictions to ``<store_dir or output_dir/store>/sensitivity/``.
     """
-    from auditing.metrics import LabelSets
+    from auditing.metrics import LabelSetArray
     from auditing.sensitivity import SensitivityAudit, accidental_transform_candidates
     from models.registry import get_model
     from models.transformed_predictor import resolution_of
@@ -474,7 +475,7 @@ def run_sensitivity(section: Mapping[str, Any] | SensitivityConfig, source: Imag
     num_classes = model_specs[0].num_classes
     sets = None
     if label_sets is not None:
-        sets = LabelSets.from_sets([label_sets.get(name, ()) for name in summary.file_names], num_classes)
+        sets = LabelSetArray.from_sets([label_sets.get(name, ()) for name in summary.file_names], num_classes)
     audit = SensitivityAudit(alpha=config.alpha, class_test=config.class_test, min_models=config.min_models,
                              min_images_per_class=config.min_images_per_class).fit(
         summary.top1, summary.labels, config.models, names, label_sets=sets, num_classes=num_classes)

@@ -6,7 +6,7 @@ import pytest
 
 from auditing import centroids, imagenet, labelsets, sources
 from auditing.centroids import NearestCentroid
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.proposals import pool_proposals, select_model_proposals
 
 N_CLASSES_TESTED = 16  # classes with two sample images each: 32 audited images, 16 examples
@@ -50,12 +50,12 @@ def test_examples_only_and_both_on_a_hand_case():
 
 def test_disagreement_checks_and_added_labels_on_a_hand_case():
     original = np.array([0, 1, 2, 3])
-    sets = LabelSets.from_sets([[0, 5], [1], [], [4]], 6)
+    sets = LabelSetArray.from_sets([[0, 5], [1], [], [4]], 6)
     proposed = np.array([5, 1, 3, 2])  # 0: 5 in set; 1: agrees; 2: empty set; 3: 2 not in {4}
     check = centroids.check_disagreements(original, proposed, sets)
     assert (check.n_images, check.n_disagreeing, check.n_in_set) == (3, 2, 1)
     assert check.share_in_set == 0.5
-    pool = LabelSets.from_sets([[0], [1], [2], [3, 4]], 6)
+    pool = LabelSetArray.from_sets([[0], [1], [2], [3, 4]], 6)
     assert centroids.labels_added(proposed, sets, pool).tolist() == [True, False, False, False]
     top1 = {"m": np.array([0, 2, 2, 4])}
     assert centroids.suspected_label_errors(original, proposed, top1).tolist() == [False, False, False, True]
@@ -136,6 +136,6 @@ def test_real_centroids_join_the_pool_with_their_provenance(real_features):
                                                 {"efficientnet-lite0": f["logits"].argmax(1)})
     assert suspects.sum() < len(suspects) / 2
     real = labelsets.read_real_json(sources.fetch("real_labels", download=False))
-    sets = LabelSets.from_sets([real[n] for n in f["file_names"]], 1000)
+    sets = LabelSetArray.from_sets([real[n] for n in f["file_names"]], 1000)
     check = centroids.check_disagreements(f["labels"], fitted.labels_, sets)
     assert check.n_images == int((sets.sizes > 0).sum()) and check.n_in_set <= check.n_disagreeing

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from auditing import cooccurrence, imagenet, labelsets, metrics, sources
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 
 # Hand case over 4 classes:
 #   image  original  set
@@ -15,7 +15,7 @@ from auditing.metrics import LabelSets
 #   3      1         {1, 3}      oracle image of class 1
 #   4      2         {}          nothing
 ORIGINAL = np.array([0, 0, 0, 1, 2])
-SETS = LabelSets.from_sets([[0, 1], [0, 1, 2], [1], [1, 3], []], 4)
+SETS = LabelSetArray.from_sets([[0, 1], [0, 1, 2], [1], [1, 3], []], 4)
 
 
 def test_cooccurrence_counts_shares_and_top():
@@ -34,7 +34,7 @@ def test_cooccurrence_counts_shares_and_top():
 
 
 def test_top_breaks_ties_by_lower_class_index():
-    co = cooccurrence.Cooccurrence().fit(np.array([0]), LabelSets.from_sets([[0, 3, 2]], 4))
+    co = cooccurrence.Cooccurrence().fit(np.array([0]), LabelSetArray.from_sets([[0, 3, 2]], 4))
     assert co.top(0) == [(2, 1.0), (3, 1.0)]
 
 
@@ -53,7 +53,7 @@ def test_oracle_accuracy_equals_the_expectation_of_a_uniform_picker():
     original = rng.integers(0, num_classes, n)
     rows = [set(rng.choice(num_classes, rng.integers(0, 4), replace=False)) | (
         {int(original[i])} if rng.random() < 0.7 else set()) for i in range(n)]
-    oracle = cooccurrence.oracle_accuracy(original, LabelSets.from_sets(rows, num_classes))
+    oracle = cooccurrence.oracle_accuracy(original, LabelSetArray.from_sets(rows, num_classes))
     for c in range(num_classes):
         # Expected hits of a picker choosing uniformly in the set, per image of class c
         # whose set holds c.

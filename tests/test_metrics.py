@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 
 from auditing import metrics
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 
 
 def sets(*rows, num_classes=5):
-    return LabelSets.from_sets(rows, num_classes)
+    return LabelSetArray.from_sets(rows, num_classes)
 
 
 def test_label_sets_sort_dedupe_and_slice():
@@ -136,8 +136,8 @@ def test_multilabel_accuracy_matches_the_tfds_readme_loop_on_random_data():
     original = rng.integers(0, num_classes, n)
     top1 = rng.integers(0, num_classes, n)
     problematic = rng.random(n) < 0.2
-    got = metrics.multilabel_accuracy(top1, original, LabelSets.from_sets(correct, num_classes),
-                                      LabelSets.from_sets(unclear, num_classes), problematic)
+    got = metrics.multilabel_accuracy(top1, original, LabelSetArray.from_sets(correct, num_classes),
+                                      LabelSetArray.from_sets(unclear, num_classes), problematic)
     assert got.mean == pytest.approx(_tfds_readme_multilabel(top1, original, correct, unclear,
                                                              problematic))
 
@@ -190,10 +190,10 @@ def test_agreement_with_published_by_hand():
 
 
 def test_proposal_quality_leaves_out_empty_reference_sets():
-    from auditing.metrics import LabelSets, proposal_quality
+    from auditing.metrics import LabelSetArray, proposal_quality
 
-    proposed = LabelSets.from_sets([[1, 2, 3], [4], [5, 6]], 10)
-    reference = LabelSets.from_sets([[1, 9], [4], []], 10)
+    proposed = LabelSetArray.from_sets([[1, 2, 3], [4], [5, 6]], 10)
+    reference = LabelSetArray.from_sets([[1, 9], [4], []], 10)
     quality = proposal_quality(proposed, reference)
     assert (quality.n_images, quality.n_reference_labels, quality.n_proposed, quality.n_hits) == (2, 3, 4, 2)
     assert (quality.recall, quality.precision) == (2 / 3, 2 / 4)

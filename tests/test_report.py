@@ -15,7 +15,7 @@ import pytest
 
 from auditing import imagenet, labelsets, report_html, sources
 from auditing import report as audit_report
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.predictions import Predictions, save_predictions
 from pipelines import report
 
@@ -175,7 +175,7 @@ def test_display_names_tell_apart_classes_sharing_a_first_lemma(shared_data):
 
 def test_choose_examples_by_kind_deterministically():
     original = np.array([0, 1, 2, 3, 4])
-    sets = LabelSets.from_sets([[0, 1], [2], [], [3, 4], [4]], 5)
+    sets = LabelSetArray.from_sets([[0, 1], [2], [], [3, 4], [4]], 5)
     available = np.array([True, True, True, True, False])
     chosen = report_html.choose_examples(original, sets, available, per_kind=4)
     assert chosen == [(0, "several_objects"), (3, "several_objects"),

@@ -10,7 +10,7 @@ import pytest
 
 from auditing import labelsets, report_html
 from auditing import report as audit_report
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.predictions import Predictions, load_predictions, read_class_folder_top1
 
 # SOURCES.md: ReaL accuracy of the ImageNet-X models and of the label_errors model.
@@ -93,7 +93,7 @@ def test_proposal_quality_and_pool_sets_on_a_hand_case():
         "m": [frozenset({0, 1}), frozenset({4}), frozenset()],
         "n": [frozenset({1, 2}), frozenset(), frozenset()],
         "pooled": [frozenset({0, 1, 2}), frozenset({3, 4}), frozenset({5})]}
-    real = LabelSets.from_sets([[0, 7], [4], []], 10)  # c has an empty set: left out
+    real = LabelSetArray.from_sets([[0, 7], [4], []], 10)  # c has an empty set: left out
     table = audit_report.proposal_quality_table(sets, real)
     assert (table["m"]["n_hits"], table["m"]["recall"], table["m"]["precision"]) == (2, 2 / 3, 2 / 3)
     assert (table["pooled"]["n_proposed"], table["pooled"]["precision"]) == (5, 2 / 5)

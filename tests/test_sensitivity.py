@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from auditing.metrics import LabelSets
+from auditing.metrics import LabelSetArray
 from auditing.sensitivity import SensitivityAudit, accidental_transform_candidates
 
 MODELS = ["a", "b", "c"]
@@ -69,7 +69,7 @@ def test_class_and_model_tests_match_scipy_on_a_hand_built_case():
 def test_accuracy_and_real_accuracy_changes():
     top1 = hand_built_top1()
     # ReaL sets: image 4 also accepts class 7, image 3 has an empty set (not rated).
-    sets = LabelSets.from_sets([{0}, {0}, {1}, set(), {2, 7}], num_classes=10)
+    sets = LabelSetArray.from_sets([{0}, {0}, {1}, set(), {2, 7}], num_classes=10)
     audit = SensitivityAudit().fit(top1, LABELS, MODELS, TRANSFORMS, label_sets=sets, num_classes=10)
     acc = audit.accuracy_.set_index(["model", "transform", "labels"])
     assert acc.loc[("a", "identity", "original"), "accuracy"] == pytest.approx(5 / 5)
