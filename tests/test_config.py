@@ -88,7 +88,7 @@ def test_shipped_configs_validate_and_plan_every_declared_stage(name, shared_dat
     planned = [stage.name for stage in plan(config)]
     # Every declared section runs (select_subset pools through propose even undeclared).
     assert set(declared) <= set(planned) <= set(declared) | {"propose"}
-    assert planned[-2:] == ["release", "report"]
+    assert planned[0] == "dataset" and len(planned) >= 2
 
 
 def test_rater_history_only_with_dawid_skene(tmp_path):

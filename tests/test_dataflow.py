@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, SetupOptio
 
 from auditing import labelsets, sources
 from pipelines import cli, propose, release, run
+from tests.gcs_emulator import gcs_bucket  # noqa: F401 (fixture)
 from pipelines.beam_options import make_options
 from pipelines.config import load_config
 
@@ -221,26 +222,22 @@ def test_release_files_are_byte_identical_across_processes(real_slice, tmp_path)
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_gs_output_dir_is_written_there_or_refused_never_a_local_gs_folder(real_slice, tmp_path,
-                                                                          monkeypatch, capsys):
-    """README's Dataflow config sets ``output_dir: gs://...``. Store and release use local
-    paths (pathlib turns gs://b into gs:/b), so a run creates ./gs:/ and then fails deep
-    in pyarrow. Until GCS outputs are supported, the config must be refused (exit 2)."""
+def test_gs_output_dir_is_written_there_never_to_a_local_gs_folder(real_slice, tmp_path, monkeypatch, gcs_bucket):
+    """README's Dataflow config sets ``output_dir: gs://...``: every output goes to the
+    bucket (a GCS emulator here), never to a local ``gs:`` folder (pathlib would turn
+    gs://b into gs:/b)."""
+    from pipelines import commit
+
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
     config = tmp_path / "audit.yaml"
     config.write_text((real_slice / "audit.yaml").read_text()
-                      .replace("output_dir: out", f"output_dir: gs://{BUCKET}/audits")
+                      .replace("output_dir: out", f"output_dir: gs://{gcs_bucket}/dataflow-test-audits")
                       .replace("labels.tsv", str(real_slice / "labels.tsv"))
                       .replace("votes_first.csv", str(real_slice / "votes_first.csv")))
     monkeypatch.chdir(tmp_path)
-    try:
-        code = cli.main(["run", str(config)])
-    except Exception as e:  # noqa: BLE001 -- reported below with what was left on disk
-        code = f"crashed: {type(e).__name__}: {e}"
-    local = tmp_path / "gs:"
-    leftover = sorted(str(p.relative_to(tmp_path)) for p in local.rglob("*")) if local.exists() else []
-    shutil.rmtree(local, ignore_errors=True)
-    assert leftover == [], f"wrote a local gs: folder: {leftover[:5]}"
-    assert code == 2 and "output_dir" in capsys.readouterr().err
+    assert cli.main(["run", str(config)]) == 0
+    assert not (tmp_path / "gs:").exists()
+    assert commit.is_committed(f"gs://{gcs_bucket}/dataflow-test-audits/tfds/real_slice_audit/1.0.0")
 
 
 # ----------------------------------------------------------------- setup.py

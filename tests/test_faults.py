@@ -145,12 +145,16 @@ def rerun(config: Path, out: Path) -> run.RunResult:
 # ----------------------------------------------------------------- 1. kill during the release write
 
 
+def _uncommitted(root: Path, inside: str) -> bool:
+    version = root / VERSION
+    return (version / inside).is_dir() and not (version / "_COMMITTED.json").exists()
+
+
 RELEASE_MOMENTS = {
-    # write_release has made its staging folder (the row chunks are being written).
-    "staging folder created": lambda root: bool(hidden_dirs(root, ".staging-*")),
-    # TFDS's Beam job is writing the array_record shards inside the staging folder.
-    "tfds writing": lambda root: any(hidden_dirs(s / NAME, "incomplete.*")
-                                     for s in hidden_dirs(root, ".staging-*")),
+    # write_release has claimed the version prefix (pipelines/commit.py), nothing else yet.
+    "version claimed": lambda root: _uncommitted(root, "_claims"),
+    # The row chunks are written and TFDS's Beam job is making the array_record shards.
+    "tfds writing": lambda root: _uncommitted(root, "_rows") and any((root / VERSION / "_rows").iterdir()),
 }
 
 
@@ -169,9 +173,8 @@ def test_kill_during_release_write_leaves_no_version_and_a_rerun_completes(real_
         pytest.fail(f"the run finished before the poller saw '{moment}', even with "
                     f"{BIG_TABLE_IMAGES} images; the kill moment cannot be hit on this machine")
 
-    leftovers = hidden_dirs(root, ".staging-*")
-    assert leftovers, "killed during the release write, so its staging folder is still there"
-    assert not version_dir(out).exists()
+    # Killed during the write: what it wrote is there, but no commit marker, so no version.
+    assert version_dir(out).exists() and not (version_dir(out) / "_COMMITTED.json").exists()
     assert release.released_versions(out, NAME) == []
 
     state = rerun(config, out)
@@ -181,7 +184,8 @@ def test_kill_during_release_write_leaves_no_version_and_a_rerun_completes(real_
     assert release.released_versions(out, NAME) == [VERSION]
     images = N_RATED + N_UNRATED if size == "slice" else BIG_TABLE_IMAGES
     assert len(tfds.builder_from_directory(str(version_dir(out))).as_data_source("validation")) == images
-    # The stale staging folders break neither loading by name nor a re-audit.
+    # The crashed writer's leftovers were removed by the re-run, which committed the version.
+    assert not (version_dir(out) / "_claims").exists() and not (version_dir(out) / "_rows").exists()
     assert str(tfds.builder(NAME, data_dir=str(out / "tfds")).info.version) == VERSION
     assert cli.main(["reaudit", str(config), "--out", str(out)]) == reaudit.EXIT_UNCHANGED
     assert release.released_versions(out, NAME) == [VERSION]
