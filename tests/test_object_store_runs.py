@@ -84,3 +84,32 @@ def test_the_portable_runner_with_beam_aggregation_gives_the_direct_runners_rele
         assert got["label_scores"]["label"] == want["label_scores"]["label"]
         assert max((abs(a - b) for a, b in zip(got["label_scores"]["score"], want["label_scores"]["score"])),
                    default=0) < 1e-4
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _release_records(uri: str, cache: Path) -> list[dict]:
+    return _records(load_release(uri, cache_dir=cache))
+
+
+@pytest.mark.slow
+def test_both_shipped_configs_on_the_bucket_direct_and_portable(shared_data, gcs_prefix, tmp_path, monkeypatch):
+    """configs/sample_photos.yaml (every stage, the real Lite models) and
+    configs/imagenet_real.yaml (votes -> release -> report) with output on the bucket; the
+    portable runner's releases hold the same records as the DirectRunner's; a re-run
+    recomputes nothing."""
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
+    for config, name in (("sample_photos.yaml", "sample_photos_audit"), ("imagenet_real.yaml", "imagenet2012_real_audit")):
+        direct, portable = f"{gcs_prefix}/{name}/direct", f"{gcs_prefix}/{name}/portable"
+        assert cli.main(["run", str(REPO / "configs" / config), "--out", direct]) == 0
+        assert cli.main(["run", str(REPO / "configs" / config), "--out", portable, "--runner", "portable"]) == 0
+        got = _release_records(f"{portable}/tfds/{name}/1.0.0", tmp_path / "pulled" / name / "p")
+        want = _release_records(f"{direct}/tfds/{name}/1.0.0", tmp_path / "pulled" / name / "d")
+        assert got == want, config
+        assert commit.exists(f"{direct}/report/index.html")
+        again = run.execute(load_config(REPO / "configs" / config, output_dir=direct), **QUIET)
+        assert again.computed == [], config
+        assert release.released_versions(direct, name) == ["1.0.0"]

@@ -30,7 +30,7 @@ class SensitivityStage(Stage):
 
         runner = ctx.config.runner
         sets = read_label_sets(inputs["label_sets"]) if "label_sets" in inputs else None
-        result = run_sensitivity(ctx.config.stages.sensitivity, image_source(ctx.config), str(out),
+        result = run_sensitivity(ctx.config.stages.sensitivity, labelled_source(ctx, inputs, out), str(out),
                                  label_sets=sets, store_dir=str(ctx.store.root), runner=runner.name,
                                  num_workers=runner.num_workers, beam_args=ctx.beam_args())
         return result.counts | {"class_counts": result.class_counts}
@@ -50,3 +50,22 @@ class SensitivityStage(Stage):
         from pipelines import commit
 
         return {"sensitivity.html": commit.join(ctx.config.output_dir, "sensitivity", "index.html")}
+
+
+def labelled_source(ctx: Context, inputs: Inputs, out: Path):
+    """The images with the dataset's original labels (what accuracy is measured against)."""
+    from pipelines import images as images_lib
+    from pipelines.stages.dataset import original_labels
+
+    cfg = ctx.config.dataset.images
+    if cfg.type == "tfds":
+        return image_source(ctx.config)  # a TFDS dataset carries its labels
+    labels = out / "original_labels.tsv"
+    original_labels(inputs["dataset"])[["file_name", "label"]].to_csv(labels, sep="\t", index=False)
+    if cfg.type == "folder":
+        return images_lib.ImageFiles.from_folder(ctx.resolve(cfg.path), labels_path=labels, split=cfg.split)
+    import dataclasses
+
+    source = image_source(ctx.config)
+    by_name = dict(zip(*original_labels(inputs["dataset"])[["file_name", "label"]].T.values))
+    return dataclasses.replace(source, labels=tuple(int(by_name.get(n, -1)) for n in source.file_names))
