@@ -7,7 +7,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("votes_to_labels", "aggregation_fidelity", "jit_predictor", "inference_throughput",
-              "pooling_scale")
+              "pooling_scale", "aggregation_scale", "sensitivity")
 
 
 def main(argv: list[str] | None = None) -> int:
