@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -137,6 +137,19 @@ def detect_format(path: str | os.PathLike) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
+def jsonl_records(lines) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of the non-blank lines of a JSONL vote file; a line that is
+    not a JSON object becomes an empty record (every field missing: quarantined)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        yield number, record if isinstance(record, dict) else {}
+
+
 def read_votes(path: str | os.PathLike, format: str | None = None) -> pd.DataFrame:
     """Raw vote rows of one file: the schema's columns as given (not yet validated)
     plus ``row``, the row's number in the file (see each reader). ``format`` is picked
@@ -180,14 +193,8 @@ def _read_jsonl(path: str | os.PathLike) -> pd.DataFrame:
     records, rows = [], []
     try:
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                records.append(record if isinstance(record, dict) else {})
+            for number, record in jsonl_records(f):
+                records.append(record)
                 rows.append(number)
     except UnicodeDecodeError as e:
         raise VoteFileError(f"{path}: not a UTF-8 JSONL vote file: {e}") from e

@@ -209,14 +209,8 @@ def _jsonl_chunks(path: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
     rows: list[int] = []
     with _open(path, compressed=True) as f:
         try:
-            for number, line in enumerate(io.TextIOWrapper(f, encoding="utf-8"), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    record = None
-                records.append(record if isinstance(record, dict) else {})
+            for number, record in votes_lib.jsonl_records(io.TextIOWrapper(f, encoding="utf-8")):
+                records.append(record)
                 rows.append(number)
                 if len(records) == chunk_rows:
                     yield frame_of(records, rows)
