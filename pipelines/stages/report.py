@@ -4,6 +4,7 @@ cooccurrence.py). Stored like every stage, then published to ``<out>/report/``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -93,8 +94,13 @@ class ReportStage(Stage):
             extra_sections = report_sections.rater_quality_sections(ctx, inputs, sets)
             if published is not None and predictions and len(names) < len(published):
                 # An audit of some of the validation images: each model here and on all of them.
+                # Published predictions over all validation images: their full-val figures
+                # are computed on every image the file covers, not only on these.
+                predict = ctx.config.stages.predict
+                full = {n: load_predictions(ctx.resolve(predict.predictions[n])) if predict and n in predict.predictions
+                        else p for n, p in predictions.items()}
                 extra_sections.append(report_sections.accuracy_section(names, original, aligned_sets,
-                                                                       predictions, published, zoo))
+                                                                       full, published, zoo))
             if published is not None and "proposals" in inputs and cfg.paper_questions:
                 from auditing.metrics import sets_from_mapping
                 from auditing.votes import read_real_questions
@@ -150,10 +156,14 @@ def publish_folder(source: Path, target: str, key: str, names: tuple[str, ...] |
     Each file is written whole (write-then-rename locally; an object appears whole)."""
     from pipelines import commit
 
+    from auditing.sources import sha256_file
+
+    files = [source / n for n in names] if names else sorted(p for p in source.rglob("*") if p.is_file())
+    # The key and the bytes: an output recomputed under the same key is published again.
+    key = key + ":" + hashlib.sha256("".join(sha256_file(p) for p in files).encode()).hexdigest()
     marker = commit.join(target, ".key")
     if commit.exists(marker) and commit.read_text(marker) == key:
         return
-    files = [source / n for n in names] if names else sorted(p for p in source.rglob("*") if p.is_file())
     for path in files:
         destination = commit.join(target, path.relative_to(source).as_posix())
         if commit.is_uri(destination):
