@@ -83,6 +83,12 @@ class Store:
             return commit.is_committed(self.uri(stage, key))
         return self.path(stage, key).is_dir()
 
+    def folder(self, stage: str, key: str) -> Path | None:
+        """The local folder of a stored output (a verified mirror of a remote one), or None."""
+        if not self.has(stage, key):
+            return None
+        return self._mirror(stage, key) if self.remote else self.path(stage, key)
+
     def keys(self, stage: str) -> list[dict[str, Any]]:
         """The ``_key.json`` of every stored output of ``stage``, oldest first."""
         if self.remote:

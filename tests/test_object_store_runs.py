@@ -45,7 +45,9 @@ def test_a_run_on_object_storage_commits_reuses_and_reaudits(real_slice, gcs_pre
     pulled = load_release(version, cache_dir=tmp_path / "pulled")
     assert _records(pulled) == _records(__import__("tensorflow_datasets").builder_from_directory(
         str(local.artifacts["release"].folder)))
-    # A re-run recomputes nothing and writes no version.
+    # A re-run recomputes nothing and writes no version, also from another machine (an
+    # empty local cache: the stored outputs are read back from the bucket, verified).
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "another-machine"))
     assert run.execute(config, **QUIET).computed == []
     # More votes: the re-audit writes the next version, on the bucket.
     more = (real_slice / "audit.yaml").read_text().replace("paths: [votes_first.csv]",
@@ -113,3 +115,64 @@ def test_both_shipped_configs_on_the_bucket_direct_and_portable(shared_data, gcs
         again = run.execute(load_config(REPO / "configs" / config, output_dir=direct), **QUIET)
         assert again.computed == [], config
         assert release.released_versions(direct, name) == ["1.0.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["aggregate", "release"])
+def test_a_kill_during_a_stage_on_the_bucket_leaves_nothing_committed_and_a_rerun_completes(
+        real_slice, gcs_prefix, tmp_path, monkeypatch, stage):
+    """SIGKILL as soon as the stage starts, output on the bucket: no committed partial
+    output of it; the re-run completes and its release holds the records of a clean run."""
+    from tests.test_faults import kill_when, slice_config, spawn
+
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
+    config = slice_config(real_slice, tmp_path)
+    out = f"{gcs_prefix}/killed"
+    log = tmp_path / "run.log"
+    proc = spawn(["-m", "pipelines.cli", "run", str(config), "--out", out], log)
+    assert kill_when(proc, lambda: f"] {stage} ...".encode() in log.read_bytes(), timeout_s=300), \
+        f"the run finished before it logged the start of {stage}"
+    store = f"{out}/store/aggregate"
+    if stage == "aggregate":
+        assert commit.committed_children(store) == []
+    assert release.released_versions(out, "real_slice_audit") == []
+    result = run.execute(load_config(config, output_dir=out), **QUIET)
+    assert "release" in result.computed and release.released_versions(out, "real_slice_audit") == ["1.0.0"]
+    assert len(commit.committed_children(store)) == 1
+    clean = run.execute(load_config(config, output_dir=str(tmp_path / "clean")), **QUIET)
+    import tensorflow_datasets as tfds
+
+    assert _release_records(f"{out}/tfds/real_slice_audit/1.0.0", tmp_path / "pulled") == _records(
+        tfds.builder_from_directory(str(clean.artifacts["release"].folder)))
+
+
+@pytest.mark.slow
+def test_a_reaudit_on_the_bucket_after_adding_a_model_writes_the_next_version(shared_data, gcs_prefix, tmp_path,
+                                                                             monkeypatch):
+    from collections import Counter
+
+    from pipelines import predict
+    from tests.test_reaudit_models import _config
+
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
+    calls: Counter[str] = Counter()
+    real_predict_source = predict.predict_source
+
+    def counting(spec, *args, **kwargs):
+        calls[spec.name] += 1
+        return real_predict_source(spec, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_source", counting)
+    out = f"{gcs_prefix}/photos"
+    two, three = tmp_path / "two.yaml", tmp_path / "three.yaml"
+    two.write_text(_config(["efficientnet-lite0", "efficientnet-lite1"]))
+    three.write_text(_config(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
+    assert cli.main(["run", str(two), "--out", out]) == 0
+    calls.clear()
+    assert cli.main(["reaudit", str(three), "--out", out]) == 0
+    assert calls == {"efficientnet-lite2": 1}  # the earlier models' predictions are on the bucket
+    assert release.released_versions(out, "photos_reaudit") == ["1.0.0", "2.0.0"]
+    notes = commit.read_text(f"{out}/tfds/photos_reaudit/2.0.0/RELEASE_NOTES.md")
+    assert "added model(s) efficientnet-lite2" in notes
+    # Nothing new the second time.
+    assert cli.main(["reaudit", str(three), "--out", out]) == 3

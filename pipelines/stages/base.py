@@ -137,9 +137,8 @@ class Stage:
 
     def lookup(self, ctx: Context, key: str, params: dict[str, Any]) -> Artifact | None:
         """The stored output of this key, if any (the release stage looks in tfds/)."""
-        if not ctx.store.has(self.name, key):
-            return None
-        return load_artifact(self.produces, ctx.store.path(self.name, key))
+        folder = ctx.store.folder(self.name, key)
+        return None if folder is None else load_artifact(self.produces, folder)
 
     def finish(self, ctx: Context, artifact: Artifact) -> None:
         """Called with the stage's output whether computed or reused (the report

@@ -25,7 +25,8 @@ def previous_votes(ctx: Context) -> Path | None:
     key = (previous or {}).get("stage_keys", {}).get("votes")
     if not key:
         return None
-    path = ctx.store.path("votes", key) / "votes.parquet"
+    folder = ctx.store.folder("votes", key)
+    path = (folder or ctx.store.path("votes", key)) / "votes.parquet"
     if not path.is_file():
         # Pairs asked before are not asked again, so their votes must carry over.
         raise StageError(f"re-audit of {ctx.previous_release}: its votes ({path}) are missing from the "
