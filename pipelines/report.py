@@ -22,7 +22,7 @@ import json
 import re
 import logging
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from auditing import atomic, imagenet, labelsets, report_html, sources
-from auditing.predictions import Predictions, load_predictions
+from auditing.predictions import Predictions
 from auditing.report import ReportInputError, align_inputs, build_report, jsonable
 
 log = logging.getLogger(__name__)

@@ -81,3 +81,22 @@ stages:
     return root
 
 
+
+
+@pytest.fixture
+def model_runs(monkeypatch):
+    """Counts, per model name, how often pipelines.predict runs a model over images (the
+    re-audit tests check that only a new model predicts)."""
+    from collections import Counter
+
+    from pipelines import predict
+
+    calls: Counter[str] = Counter()
+    real_predict_source = predict.predict_source
+
+    def counting(spec, *args, **kwargs):
+        calls[spec.name] += 1
+        return real_predict_source(spec, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_source", counting)
+    return calls

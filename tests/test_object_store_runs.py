@@ -4,10 +4,8 @@ nothing; a re-audit writes the next version; the release pulls back and loads; t
 portable runner (SDK workers in their own folders) gives the same release."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from pipelines import cli, commit, release, run
@@ -101,8 +99,6 @@ def test_both_shipped_configs_on_the_bucket_direct_and_portable(shared_data, gcs
     configs/imagenet_real.yaml (votes -> release -> report) with output on the bucket; the
     portable runner's releases hold the same records as the DirectRunner's; a re-run
     recomputes nothing."""
-    import tensorflow_datasets as tfds
-
     monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
     for config, name in (("sample_photos.yaml", "sample_photos_audit"), ("imagenet_real.yaml", "imagenet2012_real_audit")):
         direct, portable = f"{gcs_prefix}/{name}/direct", f"{gcs_prefix}/{name}/portable"
@@ -148,29 +144,18 @@ def test_a_kill_during_a_stage_on_the_bucket_leaves_nothing_committed_and_a_reru
 
 @pytest.mark.slow
 def test_a_reaudit_on_the_bucket_after_adding_a_model_writes_the_next_version(shared_data, gcs_prefix, tmp_path,
-                                                                             monkeypatch):
-    from collections import Counter
-
-    from pipelines import predict
+                                                                             monkeypatch, model_runs):
     from tests.test_reaudit_models import _config
 
     monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
-    calls: Counter[str] = Counter()
-    real_predict_source = predict.predict_source
-
-    def counting(spec, *args, **kwargs):
-        calls[spec.name] += 1
-        return real_predict_source(spec, *args, **kwargs)
-
-    monkeypatch.setattr(predict, "predict_source", counting)
     out = f"{gcs_prefix}/photos"
     two, three = tmp_path / "two.yaml", tmp_path / "three.yaml"
     two.write_text(_config(["efficientnet-lite0", "efficientnet-lite1"]))
     three.write_text(_config(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
     assert cli.main(["run", str(two), "--out", out]) == 0
-    calls.clear()
+    model_runs.clear()
     assert cli.main(["reaudit", str(three), "--out", out]) == 0
-    assert calls == {"efficientnet-lite2": 1}  # the earlier models' predictions are on the bucket
+    assert model_runs == {"efficientnet-lite2": 1}  # the earlier models' predictions are on the bucket
     assert release.released_versions(out, "photos_reaudit") == ["1.0.0", "2.0.0"]
     notes = commit.read_text(f"{out}/tfds/photos_reaudit/2.0.0/RELEASE_NOTES.md")
     assert "added model(s) efficientnet-lite2" in notes

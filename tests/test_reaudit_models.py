@@ -3,12 +3,11 @@ with a diff comes out. Real photos, the real EfficientNet-Lite weights."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from pipelines import cli, predict, release
+from pipelines import cli, release
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,29 +32,22 @@ def _config(models: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_adding_a_model_predicts_only_that_model_and_releases_the_next_version(shared_data, tmp_path, monkeypatch):
+def test_adding_a_model_predicts_only_that_model_and_releases_the_next_version(shared_data, tmp_path, monkeypatch,
+                                                                             model_runs):
     monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
-    calls: Counter[str] = Counter()
-    real_predict_source = predict.predict_source
-
-    def counting_predict_source(spec, *args, **kwargs):
-        calls[spec.name] += 1
-        return real_predict_source(spec, *args, **kwargs)
-
-    monkeypatch.setattr(predict, "predict_source", counting_predict_source)
     out = tmp_path / "out"
     two = tmp_path / "two.yaml"
     two.write_text(_config(["efficientnet-lite0", "efficientnet-lite1"]))
     assert cli.main(["run", str(two), "--out", str(out)]) == 0
-    assert calls == {"efficientnet-lite0": 1, "efficientnet-lite1": 1}
+    assert model_runs == {"efficientnet-lite0": 1, "efficientnet-lite1": 1}
     first_tasks = {json.loads(line)["task_id"] for path in (out / "store" / "tasks").glob("*/tasks.jsonl")
                    for line in path.read_text().splitlines()}
 
     three = tmp_path / "three.yaml"
     three.write_text(_config(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]))
-    calls.clear()
+    model_runs.clear()
     assert cli.main(["reaudit", str(three), "--out", str(out)]) == 0
-    assert calls == {"efficientnet-lite2": 1}  # the two earlier models were not run again
+    assert model_runs == {"efficientnet-lite2": 1}  # the two earlier models were not run again
     # The new model's proposals got votes: existing records changed, so a MAJOR version.
     assert release.released_versions(out, "photos_reaudit") == ["1.0.0", "2.0.0"]
     new = out / "tfds" / "photos_reaudit" / "2.0.0"
@@ -79,6 +71,6 @@ def test_adding_a_model_predicts_only_that_model_and_releases_the_next_version(s
         for label in task["labels"]:
             assert (task["file_name"], label["index"]) not in asked_before
     # Nothing new the second time.
-    calls.clear()
+    model_runs.clear()
     assert cli.main(["reaudit", str(three), "--out", str(out)]) == 3
-    assert calls == {}
+    assert model_runs == {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines import cli, predict, release
+from pipelines import cli, release
 from pipelines.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,19 +46,11 @@ def _slice_config(shared_data: Path, tmp_path: Path, models: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_real_images_audit_then_a_reaudit_with_a_third_model(shared_data, tmp_path, monkeypatch):
-    calls: Counter[str] = Counter()
-    real_predict_source = predict.predict_source
-
-    def counting(spec, *args, **kwargs):
-        calls[spec.name] += 1
-        return real_predict_source(spec, *args, **kwargs)
-
-    monkeypatch.setattr(predict, "predict_source", counting)
+def test_real_images_audit_then_a_reaudit_with_a_third_model(shared_data, tmp_path, model_runs):
     two = _slice_config(shared_data, tmp_path, ["efficientnet-lite0", "efficientnet-lite1"])
     out = tmp_path / "out"
     assert cli.main(["run", str(two)]) == 0
-    assert calls == {"efficientnet-lite0": 1, "efficientnet-lite1": 1}
+    assert model_runs == {"efficientnet-lite0": 1, "efficientnet-lite1": 1}
     version = out / "tfds" / "imagenet_val_sample_audit" / "1.0.0"
     table = release.read_release(version)
     assert len(table) == N_RATED + N_UNRATED
@@ -87,9 +78,9 @@ def test_real_images_audit_then_a_reaudit_with_a_third_model(shared_data, tmp_pa
     assert report["run"]["agreement_with_published"]["question_agreement"] == 1.0
 
     three = _slice_config(shared_data, tmp_path, ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
-    calls.clear()
+    model_runs.clear()
     assert cli.main(["reaudit", str(three)]) == 0
-    assert calls == {"efficientnet-lite2": 1}
+    assert model_runs == {"efficientnet-lite2": 1}
     versions = release.released_versions(out, "imagenet_val_sample_audit")
     assert versions[0] == "1.0.0" and len(versions) == 2
     new = out / "tfds" / "imagenet_val_sample_audit" / versions[1]

@@ -11,7 +11,6 @@ records is MINOR; the same records re-serialised are PATCH (auditing/release_dif
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 

@@ -5,7 +5,6 @@ cooccurrence.py). Stored like every stage, then published to ``<out>/report/``.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any

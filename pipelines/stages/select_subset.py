@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from auditing import labelsets
-from pipelines.stages.base import Artifact, Context, Inputs, Stage, write_json
+from pipelines.stages.base import Artifact, Context, Inputs, Stage
 from pipelines.stages.dataset import original_labels
 from pipelines.stages.predict import prediction_paths
 from pipelines.store import file_digest
