@@ -230,6 +230,18 @@ def committed_children(parent: str | os.PathLike) -> list[str]:
 
 # ------------------------------------------------------------------ claims
 
+def _write_whole(path: str, data: bytes) -> None:
+    """A file that readers see whole or not at all: locally written beside it and renamed
+    (its temporary name does not end in .json, so listings of claims skip it); an
+    object store shows an object only once its upload is complete."""
+    if is_uri(path):
+        write_bytes(path, data)
+        return
+    temporary = f"{path}.{uuid.uuid4().hex}.part"
+    write_bytes(temporary, data)
+    os.replace(temporary, path)
+
+
 def _claim_is_stale(claim: dict[str, Any], stale_after_s: float) -> bool:
     if time.time() - claim.get("started", 0) > stale_after_s:
         return True
@@ -255,7 +267,9 @@ def _live_claims(uri: str, stale_after_s: float, ignore: str = "") -> list[dict[
         except Exception:  # noqa: BLE001 (each store has its own not-found error)
             if not exists(path):
                 continue  # withdrawn meanwhile
-            claim = {"started": time.time(), "host": "", "pid": -1, "attempt": rel}  # being written: live
+            # Claims appear whole (an object on upload, a local file by rename): one that
+            # cannot be read is the torn write of a killed writer, so it holds nothing.
+            claim = {"started": 0, "host": "", "pid": -1, "attempt": rel}
         if _claim_is_stale(claim, stale_after_s):
             delete_files([path])
         else:
@@ -318,7 +332,7 @@ class PrefixWriter:
         for attempt in range(self.claim_tries):
             if is_committed(self.uri):
                 raise AlreadyCommittedError(f"{self.uri} is committed: committed outputs are never overwritten")
-            write_json(join(self.uri, CLAIMS, self._claim_rel), claim)
+            _write_whole(join(self.uri, CLAIMS, self._claim_rel), (json.dumps(claim) + "\n").encode())
             others = _live_claims(self.uri, self.stale_after_s, ignore=self._claim_rel)
             if not others:
                 # A writer that committed and dropped its claim before our listing
