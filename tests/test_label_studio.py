@@ -313,3 +313,55 @@ def test_a_rater_answers_a_pushed_task_in_the_browser(server, real_slice, tmp_pa
     assert pulled["rater_id"].unique().tolist() == [ADMIN_EMAIL]
     assert pulled["label"].tolist() == [l["index"] for l in record["labels"]]
     assert pulled["answer"].astype(str).tolist() == ["yes"] + ["no"] * (k - 1)
+
+
+@pytest.mark.slow
+def test_a_config_naming_the_project_pushes_on_run_and_pulls_on_reaudit(server, real_slice, tmp_path,
+                                                                       capsys, monkeypatch):
+    """stages.tasks.label_studio: `label-audit run` pushes the tasks it builds and the
+    votes stage pulls every answer so far; `reaudit` finds nothing new until a rater
+    answers in Label Studio, then releases the next version."""
+    root, _, questions, direct = real_slice
+    images = sorted(direct["file_name"].unique())[:20]
+    monkeypatch.setenv("LS_TEST_KEY", server.api_key)
+    monkeypatch.setenv("LABEL_AUDIT_CACHE", str(tmp_path / "cache"))
+    labels = V.read_real_votes().kept  # questions of these images, as the paper asked them
+    asked = labels[labels["file_name"].isin(images)][["file_name", "label"]].drop_duplicates()
+    from auditing import labelsets
+
+    originals = labelsets.original_val_labels().set_index("file_name").loc[images, "label"]
+    pd.DataFrame({"file_name": images, "label": originals.to_numpy()}).to_csv(tmp_path / "labels.tsv", sep="\t",
+                                                                              index=False)
+    proposals = asked.assign(count=1, sources=[["original"]] * len(asked))
+    proposals.to_parquet(tmp_path / "proposals.parquet", index=False)
+    (tmp_path / "no_votes.csv").write_text("file_name,label,rater_id,answer\n")
+    config = tmp_path / "audit.yaml"
+    config.write_text(f"""output_dir: out
+dataset: {{original_labels: labels.tsv}}
+inputs: {{proposals: proposals.parquet}}
+stages:
+  tasks:
+    label_studio: {{url: "{server.url}", project: config round trip, api_key_env: LS_TEST_KEY,
+                    image_url_template: "https://images.example/val/{{file_name}}"}}
+  votes: {{paths: [no_votes.csv]}}
+  aggregate: {{method: majority-vote, threshold: 0.5}}
+  release: {{name: ls_round_trip, version: 1.0.0}}
+""")
+    assert cli.main(["run", str(config)]) == 0
+    client = ls.LabelStudioClient(server.url, server.api_key)
+    project = client.find_project("config round trip")
+    export = client.export(project["id"])
+    assert {t["data"]["file_name"] for t in export} == set(images)  # run pushed every task
+    from pipelines import release
+
+    assert release.released_versions(tmp_path / "out", "ls_round_trip") == ["1.0.0"]
+    assert cli.main(["reaudit", str(config)]) == 3  # nobody answered: nothing new
+    # A rater answers one task "yes" to every label in the browser's stead (the API).
+    task = export[0]
+    results = [formats.answer_result(p, "yes") for p in range(len(task["data"]["labels"]))]
+    client.request("POST", f"/api/tasks/{task['id']}/annotations", json={"result": results})
+    assert cli.main(["reaudit", str(config)]) == 0
+    assert release.released_versions(tmp_path / "out", "ls_round_trip") == ["1.0.0", "2.0.0"]
+    table = release.read_release(tmp_path / "out" / "tfds" / "ls_round_trip" / "2.0.0").set_index("file_name")
+    answered = task["data"]["file_name"]
+    assert set(table.loc[answered, "real_label"]) == {l["index"] for l in task["data"]["labels"]}

@@ -20,7 +20,7 @@ from pipelines.stages.aggregate import AggregateStage, label_sets_from_file
 from pipelines.stages.base import PRODUCERS, Artifact, Context, Stage, StageError
 from pipelines.stages.dataset import DatasetStage
 from pipelines.stages.predict import PredictStage
-from pipelines.stages.propose import ProposeStage
+from pipelines.stages.propose import ProposeStage, proposals_from_file
 from pipelines.stages.release import ReleaseStage
 from pipelines.stages.report import ReportStage
 from pipelines.stages.select_subset import SelectSubsetStage
@@ -33,6 +33,6 @@ STAGES: list[Stage] = [DatasetStage(), PredictStage(), SelectSubsetStage(), Prop
 PRODUCERS.update({stage.produces: f"stages.{stage.name}" for stage in STAGES})
 
 # Artifacts that can be given as a file (config ``inputs:``) instead of computed.
-SUPPLIERS = {"label_sets": label_sets_from_file}
+SUPPLIERS = {"label_sets": label_sets_from_file, "proposals": proposals_from_file}
 
 __all__ = ["STAGES", "SUPPLIERS", "Artifact", "Context", "Stage", "StageError"]

@@ -50,6 +50,8 @@ class Context:
     mode: str = "run"
     # runner `portable`: the worker pool's HOST:PORT (the runner starts one for the run).
     environment_config: str | None = None
+    # The votes pulled from the Label Studio project of stages.tasks, once per run.
+    pulled_votes: str | None = None
 
     def resolve(self, ref: str) -> str:
         return self.config.resolve(ref)

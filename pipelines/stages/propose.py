@@ -150,3 +150,32 @@ def _example_features(ctx: Context, cfg) -> tuple[np.ndarray, np.ndarray]:
     examples = load_predictions(path)
     classes = load_classes()
     return examples.features.astype(np.float32), np.array([example_class(n, classes) for n in examples.file_names])
+
+
+def proposals_from_file(ctx: Context, ref: str) -> Artifact:
+    """``inputs.proposals``: (image, label) pairs to ask about, from a Parquet / CSV file
+    with ``file_name`` and ``label`` (``count`` and ``sources`` optional), or the
+    questions of a ReaL raters.npz."""
+    from pipelines.stages.base import load_artifact, write_json
+    from pipelines.store import content_key, file_digest
+
+    path = ctx.resolve(ref)
+
+    def fill(out: Path) -> None:
+        if path.endswith(".npz"):
+            from auditing.votes import read_real_questions
+
+            frame = read_real_questions(path)
+        else:
+            frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+        missing = [c for c in ("file_name", "label") if c not in frame.columns]
+        if missing:
+            raise StageError(f"inputs.proposals: {path} lacks the column(s) {missing}")
+        frame.to_parquet(out / "proposals.parquet", index=False)
+        n_images = int(frame["file_name"].nunique())
+        write_json(out / "summary.json", {"proposals": len(frame), "images": n_images,
+                                          "proposals_per_image": round(len(frame) / max(n_images, 1), 2)})
+
+    folder = ctx.store.get_or_compute("proposals_input", content_key(proposals=file_digest(path)), fill,
+                                      describe={"params": {"file": path}})
+    return load_artifact("proposals", folder)

@@ -57,7 +57,6 @@ def calibrated_confusions(ctx: Context, votes_ref: str) -> dict[str, np.ndarray]
 class VotesStage(Stage):
     name = "votes"
     produces = "votes"
-    _pulled: dict[int, str] = {}
     consumes_if_present = ("tasks",)
 
     def check(self, ctx: Context, available: set[str]) -> None:
@@ -71,7 +70,7 @@ class VotesStage(Stage):
         paths = [ctx.resolve(p) for p in ctx.config.stages.votes.paths]
         tasks = ctx.config.stages.tasks
         if tasks is not None and tasks.label_studio is not None:
-            if id(ctx) not in self._pulled:  # once per run: params and compute both ask
+            if ctx.pulled_votes is None:  # once per run: params and compute both ask
                 from pipelines.label_studio import LabelStudioProject
 
                 from auditing.sources import cache_dir
@@ -80,8 +79,8 @@ class VotesStage(Stage):
                 local = (cache_dir() / "label_studio" / content_key(out=ctx.config.output_dir)
                          if commit.is_uri(ctx.config.output_dir) else Path(ctx.config.output_dir) / "inputs")
                 _, pulled = LabelStudioProject(**tasks.label_studio.model_dump()).pull(local / "label_studio.parquet")
-                self._pulled[id(ctx)] = str(pulled["votes"])
-            paths.append(self._pulled[id(ctx)])
+                ctx.pulled_votes = str(pulled["votes"])
+            paths.append(ctx.pulled_votes)
         return paths
 
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
