@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import tempfile

@@ -8,6 +8,9 @@ import pytest
 
 from auditing import labelsets, sources, votes
 
+# The GCS emulator fixtures (gcs_bucket, gcs_prefix) for every test module that asks.
+pytest_plugins = ["tests.gcs_emulator"]
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

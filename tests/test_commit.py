@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from pipelines import commit
-from tests.gcs_emulator import gcs_bucket, gcs_prefix  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 

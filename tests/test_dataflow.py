@@ -21,7 +21,6 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, SetupOptio
 
 from auditing import labelsets, sources
 from pipelines import cli, propose, release, run
-from tests.gcs_emulator import gcs_bucket  # noqa: F401 (fixture)
 from pipelines.beam_options import make_options
 from pipelines.config import load_config
 

@@ -11,7 +11,6 @@ import pytest
 from pipelines import cli, commit, release, run
 from pipelines.config import load_config
 from pipelines.release_pull import load_release
-from tests.gcs_emulator import gcs_bucket, gcs_prefix  # noqa: F401 (fixtures)
 
 QUIET = dict(echo=lambda *a, **k: None)
 

@@ -11,7 +11,6 @@ import pytest
 from pipelines import commit, release
 from pipelines.beam_options import make_options, runner_options
 from pipelines.portable import worker_pool
-from tests.gcs_emulator import gcs_bucket, gcs_prefix  # noqa: F401 (fixtures)
 from tests.test_release_pull import NAME, _write, real_table  # noqa: F401 (fixture)
 
 

@@ -18,7 +18,6 @@ import tensorflow_datasets as tfds
 
 from pipelines import commit, release, release_pull
 from pipelines.beam_options import make_options
-from tests.gcs_emulator import gcs_bucket, gcs_prefix  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "pull_audit"
