@@ -1,7 +1,8 @@
 """``label-audit explain OUT STAGE``: why a stage re-ran.
 
 Every stored output keeps in ``_key.json`` what its key was made of: the keys of the
-input artifacts and the stage's parameters (file sha256s, settings). This command
+input artifacts, the stage's parameters (file sha256s, settings) and its code
+version (``Stage.version``). This command
 lists the stored outputs of STAGE, oldest first, and for each one after the first
 says what differs from the one before it.
 """

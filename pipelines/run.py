@@ -4,8 +4,8 @@ The stages are the modules of ``pipelines/stages/`` (one per config section, in 
 method's order). The runner resolves which of them the config declares (a stage whose
 section is absent is skipped; an artifact given under ``inputs:`` replaces its stage),
 checks that every stage has its inputs before anything runs, then for each stage
-computes its content key (its inputs' keys and its parameters), reuses the stored
-output of that key or computes it, and logs per-stage progress. ``reaudit`` and the
+computes its content key (its inputs' keys, its parameters and its code ``version``),
+reuses the stored output of that key or computes it, and logs per-stage progress. ``reaudit`` and the
 single-stage subcommands (``predict``, ``propose``, ``report``) run the same graph,
 the latter up to their stage.
 """
@@ -98,7 +98,8 @@ def _execute(stages: list[Stage], ctx: Context, echo: Callable[..., Any]) -> Run
         echo(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
         inputs = {n: artifacts[n] for n in stage.consumes + stage.consumes_if_present if n in artifacts}
         params = stage.params(ctx, inputs)
-        key = content_key(inputs={n: a.key for n, a in sorted(inputs.items())}, params=params)
+        key = content_key(inputs={n: a.key for n, a in sorted(inputs.items())}, params=params,
+                          version=stage.version)
         artifact = stage.lookup(ctx, key, params)
         if artifact is None:
             artifact = run_stage(stage, ctx, inputs, key, params)
@@ -126,7 +127,7 @@ def run_stage(stage: Stage, ctx: Context, inputs: dict[str, Artifact], key: str,
         write_json(out / "summary.json", stage.compute(ctx, inputs, out))
 
     folder = ctx.store.get_or_compute(stage.name, key, fill, describe={
-        "inputs": {n: a.key for n, a in sorted(inputs.items())}, "params": params})
+        "inputs": {n: a.key for n, a in sorted(inputs.items())}, "params": params, "version": stage.version})
     return load_artifact(stage.produces, folder)
 
 

@@ -74,9 +74,21 @@ def test_explain_says_which_parameter_or_input_changed(tmp_path, capsys):
     assert "2 stored output(s) of aggregate" in out
     assert "re-ran because params.threshold: 0.5 -> 0.9" in out
     key = json.loads(next((tmp_path / "out" / "store" / "aggregate").glob("*/_key.json")).read_text())
-    assert set(key) == {"stage", "key", "inputs", "params"} and set(key["inputs"]) == {"dataset", "votes"}
+    assert set(key) == {"stage", "key", "inputs", "params", "version"} and set(key["inputs"]) == {"dataset", "votes"}
     assert cli.main(["explain", str(tmp_path / "out"), "nope"]) == 2
     assert "unknown stage 'nope'" in capsys.readouterr().err
+
+
+def test_a_new_stage_version_recomputes_that_stage_and_what_follows(tmp_path, capsys, monkeypatch):
+    from pipelines.stages.aggregate import AggregateStage
+
+    config_path = write_case(tmp_path, VOTES_AND_AGGREGATE + "  report: {}\n")
+    run.execute(load_config(config_path), **QUIET)
+    # Code whose computation changed (a bumped version) does not reuse what older code stored.
+    monkeypatch.setattr(AggregateStage, "version", AggregateStage.version + 1)
+    assert run.execute(load_config(config_path), **QUIET).computed == ["aggregate", "report"]
+    assert cli.main(["explain", str(tmp_path / "out"), "aggregate"]) == 0
+    assert f"re-ran because version: 1 -> {AggregateStage.version}" in capsys.readouterr().out
 
 
 def test_a_stage_without_its_inputs_fails_before_anything_runs(tmp_path, capsys):

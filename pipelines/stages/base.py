@@ -115,6 +115,10 @@ class Stage:
     produces: ClassVar[str]  # the artifact name
     consumes: ClassVar[tuple[str, ...]] = ()  # required inputs
     consumes_if_present: ClassVar[tuple[str, ...]] = ()  # used when their stage runs
+    # What the stage computes from the same inputs and parameters, as a TFDS builder's
+    # VERSION: part of the content key, so that an output stored by older code is not
+    # reused once the computation or the output's format changes. Bump it then.
+    version: ClassVar[int] = 1
 
     def section(self, config: AuditConfig) -> Any:
         """The stage's config section (``stages.<name>``); None means "not declared"."""
