@@ -32,6 +32,7 @@ from auditing import atomic
 from auditing import label_studio as formats
 from auditing import tasks as tasks_lib
 from auditing.votes import write_quarantine
+from pipelines.config import LabelStudioConfig
 
 IMPORT_BATCH = 500  # tasks per import request: Label Studio caps request bodies
 PAGE_SIZE = 1000
@@ -284,18 +285,10 @@ def write_pulled(pulled: formats.PulledVotes, out: str | os.PathLike) -> dict[st
 
 # ---------------------------------------------------------------- one project, as a config names it
 
-@dataclasses.dataclass(frozen=True)
-class LabelStudioProject:
-    """A Label Studio project as a config section names it; the key is read from the
-    environment variable ``api_key_env`` so that configs hold no secrets."""
-
-    url: str
-    project: str
-    api_key_env: str = "LABEL_STUDIO_API_KEY"
-    image_url_template: str | None = None
-    image_folder: str | None = None
-    document_root: str = "/"
-    example_url_template: str | None = None
+class LabelStudioProject(LabelStudioConfig):
+    """A Label Studio project as a config section (``stages.tasks.label_studio``,
+    pipelines/config.py ``LabelStudioConfig``: its fields) names it; the key is read
+    from the environment variable ``api_key_env`` so that configs hold no secrets."""
 
     def client(self) -> LabelStudioClient:
         key = os.environ.get(self.api_key_env)
