@@ -166,12 +166,14 @@ def _validate(p: Predictions) -> None:
         raise PredictionsFormatError(
             f"{where}: 'quarantined_file_names' {p.quarantined_file_names.shape} and "
             f"'quarantine_reasons' {p.quarantine_reasons.shape} differ in shape")
-    both = np.intersect1d(names, p.quarantined_file_names)
+    both = np.intersect1d(names, p.quarantined_file_names) if len(p.quarantined_file_names) else ()
     if len(both):
         raise PredictionsFormatError(f"{where}: {str(both[0])!r} is both predicted and quarantined")
 
 
 def _check_unique(names: np.ndarray, key: str, where: str) -> None:
+    if pd.Index(names).is_unique:  # hashing: the common case, without sorting the strings
+        return
     unique, counts = np.unique(names, return_counts=True)
     if len(unique) != len(names):
         duplicate = int(np.argmax(counts > 1))
