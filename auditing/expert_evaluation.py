@@ -107,12 +107,18 @@ def evaluate_k_fold(votes: pd.DataFrame, gold: Gold, *, method: str, original_la
     params = dict(params or {})
     totals = dict.fromkeys(("questions", "true_positives", "false_positives", "false_negatives", "true_negatives"), 0)
     per_fold = []
+    per_question = method in PER_QUESTION_METHODS
+    if per_question:
+        # gold-confusion scores each question from its own votes and the gold matrices
+        # alone, so the held-out images' votes suffice (k times less work), and the
+        # original labels of the gold images (held out or fitting); EM methods couple
+        # all questions and get every vote.
+        on_gold = set(gold.images)
+        votes = votes.loc[votes["file_name"].isin(on_gold)]
+        original_labels = original_labels.loc[original_labels["file_name"].isin(on_gold)]
     for number, images in enumerate(fold_images(gold, k, seed)):
         held_out = set(images)
-        # gold-confusion scores each question from its own votes and the gold matrices
-        # alone, so the held-out images' votes suffice (k times less work); EM methods
-        # couple all questions and get every vote.
-        fold_votes = votes.loc[votes["file_name"].isin(held_out)] if method in PER_QUESTION_METHODS else votes
+        fold_votes = votes.loc[votes["file_name"].isin(held_out)] if per_question else votes
         result = aggregate(fold_votes, method, threshold, original_labels=original_labels,
                            gold=gold.subset(images, keep=False), **params)
         scores = result.scores_.loc[result.scores_["file_name"].isin(held_out)]

@@ -269,24 +269,32 @@ def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[
     in our set exactly when it is in the published set. Per rated image: are the two
     sets equal. For measuring only: published labels never feed the labels.
     """
-    scores = scores[scores["file_name"].isin(ours.keys())]  # questions about our images
-    files = scores["file_name"].to_numpy()
-    labels = scores["label"].to_numpy()
-    in_ours = np.fromiter((int(l) in ours[f] for f, l in zip(files, labels)), bool, len(files))
-    in_published = np.fromiter((int(l) in published.get(f, frozenset()) for f, l in zip(files, labels)),
-                               bool, len(files))
-    rated = pd.unique(files)
-    same_set = np.fromiter((ours[f] == published.get(f, frozenset()) for f in rated), bool, len(rated))
+    names = list(ours)
+    image = pd.Index(names).get_indexer(scores["file_name"])
+    asked = image >= 0  # questions about our images
+    image, labels = image[asked], scores["label"].to_numpy(np.int64)[asked]
+    ours_sets = [ours[f] for f in names]
+    published_sets = [published.get(f, frozenset()) for f in names]
+    num_classes = 1 + max(max(map(max, filter(None, ours_sets)), default=0),
+                          max(map(max, filter(None, published_sets)), default=0), int(labels.max(initial=0)))
+    arrays = {"ours": LabelSetArray.from_sets(ours_sets, num_classes),
+              "published": LabelSetArray.from_sets(published_sets, num_classes)}
+    # (image, label) pairs as one integer key each: set membership and equality in numpy.
+    ours_keys, published_keys = (a.rows * num_classes + a.indices for a in arrays.values())
+    questions = image * num_classes + labels
+    in_ours, in_published = np.isin(questions, ours_keys), np.isin(questions, published_keys)
+    same_set = ~np.isin(np.arange(len(names)), np.setxor1d(ours_keys, published_keys) // num_classes)
+    rated = pd.unique(image)
     extra = {}
     if original_labels is not None:
         # ReaL accuracy of the original labels under each label set (empty sets excluded).
-        for which, sets in (("ours", ours), ("published", published)):
-            hits = [original_labels[f] in sets[f] for f in ours if f in sets and sets[f]]
-            extra[f"original_labels_real_accuracy_{which}"] = float(np.mean(hits)) if hits else float("nan")
-    return extra | {"questions": int(len(files)), "question_agreement": float((in_ours == in_published).mean()),
-            "rated_images": int(len(rated)), "image_exact_match": float(same_set.mean()),
-            "all_images_exact_match": float(np.mean([ours[f] == published.get(f, frozenset())
-                                                     for f in ours]))}
+        original = np.fromiter((original_labels[f] for f in names), np.int64, len(names))
+        for which, array in arrays.items():
+            hits = array.contains(original)[array.sizes > 0]
+            extra[f"original_labels_real_accuracy_{which}"] = float(np.mean(hits)) if len(hits) else float("nan")
+    return extra | {"questions": int(len(questions)), "question_agreement": float((in_ours == in_published).mean()),
+            "rated_images": int(len(rated)), "image_exact_match": float(same_set[rated].mean()),
+            "all_images_exact_match": float(same_set.mean())}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,29 +152,56 @@ def drop_flagged_effect(votes: pd.DataFrame, flagged: Collection[str], *, origin
 def plot_rater_matrices(table: pd.DataFrame, *, columns: int = 8, panel_inches: float = 1.5):
     """One small panel per rater of a ``rater_quality`` table (its order: best accuracy
     first): P(answer | truth) as a heatmap with the counts written in, titled with the
-    rater id and accuracy; flagged raters' titles in red. Returns a matplotlib Figure."""
+    rater id and accuracy; flagged raters' titles in red. Returns a matplotlib Figure.
+
+    The panels are blocks of one image on one Axes (a mosaic), not one Axes each: with
+    ~80 raters, per-panel Axes, ticks and layout cost seconds to draw, the mosaic a
+    fraction of that. Answer and truth ticks label the bottom row and left column."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
 
     if not len(table):
         raise ValueError("no raters with gold answers to plot")
     counts = matrices(table)
+    truths, answers = counts.shape[1:]
+    columns = min(columns, len(table))
     rows = -(-len(table) // columns)
-    figure = Figure(figsize=(columns * panel_inches, rows * panel_inches * 0.9), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat[len(table):]:
-        ax.set_axis_off()
-    for ax, (_, rater), matrix in zip(axes.flat, table.iterrows(), counts):
-        with np.errstate(invalid="ignore"):
-            share = matrix / matrix.sum(axis=1, keepdims=True)
-        ax.imshow(np.nan_to_num(share), vmin=0, vmax=1, cmap="Blues")
-        for (t, a), n in np.ndenumerate(matrix):
-            ax.text(a, t, str(n), ha="center", va="center", fontsize=6,
-                    color="white" if np.nan_to_num(share[t, a]) > 0.6 else "black")
-        ax.set_title(f"{rater['rater_id']}: {rater['accuracy']:.0%}", fontsize=7,
-                     color="red" if rater["flagged"] else "black")
-        ax.set_xticks(range(len(ANSWERS)), [a[0] for a in ANSWERS], fontsize=6)
-        ax.set_yticks([0, 1], ["abs", "pres"], fontsize=6)
-    figure.suptitle("Raters on gold questions: P(answer | truth), counts written in; red = flagged", fontsize=9)
+    # A block is a rater's matrix plus one empty cell column right of it and one cell row
+    # above it for the title.
+    block_w, block_h = answers + 1, truths + 1
+    with np.errstate(invalid="ignore"):
+        share = np.nan_to_num(counts / counts.sum(axis=2, keepdims=True))
+    mosaic = np.full((rows * block_h, columns * block_w), np.nan)
+    top = [(i // columns) * block_h + 1 for i in range(len(table))]  # first cell row of each block
+    left = [(i % columns) * block_w for i in range(len(table))]
+    for r, (y, x) in enumerate(zip(top, left)):
+        mosaic[y:y + truths, x:x + answers] = share[r]
+    cell = panel_inches / block_w
+    figure = Figure(figsize=(columns * panel_inches + 0.6, rows * block_h * cell + 0.8))
+    # Fixed margins (inches) for the tick labels and the title: no layout engine to run.
+    width, height = figure.get_size_inches()
+    ax = figure.add_axes((0.45 / width, 0.3 / height, (width - 0.55) / width, (height - 0.8) / height))
+    cmap = colormaps["Blues"].with_extremes(bad="white")
+    ax.imshow(np.ma.masked_invalid(mosaic), vmin=0, vmax=1, cmap=cmap, interpolation="nearest",
+              extent=(-0.5, columns * block_w - 0.5, rows * block_h - 0.5, -0.5))
+    for r, (y, x, rater) in enumerate(zip(top, left, table.itertuples())):
+        for (t, a), n in np.ndenumerate(counts[r]):
+            ax.text(x + a, y + t, str(n), ha="center", va="center", fontsize=6,
+                    color="white" if share[r, t, a] > 0.6 else "black")
+        ax.text(x + (answers - 1) / 2, y - 1, f"{rater.rater_id}: {rater.accuracy:.0%}", ha="center",
+                va="center", fontsize=7, color="red" if rater.flagged else "black")
+    ax.add_collection(PatchCollection([Rectangle((x - 0.5, y - 0.5), answers, truths) for y, x in zip(top, left)],
+                                      facecolor="none", edgecolor="black", linewidth=0.6))
+    ax.set_xticks([c * block_w + a for c in range(columns) for a in range(answers)],
+                  [answer[0] for _ in range(columns) for answer in ANSWERS], fontsize=6)
+    ax.set_yticks([r * block_h + 1 + t for r in range(rows) for t in range(truths)],
+                  ["abs", "pres"] * rows, fontsize=6)
+    ax.tick_params(length=0, pad=2)
+    ax.set_frame_on(False)
+    figure.suptitle("Raters on gold questions: P(answer | truth), counts written in; red = flagged", fontsize=9,
+                    y=1 - 0.12 / height, va="top")
     return figure
 
 

@@ -277,6 +277,15 @@ def align_inputs(label_sets: Mapping[str, Collection[int]],
 def jsonable(value: Any) -> Any:
     """``value`` in JSON types: numpy scalars and arrays as numbers and lists, NaN and
     infinities as None, paths as strings, mapping keys as strings."""
+    kind = type(value)  # the built-in types first: a report has ~10^5 values, ABC checks are slow
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return None if math.isnan(value) or math.isinf(value) else value
+    if kind is dict:
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if kind is list:
+        return [jsonable(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -40,9 +40,15 @@ def test_counts_accuracy_and_flags():
 def test_figure_has_one_panel_per_rater_and_png_bytes():
     table = rater_quality.rater_quality(_gold_with({"a": ["yes"] * 20 + ["no"] * 40, "b": ["no"] * 60}))
     figure = rater_quality.plot_rater_matrices(table, columns=4)
-    visible = [ax for ax in figure.axes if ax.axison]
-    assert [ax.get_title() for ax in visible] == ["a: 100%", "b: 67%"]
-    assert visible[1].title.get_color() == "red"
+    (ax,) = figure.axes  # the panels are blocks of one mosaic
+    titles = [(t.get_text(), t.get_color()) for t in ax.texts if ":" in t.get_text()]
+    assert titles == [("a: 100%", "black"), ("b: 67%", "red")]
+    # The counts written in, panel by panel: a's (absent, present) x (no, maybe, yes), then b's.
+    assert [int(t.get_text()) for t in ax.texts if ":" not in t.get_text()] == [40, 0, 0, 0, 0, 20,
+                                                                                40, 0, 0, 20, 0, 0]
+    shares = ax.images[0].get_array()
+    assert shares.count() == 2 * 6  # two panels of 2 x 3 cells, the rest left blank
+    assert shares[1:3, 0:3].tolist() == [[1, 0, 0], [0, 0, 1]]  # a: P(answer | truth)
     png = rater_quality.figure_png(figure)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

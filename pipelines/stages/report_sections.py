@@ -49,8 +49,10 @@ def rater_quality_sections(ctx: Context, inputs: Inputs, sets: Mapping[str, froz
         from pipelines.stages.dataset import original_labels
         from pipelines.stages.votes import read_votes
 
+        # gold-confusion scores a question from its own votes: those on the gold images suffice.
+        votes = read_votes(inputs["votes"], file_names=covered.images)
         evaluations.append(expert_evaluation.evaluate_k_fold(
-            read_votes(inputs["votes"]), covered, method=cfg.method, original_labels=original_labels(inputs["dataset"]),
+            votes, covered, method=cfg.method, original_labels=original_labels(inputs["dataset"]),
             params=cfg.params, k=5, seed=0))
     rows = [[e.kind, e.description, e.precision, e.recall, e.f1] for e in evaluations]
     experts = table_section("expert-evaluation", "Label sets against the experts (gold questions)",

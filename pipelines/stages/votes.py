@@ -6,6 +6,7 @@ again counts once; a corrected vote file wins over the carried vote).
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,15 @@ class VotesStage(Stage):
         return {"quarantine": str(artifact.file("quarantine.csv"))}
 
 
-def read_votes(artifact: Artifact) -> pd.DataFrame:
-    return pd.read_parquet(artifact.file("votes.parquet"))
+def read_votes(artifact: Artifact, file_names: Collection[str] | None = None) -> pd.DataFrame:
+    """The kept votes; only those on ``file_names`` if given (filtered while reading)."""
+    filters = None
+    if file_names is not None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        filters = pc.field("file_name").isin(pa.array(sorted(map(str, file_names)), pa.string()))
+    return pd.read_parquet(artifact.file("votes.parquet"), filters=filters)
 
 
 def write_gold(ctx: Context, out: Path, known_raters: set[str]) -> dict[str, Any]:
