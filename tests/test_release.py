@@ -90,3 +90,46 @@ def test_fast_record_serialization_gives_tfds_bytes():
                    "label_scores": {"label": row["score_labels"], "score": row["scores"]}}
         generic = serializer.get_tf_example(flagged.encode_example(example)).SerializeToString(deterministic=True)
         assert bytes(release.serialize_row(row | {"awaiting_votes": flag}, 1000)) == generic
+
+
+def _dataset_info(path) -> dict:
+    info = json.loads((path / "dataset_info.json").read_text())
+    return {"splits": info["splits"], "features": json.loads((path / "features.json").read_text()),
+            "version": info["version"], "fileFormat": info["fileFormat"]}
+
+
+def test_local_and_beam_writers_write_the_same_release(tmp_path):
+    """TFDS's in-process writer and its Beam job: the same records, metadata and bytes."""
+    table = _table()
+    table["awaiting_votes"] = [False, True, False]
+    kwargs = dict(release_notes={"1.0.0": "First audit."}, manifest={}, counts={}, options=make_options("direct"))
+    paths = {writer: release.write_release(tmp_path / writer, "tiny_audit", "1.0.0", table, writer=writer, **kwargs)
+             for writer in ("local", "beam")}
+    # The Beam writer ran a Beam job on the rows (its chunk files are gone again); the local one did not.
+    assert not (paths["beam"] / "_rows").exists()
+    local, beam = (release.read_release(paths[w]) for w in ("local", "beam"))
+    pd.testing.assert_frame_equal(local, beam, check_exact=True)
+    assert local["awaiting_votes"].tolist() == [False, True, False]
+    assert _dataset_info(paths["local"]) == _dataset_info(paths["beam"])
+    assert int(_dataset_info(paths["local"])["splits"][0]["shardLengths"][0]) == 3
+    shards = sorted(p.name for p in paths["beam"].glob("*.array_record-*"))
+    assert shards == sorted(p.name for p in paths["local"].glob("*.array_record-*"))
+    for name in shards:
+        assert (paths["local"] / name).read_bytes() == (paths["beam"] / name).read_bytes()
+    # The comparison sees a score that differs in its last bit.
+    nudged = table.copy()
+    nudged.at[1, "scores"] = [0.2, np.nextafter(0.95, 1.0)]
+    other = release.write_release(tmp_path / "nudged", "tiny_audit", "1.0.0", nudged, writer="local", **kwargs)
+    with pytest.raises(AssertionError):
+        pd.testing.assert_frame_equal(release.read_release(other), beam, check_exact=True)
+
+
+def test_auto_writer_is_local_only_for_small_in_process_runs():
+    direct, workers = make_options("direct"), make_options("direct-multiprocess", num_workers=2)
+    assert release.choose_writer("auto", direct, 50_000) == "local"
+    assert release.choose_writer("auto", direct, release.LOCAL_WRITER_MAX_ROWS) == "beam"
+    assert release.choose_writer("auto", workers, 10) == "beam"
+    assert release.choose_writer("local", workers, 10) == "local"
+    assert release.choose_writer("beam", direct, 10) == "beam"
+    with pytest.raises(ValueError, match="expected one of auto, beam, local"):
+        release.choose_writer("spark", direct, 10)
