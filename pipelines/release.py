@@ -177,20 +177,21 @@ def release_table(file_names: list[str], original_labels: np.ndarray,
     ``scores`` has one row per rated question (file_name, label, score).
     """
     ordered = scores.sort_values(["file_name", "label"], kind="stable")
-    # One split of the sorted columns at the image boundaries (not a groupby per image:
+    # One cut of the sorted columns at the image boundaries (not a groupby per image:
     # 50,000 small groups cost seconds).
     names = ordered["file_name"].to_numpy()
     starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, int)
-    label_lists = np.split(ordered["label"].to_numpy(np.int64), starts[1:]) if len(names) else []
-    score_lists = np.split(ordered["score"].to_numpy(np.float64), starts[1:]) if len(names) else []
-    position = {name: i for i, name in enumerate(names[starts])}
-    rows_of = [position.get(name, -1) for name in file_names]
+    ends = np.r_[starts[1:], len(names)].tolist()
+    labels = ordered["label"].to_numpy(np.int64).tolist()
+    values = ordered["score"].to_numpy(np.float64).tolist()
+    span = dict(zip(names[starts].tolist(), zip(starts.tolist(), ends)))
+    spans = [span.get(name, (0, 0)) for name in file_names]
     return pd.DataFrame({
         "file_name": list(file_names),
-        "original_label": [int(v) for v in original_labels],
+        "original_label": np.asarray(original_labels).astype(np.int64).tolist(),
         "real_label": [sorted(label_sets[name]) for name in file_names],
-        "score_labels": [label_lists[i].tolist() if i >= 0 else [] for i in rows_of],
-        "scores": [score_lists[i].tolist() if i >= 0 else [] for i in rows_of],
+        "score_labels": [labels[a:b] for a, b in spans],
+        "scores": [values[a:b] for a, b in spans],
     })
 
 
@@ -369,6 +370,14 @@ tfds_writer.BeamWriter.finalize = _finalize_split_from_release
 
 
 def _copy_to(local_path: str, destination: str) -> None:
+    if not commit.is_uri(destination):
+        # Same disk: a second name for the file, not a second copy of its bytes.
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(local_path, destination)
+            return
+        except OSError:
+            pass  # another file system, or links not supported: copy
     with open(local_path, "rb") as source, commit.open_write(destination) as sink:
         shutil.copyfileobj(source, sink, 8 << 20)
 

@@ -133,3 +133,17 @@ def test_auto_writer_is_local_only_for_small_in_process_runs():
     assert release.choose_writer("beam", direct, 10) == "beam"
     with pytest.raises(ValueError, match="expected one of auto, beam, local"):
         release.choose_writer("spark", direct, 10)
+
+
+def test_content_key_of_a_table_is_the_one_earlier_releases_recorded():
+    """A release's manifest holds its content key, and a run finds an existing version by
+    it: computing it faster must not change it (the keys below are those of the first
+    implementation, np.concatenate of every cell)."""
+    from pipelines.stages.release import table_key
+
+    table = _table()
+    assert table_key(table) == "be5d1d5b743400268e3210103d56b16bc01e1410dd17c8227949abb5f0e8fa47"
+    table["awaiting_votes"] = [False, True, False]
+    assert table_key(table) == "2242162d768893af78c8043aa6c638cbd76441672342d33b1c4f9250a6a06481"
+    table.at[1, "scores"] = [0.2, np.nextafter(0.95, 1.0)]
+    assert table_key(table) != "2242162d768893af78c8043aa6c638cbd76441672342d33b1c4f9250a6a06481"

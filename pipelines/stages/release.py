@@ -11,6 +11,7 @@ records is MINOR; the same records re-serialised are PATCH (auditing/release_dif
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pandas as pd
 from auditing.release_diff import diff_label_sets
 from auditing.versions import next_version, version_change
 from pipelines.config import file_refs
-from pipelines.stages.aggregate import images_awaiting_votes, read_label_sets, read_scores
+from pipelines.stages.aggregate import images_awaiting_votes, read_scores
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import image_source, original_labels
 from pipelines.stages.predict import prediction_paths
@@ -37,13 +38,23 @@ def release_table(ctx: Context, inputs: Inputs) -> pd.DataFrame:
         scores = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype="int64"),
                                "score": pd.Series(dtype="float64")})
     table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
-                                      read_label_sets(inputs["label_sets"]), scores)
+                                      label_set_lists(inputs["label_sets"]), scores)
     if "pairs_awaiting_votes" in inputs["label_sets"].counts:
         table["awaiting_votes"] = table["file_name"].isin(images_awaiting_votes(inputs["label_sets"]))
     if ctx.config.stages.release.include_images:
         paths = release_image_paths(ctx, table)
         table["image_path"] = table["file_name"].map(paths)
     return table
+
+
+def label_set_lists(artifact: Artifact) -> dict[str, list[int]]:
+    """file_name -> its labels, sorted: label_sets.parquet (aggregate.write_label_sets)
+    read by pyarrow into lists directly (``read_label_sets``' frozensets, then sorted
+    again, cost ~0.8 s for 50,000 images)."""
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table(artifact.file("label_sets.parquet"), columns=["file_name", "labels"])
+    return dict(zip(frame["file_name"].to_pylist(), frame["labels"].to_pylist()))
 
 
 def release_image_paths(ctx: Context, table: pd.DataFrame) -> dict[str, str]:
@@ -70,7 +81,14 @@ def table_key(table: pd.DataFrame) -> str:
         digest.update(column.encode() + b"\0")
         if values.dtype == object and len(values) and isinstance(values.iloc[0], (list, np.ndarray)):
             lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
-            flat = np.concatenate([np.asarray(v) for v in values]) if lengths.sum() else np.zeros(0)
+            # The cells' values in one array, as np.concatenate of the cells gives it
+            # (an empty cell is a float64 array there, which makes int labels float64;
+            # kept, so that the keys of releases already written do not change),
+            # without an array per cell.
+            first = next((v for v in values if len(v)), None)
+            dtype = np.result_type(np.asarray(first).dtype, *([np.float64] if (lengths == 0).any() else []))
+            flat = (np.fromiter(itertools.chain.from_iterable(values), dtype, int(lengths.sum()))
+                    if first is not None else np.zeros(0))
             digest.update(lengths.tobytes() + str(flat.dtype).encode() + np.ascontiguousarray(flat).tobytes())
         elif values.dtype == object:
             digest.update("\0".join(map(str, values)).encode())
