@@ -28,7 +28,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +169,19 @@ def release_features(class_names: list[str], with_images: bool = False,
     })
 
 
-def release_table(file_names: list[str], original_labels: np.ndarray,
-                  label_sets: Mapping[str, frozenset[int]],
-                  scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per image: file_name, original_label, real_label, score_labels, scores.
+def image_table(file_names: list[str], original_labels: np.ndarray,
+                label_sets: Mapping[str, Iterable[int]]) -> pd.DataFrame:
+    """One row per image: file_name, original_label, real_label (sorted)."""
+    return pd.DataFrame({
+        "file_name": list(file_names),
+        "original_label": np.asarray(original_labels).astype(np.int64).tolist(),
+        "real_label": [sorted(label_sets[name]) for name in file_names],
+    })
 
-    ``scores`` has one row per rated question (file_name, label, score).
-    """
+
+def score_lists(scores: pd.DataFrame) -> dict[str, tuple[list[int], list[float]]]:
+    """file_name -> (labels, scores) of its rated questions, by label, from one row per
+    rated question (file_name, label, score)."""
     ordered = scores.sort_values(["file_name", "label"], kind="stable")
     # One cut of the sorted columns at the image boundaries (not a groupby per image:
     # 50,000 small groups cost seconds).
@@ -184,15 +190,33 @@ def release_table(file_names: list[str], original_labels: np.ndarray,
     ends = np.r_[starts[1:], len(names)].tolist()
     labels = ordered["label"].to_numpy(np.int64).tolist()
     values = ordered["score"].to_numpy(np.float64).tolist()
-    span = dict(zip(names[starts].tolist(), zip(starts.tolist(), ends)))
-    spans = [span.get(name, (0, 0)) for name in file_names]
-    return pd.DataFrame({
-        "file_name": list(file_names),
-        "original_label": np.asarray(original_labels).astype(np.int64).tolist(),
-        "real_label": [sorted(label_sets[name]) for name in file_names],
-        "score_labels": [labels[a:b] for a, b in spans],
-        "scores": [values[a:b] for a, b in spans],
-    })
+    return {name: (labels[a:b], values[a:b]) for name, a, b in zip(names[starts].tolist(), starts.tolist(), ends)}
+
+
+# The scores of an audit without rated questions.
+NO_SCORES = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype="int64"),
+                              "score": pd.Series(dtype="float64")})
+
+
+def with_scores(images: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """``images`` (see ``image_table``) with each image's score_labels and scores
+    (empty for an image without rated questions; scores of other images are left out)."""
+    per_image = score_lists(scores)
+    empty = ([], [])
+    found = [per_image.get(name, empty) for name in images["file_name"]]
+    table = images.assign(score_labels=[labels for labels, _ in found], scores=[values for _, values in found])
+    first = ["file_name", "original_label", "real_label", "score_labels", "scores"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def release_table(file_names: list[str], original_labels: np.ndarray,
+                  label_sets: Mapping[str, Iterable[int]],
+                  scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per image: file_name, original_label, real_label, score_labels, scores.
+
+    ``scores`` has one row per rated question (file_name, label, score).
+    """
+    return with_scores(image_table(file_names, original_labels, label_sets), scores)
 
 
 def _rgb_encoded(path: str) -> bytes:
@@ -256,6 +280,41 @@ def _read_examples(path: str, num_classes: int) -> list[tuple[str, Any]]:
     return list(_table_examples(commit.read_parquet(path), num_classes))
 
 
+def _read_keyed_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(row["file_name"], row) for row in _rows(commit.read_parquet(path))]
+
+
+def _read_keyed_scores(path: str) -> list[tuple[str, tuple[list[int], list[float]]]]:
+    return list(score_lists(commit.read_parquet(path, columns=["file_name", "label", "score"])).items())
+
+
+def _joined_example(item: tuple[str, Mapping[str, list]], num_classes: int) -> list[tuple[str, Any]]:
+    name, joined = item
+    if not joined["rows"]:
+        return []  # rated, but not an image of the release (as with_scores leaves it out)
+    if len(joined["scores"]) > 1:
+        raise ValueError(f"{name}: scores in {len(joined['scores'])} shards; an image's scores are in one shard")
+    labels, values = joined["scores"][0] if joined["scores"] else ([], [])
+    return [_to_example(joined["rows"][0] | {"score_labels": labels, "scores": values}, num_classes)]
+
+
+class _ExamplesFromShards(beam.PTransform):
+    """The records from the per-image rows (chunk files) and the score shards, joined by
+    image in the workers: no worker, and not the launcher, holds every score."""
+
+    def __init__(self, row_chunks: list[str], score_shards: list[str], num_classes: int):
+        super().__init__()
+        self.row_chunks, self.score_shards, self.num_classes = row_chunks, score_shards, num_classes
+
+    def expand(self, root):
+        rows = (root | "ListImageChunks" >> beam.Create(self.row_chunks, reshuffle=True)
+                | "ReadImages" >> beam.FlatMap(_read_keyed_rows))
+        scores = (root | "ListScoreShards" >> beam.Create(self.score_shards, reshuffle=True)
+                  | "ReadScoreShards" >> beam.FlatMap(_read_keyed_scores))
+        return ({"rows": rows, "scores": scores} | "JoinByImage" >> beam.CoGroupByKey()
+                | "MakeRecords" >> beam.FlatMap(_joined_example, num_classes=self.num_classes))
+
+
 # Builders register themselves by class name when defined. Releases are built at run
 # time with a name from the config, and must not clash with TFDS's catalogue or an
 # earlier release in this process, so neither the base nor the subclasses register.
@@ -271,6 +330,9 @@ with tfds.core.registered.skip_registration():
         WITH_IMAGES = False
         WITH_AWAITING = False
         ROW_CHUNKS: list[str] = []
+        # Score shards (parquet: file_name, label, score; an image's in one shard) to join
+        # with the per-image rows of ROW_CHUNKS; empty when the rows hold the scores.
+        SCORE_SHARDS: list[str] = []
         # The rows, for the in-process writer (``local``): its examples are generated
         # from them in this process, instead of by Beam workers from ROW_CHUNKS.
         LOCAL_TABLE: pd.DataFrame | None = None
@@ -294,6 +356,8 @@ with tfds.core.registered.skip_registration():
             if self.LOCAL_TABLE is not None:
                 return _table_examples(self.LOCAL_TABLE, len(self.CLASS_NAMES))
             # A PTransform, so TFDS writes the split with Beam (scales out on Dataflow).
+            if self.SCORE_SHARDS:
+                return _ExamplesFromShards(self.ROW_CHUNKS, self.SCORE_SHARDS, len(self.CLASS_NAMES))
             # Workers read the rows from chunk files rather than from an in-graph
             # beam.Create, which infers a type from every row (~0.5 ms per row) and is
             # pickled into every stage of the job.
@@ -384,15 +448,17 @@ def _copy_to(local_path: str, destination: str) -> None:
 
 def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
                    row_chunks: list[str], class_names: list[str], table_columns: list[str] = (),
-                   shard_target: str = "", local_table: pd.DataFrame | None = None) -> type:
+                   shard_target: str = "", local_table: pd.DataFrame | None = None,
+                   score_shards: Sequence[str] = ()) -> type:
     """A builder named ``name`` at ``version`` whose examples are the rows stored in the
-    files ``row_chunks`` (Beam), or the rows of ``local_table`` (in-process)."""
+    files ``row_chunks`` (Beam; joined with ``score_shards`` if any), or the rows of
+    ``local_table`` (in-process)."""
     with tfds.core.registered.skip_registration():
         return type(name, (AuditReleaseBuilder,), {
             "name": name, "__module__": __name__, "VERSION": tfds.core.Version(version),
             "RELEASE_NOTES": dict(release_notes), "DESCRIPTION": description,
             "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks, "SHARD_TARGET": shard_target,
-            "LOCAL_TABLE": local_table,
+            "LOCAL_TABLE": local_table, "SCORE_SHARDS": list(score_shards),
             "WITH_IMAGES": "image_path" in table_columns, "WITH_AWAITING": "awaiting_votes" in table_columns})
 
 
@@ -425,10 +491,16 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
                   counts: Mapping[str, Any], options: PipelineOptions,
                   description: str = "", diff: Mapping[str, Any] | None = None,
                   class_names: list[str] | None = None, writer: str = "auto",
+                  score_shards: Sequence[str] | None = None,
                   stale_after_s: float = commit.STALE_AFTER_S) -> str | Path:
     """Write ``table`` (see ``release_table``) as ``<out>/tfds/<name>/<version>``, local or
     on an object store, and commit it. Returns its path (a Path locally, else a URI).
     ``writer`` is ``auto``, ``beam`` or ``local`` (``choose_writer``): the same release.
+
+    With ``score_shards`` (parquet files of file_name, label, score, every score of an
+    image in one of them; paths the workers can read), ``table`` has no score columns
+    (see ``image_table``) and the scores come from the shards: joined with the rows by
+    the Beam workers, or, by the local writer, read here one after the other.
 
     Refuses with ``ReleaseExistsError`` if that version is committed (or is being
     written by another live run). Leftovers of a crashed write of it are removed first.
@@ -437,6 +509,10 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
     if version not in release_notes:
         raise ValueError(f"release notes have no entry for version {version}")
     local = choose_writer(writer, options, len(table)) == "local"
+    if score_shards is not None and (local or not score_shards):
+        shards = [commit.read_parquet(p, columns=list(NO_SCORES.columns)) for p in score_shards]
+        table = with_scores(table, pd.concat(shards, ignore_index=True) if shards else NO_SCORES)
+        score_shards = None
     target = str(final)
     writer = commit.PrefixWriter(target, stale_after_s=stale_after_s)
     try:
@@ -454,7 +530,7 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
                                      description or f"Audited labels ({name} {version}).",
                                      row_chunks, class_names or list(imagenet_wnids()),
                                      list(table.columns), shard_target=target,
-                                     local_table=table if local else None)
+                                     local_table=table if local else None, score_shards=score_shards or ())
         builder = builder_cls(data_dir=str(staging), file_format="array_record")
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(beam_options=None if local else options))

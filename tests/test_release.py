@@ -147,3 +147,94 @@ def test_content_key_of_a_table_is_the_one_earlier_releases_recorded():
     assert table_key(table) == "2242162d768893af78c8043aa6c638cbd76441672342d33b1c4f9250a6a06481"
     table.at[1, "scores"] = [0.2, np.nextafter(0.95, 1.0)]
     assert table_key(table) != "2242162d768893af78c8043aa6c638cbd76441672342d33b1c4f9250a6a06481"
+
+
+def _audit_artifacts(root, scores: pd.DataFrame, shards: int | None):
+    """A dataset and a label_sets artifact as the dataset and aggregate stages store them,
+    the scores as one scores.parquet (``shards=None``) or as ``shards`` score shards
+    (images by hash; every score of an image in one shard)."""
+    from pipelines.stages.base import Artifact
+
+    names = [f"im{i}.JPEG" for i in range(12)]
+    (root / "dataset").mkdir(parents=True)
+    (root / "label_sets" / "scores").mkdir(parents=True)
+    pd.DataFrame({"file_name": names, "label": np.arange(12) * 7}).to_parquet(root / "dataset" / "labels.parquet")
+    sets = {n: sorted({i % 5, (i * 3) % 11} - {4}) for i, n in enumerate(names)}
+    pd.DataFrame({"file_name": names, "labels": [sets[n] for n in names]}).to_parquet(
+        root / "label_sets" / "label_sets.parquet")
+    pd.DataFrame({"file_name": names[::4]}).to_parquet(root / "label_sets" / "awaiting.parquet")
+    if shards is None:
+        scores.to_parquet(root / "label_sets" / "scores.parquet")
+    else:
+        shard_of = scores["file_name"].map(lambda n: sum(n.encode()) % shards)
+        for s in range(shards):
+            scores[shard_of == s].to_parquet(root / "label_sets" / "scores" / f"scores-{s:05d}-of-{shards:05d}.parquet")
+    return {"dataset": Artifact("dataset", "d", root / "dataset"),
+            "label_sets": Artifact("label_sets", "l", root / "label_sets", {"pairs_awaiting_votes": 3})}
+
+
+def _scores() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    # Images 0-8 rated (some twice about a label set member), 9-11 not; "elsewhere.JPEG"
+    # is rated but not in the dataset (left out of the release, as with one scores.parquet).
+    names = [f"im{i}.JPEG" for i in rng.integers(0, 9, 40)] + ["elsewhere.JPEG"]
+    labels = rng.integers(0, 20, len(names))
+    frame = pd.DataFrame({"file_name": names, "label": labels, "score": rng.random(len(names))})
+    return frame.drop_duplicates(["file_name", "label"]).sample(frac=1.0, random_state=1)
+
+
+def test_score_shards_give_the_release_of_one_scores_file(tmp_path):
+    """The Beam writer joins the per-image rows with score shards in its workers (the
+    launcher reads no score); the records equal those written from one scores.parquet."""
+    from types import SimpleNamespace
+
+    from pipelines.stages import release as stage
+
+    ctx = SimpleNamespace(config=SimpleNamespace(stages=SimpleNamespace(release=SimpleNamespace(include_images=False))))
+    scores = _scores()
+    single = _audit_artifacts(tmp_path / "single", scores, shards=None)
+    sharded = _audit_artifacts(tmp_path / "sharded", scores, shards=3)
+    assert stage.score_shards(single["label_sets"]) is None
+    shards = stage.score_shards(sharded["label_sets"])
+    assert [p.name for p in shards] == [f"scores-0000{s}-of-00003.parquet" for s in range(3)]
+    table, none = stage.release_inputs(ctx, single)
+    images, listed = stage.release_inputs(ctx, sharded)
+    assert none is None and listed == shards
+    assert "scores" in table and "scores" not in images
+    assert table["awaiting_votes"].sum() == 3 and table["score_labels"].map(len).gt(0).sum() == 9
+    kwargs = dict(release_notes={"1.0.0": "x"}, manifest={}, counts={}, options=make_options("direct"),
+                  class_names=[f"c{i}" for i in range(100)])
+    expected = release.read_release(release.write_release(tmp_path / "one", "audit", "1.0.0", table,
+                                                          writer="local", **kwargs))
+    assert expected["scores"].map(len).sum() == len(scores) - 1
+    for writer in ("beam", "local"):
+        path = release.write_release(tmp_path / writer, "audit", "1.0.0", images, writer=writer,
+                                     score_shards=[str(p) for p in shards], **kwargs)
+        pd.testing.assert_frame_equal(release.read_release(path), expected, check_exact=True)
+    # The release stage's full table (a re-audit compares it) is the same from shards.
+    pd.testing.assert_frame_equal(stage.release_table(ctx, sharded), table)
+    key = stage.ReleaseStage().params(ctx, sharded)["content"]
+    # A score changed in a shard changes the records the Beam workers write, and the key.
+    changed = pd.read_parquet(shards[0])
+    changed.loc[changed.index[0], "score"] += 1e-9
+    changed.to_parquet(shards[0])
+    path = release.write_release(tmp_path / "changed", "audit", "1.0.0", images, writer="beam",
+                                 score_shards=[str(p) for p in shards], **kwargs)
+    with pytest.raises(AssertionError):
+        pd.testing.assert_frame_equal(release.read_release(path), expected, check_exact=True)
+    assert stage.ReleaseStage().params(ctx, sharded)["content"] != key
+    # The workers join by image: an image's scores in two shards is an error there.
+    pd.concat([changed, changed.iloc[:1]]).to_parquet(shards[1])
+    with pytest.raises(Exception, match="scores in 2 shards"):
+        release.write_release(tmp_path / "twice", "audit", "1.0.0", images, writer="beam",
+                              score_shards=[str(p) for p in shards], **kwargs)
+
+
+def test_an_incomplete_set_of_score_shards_is_refused(tmp_path):
+    from pipelines.stages import release as stage
+    from pipelines.stages.base import StageError
+
+    artifacts = _audit_artifacts(tmp_path, _scores(), shards=3)
+    (tmp_path / "label_sets" / "scores" / "scores-00001-of-00003.parquet").unlink()
+    with pytest.raises(StageError, match="not a complete set of score shards"):
+        stage.score_shards(artifacts["label_sets"])
