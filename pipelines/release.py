@@ -195,7 +195,13 @@ def score_lists(scores: pd.DataFrame) -> dict[str, tuple[list[int], list[float]]
 
 # The scores of an audit without rated questions.
 NO_SCORES = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype="int64"),
-                              "score": pd.Series(dtype="float64")})
+                          "score": pd.Series(dtype="float64")})
+
+
+def read_score_shards(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Every rated question of the score shards ``paths`` (local files or URIs), in one table."""
+    shards = [commit.read_parquet(p, columns=list(NO_SCORES.columns)) for p in paths]
+    return pd.concat(shards, ignore_index=True) if shards else NO_SCORES
 
 
 def with_scores(images: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -285,7 +291,7 @@ def _read_keyed_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_keyed_scores(path: str) -> list[tuple[str, tuple[list[int], list[float]]]]:
-    return list(score_lists(commit.read_parquet(path, columns=["file_name", "label", "score"])).items())
+    return list(score_lists(read_score_shards([path])).items())
 
 
 def _joined_example(item: tuple[str, Mapping[str, list]], num_classes: int) -> list[tuple[str, Any]]:
@@ -510,8 +516,7 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
         raise ValueError(f"release notes have no entry for version {version}")
     local = choose_writer(writer, options, len(table)) == "local"
     if score_shards is not None and (local or not score_shards):
-        shards = [commit.read_parquet(p, columns=list(NO_SCORES.columns)) for p in score_shards]
-        table = with_scores(table, pd.concat(shards, ignore_index=True) if shards else NO_SCORES)
+        table = with_scores(table, read_score_shards(score_shards))
         score_shards = None
     target = str(final)
     writer = commit.PrefixWriter(target, stale_after_s=stale_after_s)

@@ -72,8 +72,7 @@ def read_all_scores(artifact: Artifact) -> pd.DataFrame:
 
     shards = score_shards(artifact)
     if shards is not None:
-        return pd.concat([pd.read_parquet(p, columns=list(release_lib.NO_SCORES.columns)) for p in shards],
-                         ignore_index=True)
+        return release_lib.read_score_shards(shards)
     scores = read_scores(artifact)
     return release_lib.NO_SCORES if scores is None else scores
 
