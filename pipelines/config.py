@@ -249,6 +249,10 @@ class ReleaseConfig(_Section):
     # Put the images (RGB) into the release as an `image` feature; needs dataset.images
     # of type files or folder. Off by default: ImageNet's are not ours to redistribute.
     include_images: bool = False
+    # Who writes the TFDS files (pipelines/release.py choose_writer): `beam` (TFDS's Beam
+    # job; scales out on Dataflow), `local` (TFDS's in-process writer; the same files),
+    # `auto` (local below a million records on the in-process direct runner, else beam).
+    writer: Literal["auto", "beam", "local"] = "auto"
 
 
 class ClassFolderPredictions(_Section):

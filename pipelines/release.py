@@ -1,4 +1,4 @@
-"""Stage 6: write an audit as a versioned TFDS dataset, through TFDS's Beam path.
+"""Stage 6: write an audit as a versioned TFDS dataset, through TFDS's writers.
 
 The release is ``<out>/tfds/<name>/<version>/`` in ``array_record`` (readable without
 TensorFlow: ``tfds.builder_from_directory(path).as_data_source('validation')``), with
@@ -14,16 +14,21 @@ lists every file with its size and sha256). A crash leaves no committed partial 
 and a committed version is never overwritten. Versions follow TFDS's semantics (see
 ``auditing.versions.next_version``). Users read a remote version through
 ``pipelines.release_pull.load_release``.
+
+Two writers make the same dataset (same builder, features, records, shards and commit):
+``beam`` is TFDS's Beam path (``download_and_prepare`` runs a Beam job; it scales out on
+Dataflow), ``local`` is TFDS's own in-process path for generator builders. ``auto``
+picks ``local`` for small tables on the in-process direct runner (see ``choose_writer``).
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shutil
+import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,7 @@ from etils import epath
 from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import writer as tfds_writer
 from tensorflow_datasets.proto import tf_example_pb2
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from auditing.errors import InputError
 from auditing.imagenet import imagenet_wnids
@@ -46,6 +51,15 @@ from pipelines import commit
 
 SPLIT = "validation"
 ROWS_PER_CHUNK = 2000
+WRITERS = ("auto", "beam", "local")
+# Where ``auto`` stops writing in-process. TFDS's Beam writer runs several Beam steps per
+# record (encode, serialize, hash the key, shuffle, write), and Beam's direct runner
+# costs ~28 us per element per step plus seconds to start a job: a 50,000-image release
+# took ~10 s through Beam and well under 1 s in-process. In-process, the serialized
+# records of the split are held in memory until the shards are written (TFDS's shuffler
+# spills to disk past ~1 GB); a million ~250-byte records is a few hundred MB, beyond
+# which Beam's workers (and on Dataflow, its many machines) are the better writer.
+LOCAL_WRITER_MAX_ROWS = 1_000_000
 HOMEPAGE = "https://github.com/google-research/reassessed-imagenet"
 CITATION = """@article{beyer2020imagenet,
   title={Are we done with ImageNet?},
@@ -85,13 +99,17 @@ example_serializer.ExampleSerializer.serialize_example = _serialize_example_dete
 tfds.features.FeaturesDict.encode_example = _encode_unless_serialized
 
 
+# TFDS's Encoding.BYTES of a float64 scalar: its 8 bytes in native order.
+_float64_bytes = struct.Struct("=d").pack
+
+
 def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample:
     """The release record of a row without an image, byte for byte what TFDS's
     ``encode_example`` + deterministic serialization of ``release_features`` give."""
     labels = [row["original_label"], *row["real_label"], *row["score_labels"]]
-    bad = [v for v in labels if not 0 <= v < num_classes]
-    if bad:
-        raise ValueError(f"{row['file_name']}: label {bad[0]} outside [0, {num_classes})")
+    if min(labels) < 0 or max(labels) >= num_classes:
+        bad = next(v for v in labels if not 0 <= v < num_classes)
+        raise ValueError(f"{row['file_name']}: label {bad} outside [0, {num_classes})")
     if len(row["score_labels"]) != len(row["scores"]):
         raise ValueError(f"{row['file_name']}: {len(row['score_labels'])} score labels, {len(row['scores'])} scores")
     example = tf_example_pb2.Example()
@@ -103,9 +121,8 @@ def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample
     feature["real_label"].int64_list.value.extend(row["real_label"])
     feature["label_scores/label"].int64_list.SetInParent()
     feature["label_scores/label"].int64_list.value.extend(row["score_labels"])
-    raw = np.asarray(row["scores"], np.float64).tobytes()  # TFDS's Encoding.BYTES: native order
     feature["label_scores/score"].bytes_list.SetInParent()
-    feature["label_scores/score"].bytes_list.value.extend(raw[i:i + 8] for i in range(0, len(raw), 8))
+    feature["label_scores/score"].bytes_list.value.extend(map(_float64_bytes, row["scores"]))
     if "awaiting_votes" in row:
         feature["awaiting_votes"].int64_list.value.append(int(bool(row["awaiting_votes"])))
     return SerializedExample(example.SerializeToString(deterministic=True))
@@ -152,29 +169,60 @@ def release_features(class_names: list[str], with_images: bool = False,
     })
 
 
+def image_table(file_names: list[str], original_labels: np.ndarray,
+                label_sets: Mapping[str, Iterable[int]]) -> pd.DataFrame:
+    """One row per image: file_name, original_label, real_label (sorted)."""
+    return pd.DataFrame({
+        "file_name": list(file_names),
+        "original_label": np.asarray(original_labels).astype(np.int64).tolist(),
+        "real_label": [sorted(label_sets[name]) for name in file_names],
+    })
+
+
+def score_lists(scores: pd.DataFrame) -> dict[str, tuple[list[int], list[float]]]:
+    """file_name -> (labels, scores) of its rated questions, by label, from one row per
+    rated question (file_name, label, score)."""
+    ordered = scores.sort_values(["file_name", "label"], kind="stable")
+    # One cut of the sorted columns at the image boundaries (not a groupby per image:
+    # 50,000 small groups cost seconds).
+    names = ordered["file_name"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(names)].tolist()
+    labels = ordered["label"].to_numpy(np.int64).tolist()
+    values = ordered["score"].to_numpy(np.float64).tolist()
+    return {name: (labels[a:b], values[a:b]) for name, a, b in zip(names[starts].tolist(), starts.tolist(), ends)}
+
+
+# The scores of an audit without rated questions.
+NO_SCORES = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype="int64"),
+                          "score": pd.Series(dtype="float64")})
+
+
+def read_score_shards(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Every rated question of the score shards ``paths`` (local files or URIs), in one table."""
+    shards = [commit.read_parquet(p, columns=list(NO_SCORES.columns)) for p in paths]
+    return pd.concat(shards, ignore_index=True) if shards else NO_SCORES
+
+
+def with_scores(images: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """``images`` (see ``image_table``) with each image's score_labels and scores
+    (empty for an image without rated questions; scores of other images are left out)."""
+    per_image = score_lists(scores)
+    empty = ([], [])
+    found = [per_image.get(name, empty) for name in images["file_name"]]
+    table = images.assign(score_labels=[labels for labels, _ in found], scores=[values for _, values in found])
+    first = ["file_name", "original_label", "real_label", "score_labels", "scores"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
 def release_table(file_names: list[str], original_labels: np.ndarray,
-                  label_sets: Mapping[str, frozenset[int]],
+                  label_sets: Mapping[str, Iterable[int]],
                   scores: pd.DataFrame) -> pd.DataFrame:
     """One row per image: file_name, original_label, real_label, score_labels, scores.
 
     ``scores`` has one row per rated question (file_name, label, score).
     """
-    ordered = scores.sort_values(["file_name", "label"], kind="stable")
-    # One split of the sorted columns at the image boundaries (not a groupby per image:
-    # 50,000 small groups cost seconds).
-    names = ordered["file_name"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, int)
-    label_lists = np.split(ordered["label"].to_numpy(np.int64), starts[1:]) if len(names) else []
-    score_lists = np.split(ordered["score"].to_numpy(np.float64), starts[1:]) if len(names) else []
-    position = {name: i for i, name in enumerate(names[starts])}
-    rows_of = [position.get(name, -1) for name in file_names]
-    return pd.DataFrame({
-        "file_name": list(file_names),
-        "original_label": [int(v) for v in original_labels],
-        "real_label": [sorted(label_sets[name]) for name in file_names],
-        "score_labels": [label_lists[i].tolist() if i >= 0 else [] for i in rows_of],
-        "scores": [score_lists[i].tolist() if i >= 0 else [] for i in rows_of],
-    })
+    return with_scores(image_table(file_names, original_labels, label_sets), scores)
 
 
 def _rgb_encoded(path: str) -> bytes:
@@ -204,25 +252,73 @@ def _to_example(row: dict[str, Any], num_classes: int) -> tuple[str, Any]:
     }
 
 
+def _plain(value: Any) -> Any:
+    """A cell as plain Python (parquet gives list cells back as arrays)."""
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _rows(table: pd.DataFrame):
+    """The table's rows as dicts of plain values (``DataFrame.to_dict("records")`` costs
+    ~14 us a row; zipping the columns' lists a tenth of that)."""
+    columns = list(table.columns)
+    values = [[_plain(v) for v in table[c]] if table[c].dtype == object else table[c].tolist()
+              for c in columns]
+    return (dict(zip(columns, row)) for row in zip(*values))
+
+
+def _table_examples(table: pd.DataFrame, num_classes: int):
+    return (_to_example(row, num_classes) for row in _rows(table))
+
+
 def _write_row_chunks(table: pd.DataFrame, folder: str) -> list[str]:
-    """The rows as JSON files under ``folder`` (inside the release prefix, so that
-    workers anywhere read them; removed before the commit)."""
+    """The rows as parquet files under ``folder`` (inside the release prefix, so that
+    workers anywhere read them; removed before the commit). Parquet keeps float64 exact
+    and is read back without parsing text."""
     paths = []
     for start in range(0, len(table), ROWS_PER_CHUNK):
-        path = commit.join(folder, f"rows-{start // ROWS_PER_CHUNK:05d}.json")
-        # json.dumps writes floats as repr (exact for float64); DataFrame.to_json stops at 15 digits.
-        commit.write_text(path, json.dumps(table.iloc[start:start + ROWS_PER_CHUNK].to_dict(orient="records")))
+        path = commit.join(folder, f"rows-{start // ROWS_PER_CHUNK:05d}.parquet")
+        commit.write_parquet(table.iloc[start:start + ROWS_PER_CHUNK], path, index=False)
         paths.append(path)
     return paths
 
 
-def _read_row_chunk(path: str) -> list[dict[str, Any]]:
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
-
-
 def _read_examples(path: str, num_classes: int) -> list[tuple[str, Any]]:
-    return [_to_example(row, num_classes) for row in _read_row_chunk(path)]
+    return list(_table_examples(commit.read_parquet(path), num_classes))
+
+
+def _read_keyed_rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(row["file_name"], row) for row in _rows(commit.read_parquet(path))]
+
+
+def _read_keyed_scores(path: str) -> list[tuple[str, tuple[list[int], list[float]]]]:
+    return list(score_lists(read_score_shards([path])).items())
+
+
+def _joined_example(item: tuple[str, Mapping[str, list]], num_classes: int) -> list[tuple[str, Any]]:
+    name, joined = item
+    if not joined["rows"]:
+        return []  # rated, but not an image of the release (as with_scores leaves it out)
+    if len(joined["scores"]) > 1:
+        raise ValueError(f"{name}: scores in {len(joined['scores'])} shards; an image's scores are in one shard")
+    labels, values = joined["scores"][0] if joined["scores"] else ([], [])
+    return [_to_example(joined["rows"][0] | {"score_labels": labels, "scores": values}, num_classes)]
+
+
+class _ExamplesFromShards(beam.PTransform):
+    """The records from the per-image rows (chunk files) and the score shards, joined by
+    image in the workers: no worker, and not the launcher, holds every score."""
+
+    def __init__(self, row_chunks: list[str], score_shards: list[str], num_classes: int):
+        super().__init__()
+        self.row_chunks, self.score_shards, self.num_classes = row_chunks, score_shards, num_classes
+
+    def expand(self, root):
+        rows = (root | "ListImageChunks" >> beam.Create(self.row_chunks, reshuffle=True)
+                | "ReadImages" >> beam.FlatMap(_read_keyed_rows))
+        scores = (root | "ListScoreShards" >> beam.Create(self.score_shards, reshuffle=True)
+                  | "ReadScoreShards" >> beam.FlatMap(_read_keyed_scores))
+        return ({"rows": rows, "scores": scores} | "JoinByImage" >> beam.CoGroupByKey()
+                | "MakeRecords" >> beam.FlatMap(_joined_example, num_classes=self.num_classes))
 
 
 # Builders register themselves by class name when defined. Releases are built at run
@@ -240,6 +336,12 @@ with tfds.core.registered.skip_registration():
         WITH_IMAGES = False
         WITH_AWAITING = False
         ROW_CHUNKS: list[str] = []
+        # Score shards (parquet: file_name, label, score; an image's in one shard) to join
+        # with the per-image rows of ROW_CHUNKS; empty when the rows hold the scores.
+        SCORE_SHARDS: list[str] = []
+        # The rows, for the in-process writer (``local``): its examples are generated
+        # from them in this process, instead of by Beam workers from ROW_CHUNKS.
+        LOCAL_TABLE: pd.DataFrame | None = None
         SHARD_TARGET = ""  # the version prefix (local or URI) the shards are copied into
 
         def _example_writer(self) -> tfds_writer.ExampleWriter:
@@ -255,8 +357,14 @@ with tfds.core.registered.skip_registration():
             return {SPLIT: self._generate_examples()}
 
         def _generate_examples(self):
+            # A generator: TFDS writes the split in this process (its writer for
+            # non-Beam builders, with the same shard writer, hashing and shuffling).
+            if self.LOCAL_TABLE is not None:
+                return _table_examples(self.LOCAL_TABLE, len(self.CLASS_NAMES))
             # A PTransform, so TFDS writes the split with Beam (scales out on Dataflow).
-            # Workers read the rows from JSON chunk files rather than from an in-graph
+            if self.SCORE_SHARDS:
+                return _ExamplesFromShards(self.ROW_CHUNKS, self.SCORE_SHARDS, len(self.CLASS_NAMES))
+            # Workers read the rows from chunk files rather than from an in-graph
             # beam.Create, which infers a type from every row (~0.5 ms per row) and is
             # pickled into every stage of the job.
             return ("ListRowChunks" >> beam.Create(self.ROW_CHUNKS, reshuffle=True)
@@ -332,20 +440,31 @@ tfds_writer.BeamWriter.finalize = _finalize_split_from_release
 
 
 def _copy_to(local_path: str, destination: str) -> None:
+    if not commit.is_uri(destination):
+        # Same disk: a second name for the file, not a second copy of its bytes.
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(local_path, destination)
+            return
+        except OSError:
+            pass  # another file system, or links not supported: copy
     with open(local_path, "rb") as source, commit.open_write(destination) as sink:
         shutil.copyfileobj(source, sink, 8 << 20)
 
 
 def _builder_class(name: str, version: str, release_notes: Mapping[str, str], description: str,
                    row_chunks: list[str], class_names: list[str], table_columns: list[str] = (),
-                   shard_target: str = "") -> type:
+                   shard_target: str = "", local_table: pd.DataFrame | None = None,
+                   score_shards: Sequence[str] = ()) -> type:
     """A builder named ``name`` at ``version`` whose examples are the rows stored in the
-    JSON files ``row_chunks``."""
+    files ``row_chunks`` (Beam; joined with ``score_shards`` if any), or the rows of
+    ``local_table`` (in-process)."""
     with tfds.core.registered.skip_registration():
         return type(name, (AuditReleaseBuilder,), {
             "name": name, "__module__": __name__, "VERSION": tfds.core.Version(version),
             "RELEASE_NOTES": dict(release_notes), "DESCRIPTION": description,
             "CLASS_NAMES": class_names, "ROW_CHUNKS": row_chunks, "SHARD_TARGET": shard_target,
+            "LOCAL_TABLE": local_table, "SCORE_SHARDS": list(score_shards),
             "WITH_IMAGES": "image_path" in table_columns, "WITH_AWAITING": "awaiting_votes" in table_columns})
 
 
@@ -355,14 +474,39 @@ def release_notes_markdown(name: str, release_notes: Mapping[str, str]) -> str:
     return f"# {name}\n\n{notes}"
 
 
+def choose_writer(writer: str, options: PipelineOptions, num_rows: int) -> str:
+    """``local`` or ``beam`` for a ``writer`` setting (``auto``, ``beam``, ``local``).
+
+    ``auto`` writes in-process on the in-process direct runner below
+    ``LOCAL_WRITER_MAX_ROWS`` records: there a Beam job only adds its per-element cost
+    (the same single process does the work). Any other runner (worker processes, a
+    portable worker pool, Dataflow) was chosen to run the work elsewhere, so ``auto``
+    gives the job to Beam, as for larger releases."""
+    if writer not in WRITERS:
+        raise ValueError(f"release writer {writer!r}: expected one of {', '.join(WRITERS)}")
+    if writer != "auto":
+        return writer
+    runner = options.view_as(StandardOptions).runner
+    in_process = (runner is None or str(runner).lower() in ("direct", "directrunner")) and (
+        options.view_as(DirectOptions).direct_running_mode in (None, "in_memory"))
+    return "local" if in_process and num_rows < LOCAL_WRITER_MAX_ROWS else "beam"
+
+
 def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd.DataFrame, *,
                   release_notes: Mapping[str, str], manifest: Mapping[str, Any],
                   counts: Mapping[str, Any], options: PipelineOptions,
                   description: str = "", diff: Mapping[str, Any] | None = None,
-                  class_names: list[str] | None = None,
+                  class_names: list[str] | None = None, writer: str = "auto",
+                  score_shards: Sequence[str] | None = None,
                   stale_after_s: float = commit.STALE_AFTER_S) -> str | Path:
     """Write ``table`` (see ``release_table``) as ``<out>/tfds/<name>/<version>``, local or
     on an object store, and commit it. Returns its path (a Path locally, else a URI).
+    ``writer`` is ``auto``, ``beam`` or ``local`` (``choose_writer``): the same release.
+
+    With ``score_shards`` (parquet files of file_name, label, score, every score of an
+    image in one of them; paths the workers can read), ``table`` has no score columns
+    (see ``image_table``) and the scores come from the shards: joined with the rows by
+    the Beam workers, or, by the local writer, read here one after the other.
 
     Refuses with ``ReleaseExistsError`` if that version is committed (or is being
     written by another live run). Leftovers of a crashed write of it are removed first.
@@ -370,6 +514,10 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
     final = release_dir(out_dir, name, version)
     if version not in release_notes:
         raise ValueError(f"release notes have no entry for version {version}")
+    local = choose_writer(writer, options, len(table)) == "local"
+    if score_shards is not None and (local or not score_shards):
+        table = with_scores(table, read_score_shards(score_shards))
+        score_shards = None
     target = str(final)
     writer = commit.PrefixWriter(target, stale_after_s=stale_after_s)
     try:
@@ -382,15 +530,17 @@ def write_release(out_dir: str | os.PathLike, name: str, version: str, table: pd
     # copied into the release by the workers (see _CopyingShardWriter).
     staging = Path(tempfile.mkdtemp(prefix=f"release-{name}-{version}-"))
     try:
-        row_chunks = _write_row_chunks(table, writer.path("_rows"))
+        row_chunks = [] if local else _write_row_chunks(table, writer.path("_rows"))
         builder_cls = _builder_class(name, version, release_notes,
                                      description or f"Audited labels ({name} {version}).",
                                      row_chunks, class_names or list(imagenet_wnids()),
-                                     list(table.columns), shard_target=target)
+                                     list(table.columns), shard_target=target,
+                                     local_table=table if local else None, score_shards=score_shards or ())
         builder = builder_cls(data_dir=str(staging), file_format="array_record")
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(beam_options=options))
-        commit.delete_prefix(writer.path("_rows"))
+            download_config=tfds.download.DownloadConfig(beam_options=None if local else options))
+        if not local:
+            commit.delete_prefix(writer.path("_rows"))
         built = staging / name / version
         copied = commit.list_files(target)
         for local in sorted(p for p in built.rglob("*") if p.is_file()):

@@ -90,3 +90,151 @@ def test_fast_record_serialization_gives_tfds_bytes():
                    "label_scores": {"label": row["score_labels"], "score": row["scores"]}}
         generic = serializer.get_tf_example(flagged.encode_example(example)).SerializeToString(deterministic=True)
         assert bytes(release.serialize_row(row | {"awaiting_votes": flag}, 1000)) == generic
+
+
+def _dataset_info(path) -> dict:
+    info = json.loads((path / "dataset_info.json").read_text())
+    return {"splits": info["splits"], "features": json.loads((path / "features.json").read_text()),
+            "version": info["version"], "fileFormat": info["fileFormat"]}
+
+
+def test_local_and_beam_writers_write_the_same_release(tmp_path):
+    """TFDS's in-process writer and its Beam job: the same records, metadata and bytes."""
+    table = _table()
+    table["awaiting_votes"] = [False, True, False]
+    kwargs = dict(release_notes={"1.0.0": "First audit."}, manifest={}, counts={}, options=make_options("direct"))
+    paths = {writer: release.write_release(tmp_path / writer, "tiny_audit", "1.0.0", table, writer=writer, **kwargs)
+             for writer in ("local", "beam")}
+    # The Beam writer ran a Beam job on the rows (its chunk files are gone again); the local one did not.
+    assert not (paths["beam"] / "_rows").exists()
+    local, beam = (release.read_release(paths[w]) for w in ("local", "beam"))
+    pd.testing.assert_frame_equal(local, beam, check_exact=True)
+    assert local["awaiting_votes"].tolist() == [False, True, False]
+    assert _dataset_info(paths["local"]) == _dataset_info(paths["beam"])
+    assert int(_dataset_info(paths["local"])["splits"][0]["shardLengths"][0]) == 3
+    shards = sorted(p.name for p in paths["beam"].glob("*.array_record-*"))
+    assert shards == sorted(p.name for p in paths["local"].glob("*.array_record-*"))
+    for name in shards:
+        assert (paths["local"] / name).read_bytes() == (paths["beam"] / name).read_bytes()
+    # The comparison sees a score that differs in its last bit.
+    nudged = table.copy()
+    nudged.at[1, "scores"] = [0.2, np.nextafter(0.95, 1.0)]
+    other = release.write_release(tmp_path / "nudged", "tiny_audit", "1.0.0", nudged, writer="local", **kwargs)
+    with pytest.raises(AssertionError):
+        pd.testing.assert_frame_equal(release.read_release(other), beam, check_exact=True)
+
+
+def test_auto_writer_is_local_only_for_small_in_process_runs():
+    direct, workers = make_options("direct"), make_options("direct-multiprocess", num_workers=2)
+    assert release.choose_writer("auto", direct, 50_000) == "local"
+    assert release.choose_writer("auto", direct, release.LOCAL_WRITER_MAX_ROWS) == "beam"
+    assert release.choose_writer("auto", workers, 10) == "beam"
+    assert release.choose_writer("local", workers, 10) == "local"
+    assert release.choose_writer("beam", direct, 10) == "beam"
+    with pytest.raises(ValueError, match="expected one of auto, beam, local"):
+        release.choose_writer("spark", direct, 10)
+
+
+def test_content_key_of_a_table_is_the_one_earlier_releases_recorded():
+    """A release's manifest holds its content key, and a run finds an existing version by
+    it: computing it faster must not change it (the keys below are those of the first
+    implementation, np.concatenate of every cell)."""
+    from pipelines.stages.release import table_key
+
+    table = _table()
+    assert table_key(table) == "be5d1d5b743400268e3210103d56b16bc01e1410dd17c8227949abb5f0e8fa47"
+    table["awaiting_votes"] = [False, True, False]
+    assert table_key(table) == "2242162d768893af78c8043aa6c638cbd76441672342d33b1c4f9250a6a06481"
+    table.at[1, "scores"] = [0.2, np.nextafter(0.95, 1.0)]
+    assert table_key(table) != "2242162d768893af78c8043aa6c638cbd76441672342d33b1c4f9250a6a06481"
+
+
+def _audit_artifacts(root, scores: pd.DataFrame, shards: int | None):
+    """A dataset and a label_sets artifact as the dataset and aggregate stages store them,
+    the scores as one scores.parquet (``shards=None``) or as ``shards`` score shards
+    (images by hash; every score of an image in one shard)."""
+    from pipelines.stages.base import Artifact
+
+    names = [f"im{i}.JPEG" for i in range(12)]
+    (root / "dataset").mkdir(parents=True)
+    (root / "label_sets" / "scores").mkdir(parents=True)
+    pd.DataFrame({"file_name": names, "label": np.arange(12) * 7}).to_parquet(root / "dataset" / "labels.parquet")
+    sets = {n: sorted({i % 5, (i * 3) % 11} - {4}) for i, n in enumerate(names)}
+    pd.DataFrame({"file_name": names, "labels": [sets[n] for n in names]}).to_parquet(
+        root / "label_sets" / "label_sets.parquet")
+    pd.DataFrame({"file_name": names[::4]}).to_parquet(root / "label_sets" / "awaiting.parquet")
+    if shards is None:
+        scores.to_parquet(root / "label_sets" / "scores.parquet")
+    else:
+        shard_of = scores["file_name"].map(lambda n: sum(n.encode()) % shards)
+        for s in range(shards):
+            scores[shard_of == s].to_parquet(root / "label_sets" / "scores" / f"scores-{s:05d}-of-{shards:05d}.parquet")
+    return {"dataset": Artifact("dataset", "d", root / "dataset"),
+            "label_sets": Artifact("label_sets", "l", root / "label_sets", {"pairs_awaiting_votes": 3})}
+
+
+def _scores() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    # Images 0-8 rated (some twice about a label set member), 9-11 not; "elsewhere.JPEG"
+    # is rated but not in the dataset (left out of the release, as with one scores.parquet).
+    names = [f"im{i}.JPEG" for i in rng.integers(0, 9, 40)] + ["elsewhere.JPEG"]
+    labels = rng.integers(0, 20, len(names))
+    frame = pd.DataFrame({"file_name": names, "label": labels, "score": rng.random(len(names))})
+    return frame.drop_duplicates(["file_name", "label"]).sample(frac=1.0, random_state=1)
+
+
+def test_score_shards_give_the_release_of_one_scores_file(tmp_path):
+    """The Beam writer joins the per-image rows with score shards in its workers (the
+    launcher reads no score); the records equal those written from one scores.parquet."""
+    from types import SimpleNamespace
+
+    from pipelines.stages import release as stage
+
+    ctx = SimpleNamespace(config=SimpleNamespace(stages=SimpleNamespace(release=SimpleNamespace(include_images=False))))
+    scores = _scores()
+    single = _audit_artifacts(tmp_path / "single", scores, shards=None)
+    sharded = _audit_artifacts(tmp_path / "sharded", scores, shards=3)
+    assert stage.score_shards(single["label_sets"]) is None
+    shards = stage.score_shards(sharded["label_sets"])
+    assert [p.name for p in shards] == [f"scores-0000{s}-of-00003.parquet" for s in range(3)]
+    table, none = stage.release_inputs(ctx, single)
+    images, listed = stage.release_inputs(ctx, sharded)
+    assert none is None and listed == shards
+    assert "scores" in table and "scores" not in images
+    assert table["awaiting_votes"].sum() == 3 and table["score_labels"].map(len).gt(0).sum() == 9
+    kwargs = dict(release_notes={"1.0.0": "x"}, manifest={}, counts={}, options=make_options("direct"),
+                  class_names=[f"c{i}" for i in range(100)])
+    expected = release.read_release(release.write_release(tmp_path / "one", "audit", "1.0.0", table,
+                                                          writer="local", **kwargs))
+    assert expected["scores"].map(len).sum() == len(scores) - 1
+    for writer in ("beam", "local"):
+        path = release.write_release(tmp_path / writer, "audit", "1.0.0", images, writer=writer,
+                                     score_shards=[str(p) for p in shards], **kwargs)
+        pd.testing.assert_frame_equal(release.read_release(path), expected, check_exact=True)
+    # The release stage's full table (a re-audit compares it) is the same from shards.
+    pd.testing.assert_frame_equal(stage.release_table(ctx, sharded), table)
+    key = stage.ReleaseStage().params(ctx, sharded)["content"]
+    # A score changed in a shard changes the records the Beam workers write, and the key.
+    changed = pd.read_parquet(shards[0])
+    changed.loc[changed.index[0], "score"] += 1e-9
+    changed.to_parquet(shards[0])
+    path = release.write_release(tmp_path / "changed", "audit", "1.0.0", images, writer="beam",
+                                 score_shards=[str(p) for p in shards], **kwargs)
+    with pytest.raises(AssertionError):
+        pd.testing.assert_frame_equal(release.read_release(path), expected, check_exact=True)
+    assert stage.ReleaseStage().params(ctx, sharded)["content"] != key
+    # The workers join by image: an image's scores in two shards is an error there.
+    pd.concat([changed, changed.iloc[:1]]).to_parquet(shards[1])
+    with pytest.raises(Exception, match="scores in 2 shards"):
+        release.write_release(tmp_path / "twice", "audit", "1.0.0", images, writer="beam",
+                              score_shards=[str(p) for p in shards], **kwargs)
+
+
+def test_an_incomplete_set_of_score_shards_is_refused(tmp_path):
+    from pipelines.stages import release as stage
+    from pipelines.stages.base import StageError
+
+    artifacts = _audit_artifacts(tmp_path, _scores(), shards=3)
+    (tmp_path / "label_sets" / "scores" / "scores-00001-of-00003.parquet").unlink()
+    with pytest.raises(StageError, match="not a complete set of score shards"):
+        stage.score_shards(artifacts["label_sets"])

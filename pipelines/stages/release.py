@@ -11,6 +11,8 @@ records is MINOR; the same records re-serialised are PATCH (auditing/release_dif
 from __future__ import annotations
 
 import hashlib
+import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +22,97 @@ import pandas as pd
 from auditing.release_diff import diff_label_sets
 from auditing.versions import next_version, version_change
 from pipelines.config import file_refs
-from pipelines.stages.aggregate import images_awaiting_votes, read_label_sets, read_scores
+from pipelines.stages.aggregate import images_awaiting_votes, read_scores
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import image_source, original_labels
 from pipelines.stages.predict import prediction_paths
 from pipelines.store import content_key, file_digest
 
 
-def release_table(ctx: Context, inputs: Inputs) -> pd.DataFrame:
-    """One row per image of the dataset (pipelines/release.py ``release_table``)."""
+# The aggregate's scores as shards (an image's scores all in one, images sharded by
+# hash), from its Beam engine; else one scores.parquet (read_scores).
+SCORE_SHARDS = "scores/scores-*-of-*.parquet"
+
+
+def score_shards(artifact: Artifact) -> list[Path] | None:
+    """The label_sets artifact's score shards, in order; None where it has none (its
+    scores are one scores.parquet, or there are no scores). A set with a shard missing
+    is refused: its images' records would silently have no scores."""
+    found = sorted(artifact.folder.glob(SCORE_SHARDS))
+    if not found:
+        return None
+    numbered = [re.fullmatch(r"scores-(\d+)-of-(\d+)\.parquet", p.name) for p in found]
+    totals = {int(m[2]) for m in numbered if m}
+    if None in numbered or len(totals) != 1 or sorted(int(m[1]) for m in numbered) != list(range(max(totals))):
+        raise StageError(f"{artifact.folder / 'scores'}: not a complete set of score shards "
+                         f"scores-SSSSS-of-NNNNN.parquet: {', '.join(p.name for p in found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}")
+    return found
+
+
+def image_rows(ctx: Context, inputs: Inputs) -> pd.DataFrame:
+    """One row per image of the dataset, without its scores (pipelines/release.py
+    ``image_table``), with the awaiting-votes flag and image files if the release has them."""
     from pipelines import release as release_lib
 
     labels = original_labels(inputs["dataset"])
-    scores = read_scores(inputs["label_sets"])
-    if scores is None:
-        scores = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype="int64"),
-                               "score": pd.Series(dtype="float64")})
-    table = release_lib.release_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
-                                      read_label_sets(inputs["label_sets"]), scores)
+    table = release_lib.image_table(labels["file_name"].tolist(), labels["label"].to_numpy(),
+                                    label_set_lists(inputs["label_sets"]))
     if "pairs_awaiting_votes" in inputs["label_sets"].counts:
         table["awaiting_votes"] = table["file_name"].isin(images_awaiting_votes(inputs["label_sets"]))
     if ctx.config.stages.release.include_images:
         paths = release_image_paths(ctx, table)
         table["image_path"] = table["file_name"].map(paths)
     return table
+
+
+def read_all_scores(artifact: Artifact) -> pd.DataFrame:
+    """Every rated question (file_name, label, score): the shards', or scores.parquet's."""
+    from pipelines import release as release_lib
+
+    shards = score_shards(artifact)
+    if shards is not None:
+        return release_lib.read_score_shards(shards)
+    scores = read_scores(artifact)
+    return release_lib.NO_SCORES if scores is None else scores
+
+
+def release_table(ctx: Context, inputs: Inputs) -> pd.DataFrame:
+    """One row per image of the dataset, with its scores (pipelines/release.py ``release_table``)."""
+    from pipelines import release as release_lib
+
+    return release_lib.with_scores(image_rows(ctx, inputs), read_all_scores(inputs["label_sets"]))
+
+
+def release_inputs(ctx: Context, inputs: Inputs) -> tuple[pd.DataFrame, list[Path] | None]:
+    """What the release is written from: (``release_table``, None), or, where the scores
+    are shards, (``image_rows``, the shards), so that the scores reach the writer's
+    workers shard by shard and the launcher never holds them all."""
+    shards = score_shards(inputs["label_sets"])
+    if shards is None:
+        return release_table(ctx, inputs), None
+    return image_rows(ctx, inputs), shards
+
+
+def worker_paths(ctx: Context, artifact: Artifact, files: list[Path]) -> list[str]:
+    """Files of a stored output as the writer's workers reach them: the files, or on an
+    object store their URIs (the launcher's folder is a local mirror of the output)."""
+    if not ctx.store.remote:
+        return [str(p) for p in files]
+    from pipelines import commit
+
+    uri = ctx.store.uri(artifact.folder.parent.name, artifact.folder.name)
+    return [commit.join(uri, p.relative_to(artifact.folder).as_posix()) for p in files]
+
+
+def label_set_lists(artifact: Artifact) -> dict[str, list[int]]:
+    """file_name -> its labels, sorted: label_sets.parquet (aggregate.write_label_sets)
+    read by pyarrow into lists directly (``read_label_sets``' frozensets, then sorted
+    again, cost ~0.8 s for 50,000 images)."""
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table(artifact.file("label_sets.parquet"), columns=["file_name", "labels"])
+    return dict(zip(frame["file_name"].to_pylist(), frame["labels"].to_pylist()))
 
 
 def release_image_paths(ctx: Context, table: pd.DataFrame) -> dict[str, str]:
@@ -70,7 +139,14 @@ def table_key(table: pd.DataFrame) -> str:
         digest.update(column.encode() + b"\0")
         if values.dtype == object and len(values) and isinstance(values.iloc[0], (list, np.ndarray)):
             lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
-            flat = np.concatenate([np.asarray(v) for v in values]) if lengths.sum() else np.zeros(0)
+            # The cells' values in one array, as np.concatenate of the cells gives it
+            # (an empty cell is a float64 array there, which makes int labels float64;
+            # kept, so that the keys of releases already written do not change),
+            # without an array per cell.
+            first = next((v for v in values if len(v)), None)
+            dtype = np.result_type(np.asarray(first).dtype, *([np.float64] if (lengths == 0).any() else []))
+            flat = (np.fromiter(itertools.chain.from_iterable(values), dtype, int(lengths.sum()))
+                    if first is not None else np.zeros(0))
             digest.update(lengths.tobytes() + str(flat.dtype).encode() + np.ascontiguousarray(flat).tobytes())
         elif values.dtype == object:
             digest.update("\0".join(map(str, values)).encode())
@@ -86,8 +162,24 @@ class ReleaseStage(Stage):
     consumes = ("dataset", "label_sets")
     consumes_if_present = ("predictions", "proposals", "tasks", "votes")
 
+    def __init__(self) -> None:
+        # (context, inputs, release_inputs) of the run in progress: the table params()
+        # keys the release by is the one write() writes (built once: ~1 s for 50,000 images).
+        self._inputs: tuple[Context, tuple, tuple[pd.DataFrame, list[Path] | None]] | None = None
+
+    def _release_inputs(self, ctx: Context, inputs: Inputs) -> tuple[pd.DataFrame, list[Path] | None]:
+        which = tuple((name, a.key, str(a.folder)) for name, a in sorted(inputs.items()))
+        if self._inputs is None or self._inputs[0] is not ctx or self._inputs[1] != which:
+            self._inputs = (ctx, which, release_inputs(ctx, inputs))
+        return self._inputs[2]
+
     def params(self, ctx: Context, inputs: Inputs) -> dict[str, Any]:
-        return {"content": table_key(release_table(ctx, inputs))}
+        table, shards = self._release_inputs(ctx, inputs)
+        if shards is None:
+            return {"content": table_key(table)}
+        # Without the scores in hand: the records but for their scores, and the shards'
+        # bytes. (The same records from one scores.parquet have another key.)
+        return {"content": content_key(records=table_key(table), score_shards=[file_digest(p) for p in shards])}
 
     def lookup(self, ctx: Context, key: str, params: dict[str, Any]) -> Artifact | None:
         # The runner's key also covers the input artifacts' keys (how the labels were
@@ -114,10 +206,13 @@ class ReleaseStage(Stage):
         from pipelines import release as release_lib
 
         cfg = ctx.config.stages.release
-        table = release_table(ctx, inputs)
+        table, shards = self._release_inputs(ctx, inputs)
         notes = {cfg.version: cfg.release_notes}
         version, diff = cfg.version, None
         if ctx.mode == "reaudit" and ctx.previous_release is not None:
+            # The records are compared with the previous version's, read whole here too.
+            if shards is not None:
+                table, shards = release_lib.with_scores(table, read_all_scores(inputs["label_sets"])), None
             previous = release_lib.read_release(ctx.previous_release)
             latest = _name(ctx.previous_release)
             version = next_version(latest, version_change(previous, table.drop(columns=["image_path"],
@@ -141,8 +236,12 @@ class ReleaseStage(Stage):
         path = release_lib.write_release(
             ctx.config.output_dir, cfg.name, version, table, release_notes=notes,
             manifest=manifest(ctx, inputs, params["content"]) | {"version": version}, counts=counts,
-            options=ctx.beam_options(), description=cfg.description, diff=diff)
+            options=ctx.beam_options(), description=cfg.description, diff=diff, writer=cfg.writer,
+            score_shards=None if shards is None else worker_paths(ctx, inputs["label_sets"], shards))
         return _artifact(path)
+
+    def finish(self, ctx: Context, artifact: Artifact) -> None:
+        self._inputs = None
 
     def describe(self, artifact: Artifact) -> str:
         return f"{_name(artifact.folder, 1)} {_name(artifact.folder)}: {artifact.folder}"
