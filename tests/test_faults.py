@@ -80,10 +80,12 @@ def hidden_dirs(folder: Path, pattern: str = ".*") -> list[Path]:
 # ----------------------------------------------------------------- configs and references
 
 
-def slice_config(real_slice: Path, folder: Path, labels: Path | None = None) -> Path:
-    """The real_slice audit with absolute input paths (optionally another labels file)."""
+def slice_config(real_slice: Path, folder: Path, labels: Path | None = None, writer: str = "auto") -> Path:
+    """The real_slice audit with absolute input paths (optionally another labels file,
+    another release writer: stages.release.writer)."""
     text = (real_slice / "audit.yaml").read_text()
     text = text.replace("labels.tsv", str(labels or real_slice / "labels.tsv"))
+    text = text.replace("release: {name:", f"release: {{writer: {writer}, name:")
     text = text.replace("votes_first.csv", str(real_slice / "votes_first.csv"))
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "audit.yaml"
@@ -91,7 +93,7 @@ def slice_config(real_slice: Path, folder: Path, labels: Path | None = None) -> 
     return config
 
 
-def big_config(real_slice: Path, folder: Path) -> Path:
+def big_config(real_slice: Path, folder: Path, writer: str = "auto") -> Path:
     """The same votes on BIG_TABLE_IMAGES images (the rest unrated): a slower release."""
     originals = labelsets.original_val_labels()
     small = labelsets.read_label_tsv(real_slice / "labels.tsv")
@@ -99,7 +101,7 @@ def big_config(real_slice: Path, folder: Path) -> Path:
     labels = folder / "labels_big.tsv"
     folder.mkdir(parents=True, exist_ok=True)
     pd.concat([small, extra]).sort_values("file_name").to_csv(labels, sep="\t", index=False)
-    return slice_config(real_slice, folder, labels)
+    return slice_config(real_slice, folder, labels, writer)
 
 
 def version_dir(out: Path) -> Path:
@@ -150,23 +152,34 @@ def _uncommitted(root: Path, inside: str) -> bool:
     return (version / inside).is_dir() and not (version / "_COMMITTED.json").exists()
 
 
+def _shards_placed(root: Path) -> bool:
+    version = root / VERSION
+    return (version.is_dir() and any(".array_record-" in p.name for p in version.iterdir())
+            and not (version / "_COMMITTED.json").exists())
+
+
 RELEASE_MOMENTS = {
     # write_release has claimed the version prefix (pipelines/commit.py), nothing else yet.
-    "version claimed": lambda root: _uncommitted(root, "_claims"),
+    "version claimed": ("auto", lambda root: _uncommitted(root, "_claims")),
     # The row chunks are written and TFDS's Beam job is making the array_record shards.
-    "tfds writing": lambda root: _uncommitted(root, "_rows") and any((root / VERSION / "_rows").iterdir()),
+    "tfds beam writing": ("beam", lambda root: _uncommitted(root, "_rows") and any((root / VERSION / "_rows").iterdir())),
+    # TFDS's in-process writer has finished a shard and it is in the version prefix; the
+    # metadata and the marker are not.
+    "local shards placed": ("local", _shards_placed),
 }
 
 
 @pytest.mark.parametrize("moment", RELEASE_MOMENTS)
 def test_kill_during_release_write_leaves_no_version_and_a_rerun_completes(real_slice, tmp_path, moment):
-    attempts = [("slice", lambda d: slice_config(real_slice, d)), ("big", lambda d: big_config(real_slice, d))]
+    writer, reached = RELEASE_MOMENTS[moment]
+    attempts = [("slice", lambda d: slice_config(real_slice, d, writer=writer)),
+                ("big", lambda d: big_config(real_slice, d, writer=writer))]
     for size, make_config in attempts:
         config = make_config(tmp_path / size)
         out = tmp_path / size / "out"
         root = out / "tfds" / NAME
         proc = spawn_run(config, out)
-        if kill_when(proc, lambda: RELEASE_MOMENTS[moment](root)):
+        if kill_when(proc, lambda: reached(root)):
             break
         assert proc.returncode == 0, (tmp_path / size / "run.log").read_text()[-3000:]
     else:
