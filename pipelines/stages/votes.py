@@ -121,12 +121,13 @@ class VotesStage(Stage):
         if carried is not None:
             frames.append(pd.read_parquet(carried))  # last: the new files win
             summary["carried_over"] = int(len(frames[-1]))
-        kept = reaudit.merge_votes(frames)
+        # validate_votes keeps one vote per (rater, question): only other sources need merging.
+        kept = validated.kept if len(frames) == 1 else reaudit.merge_votes(frames)
         summary["votes_used"] = int(len(kept))
         kept.to_parquet(out / "votes.parquet", index=False)
         votes_lib.write_quarantine(validated.quarantine, out / "quarantine.csv")
         if cfg.gold:
-            summary["gold"] = write_gold(ctx, out, known_raters=set(kept["rater_id"].astype(str)))
+            summary["gold"] = write_gold(ctx, out, known_raters=set(map(str, kept["rater_id"].unique())))
         return summary
 
     def describe(self, artifact: Artifact) -> str:
