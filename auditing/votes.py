@@ -26,6 +26,7 @@ then keeps the good rows and quarantines the others with a reason, so that
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -256,9 +257,9 @@ def _answered_cells(archive: zipfile.ZipFile, path: str | os.PathLike | IO[bytes
     The member is decompressed and scanned a piece at a time: raters.npz's tensor is
     377 MB of which 6% is answered, so the whole array is never allocated and each
     piece is scanned while in cache. The zip CRC is checked at the end, as np.load does."""
-    flat, values = [np.empty(0, np.int64)], [np.empty((0, len(ANSWERS)))]
     with archive.open("tensor.npy") as member:
         shape, fortran_order, dtype = _read_npy_header(member, "tensor")
+        flat, values = [np.empty(0, np.int64)], [np.empty((0, len(ANSWERS)), dtype)]
         if len(shape) != 3 or shape[2] != len(ANSWERS) or shape[:2] != (raters, questions):
             raise VoteFileError(f"{path}: field 'tensor' must be (raters={raters}, questions={questions}, 3), "
                                 f"got shape {shape}")
@@ -267,21 +268,39 @@ def _answered_cells(archive: zipfile.ZipFile, path: str | os.PathLike | IO[bytes
         cells, cell_bytes = raters * questions, dtype.itemsize * len(ANSWERS)
         # A Fortran-order tensor's cells are not contiguous: read it whole, as C order.
         step = cells if fortran_order else _CHUNK_CELLS
-        for start in range(0, cells, step):
-            count = min(step, cells - start)
-            data = member.read(count * cell_bytes)
-            if len(data) != count * cell_bytes:
-                raise VoteFileError(f"{path}: field 'tensor' ends after {start + len(data) // cell_bytes:,} of "
-                                    f"{cells:,} cells")
-            piece = np.frombuffer(data, dtype)
-            piece = (np.ascontiguousarray(piece.reshape(shape, order="F")) if fortran_order else piece
-                     ).reshape(count, len(ANSWERS))
-            nonzero = piece != 0
-            answered = np.flatnonzero(functools.reduce(np.logical_or, nonzero.T))  # 4x .any(axis=1)
-            flat.append(answered + start)
-            values.append(piece[answered])
+        starts = range(0, cells, step)
+        sizes = [min(step, cells - start) * cell_bytes for start in starts]
+        # Closed before the member is: no read may still be running when it closes.
+        with contextlib.closing(_read_ahead(member, sizes)) as pieces:
+            for start, data in zip(starts, pieces):
+                count = min(step, cells - start)
+                if len(data) != count * cell_bytes:
+                    raise VoteFileError(f"{path}: field 'tensor' ends after {start + len(data) // cell_bytes:,} "
+                                        f"of {cells:,} cells")
+                piece = np.frombuffer(data, dtype)
+                piece = (np.ascontiguousarray(piece.reshape(shape, order="F")) if fortran_order else piece
+                         ).reshape(count, len(ANSWERS))
+                nonzero = piece != 0
+                answered = np.flatnonzero(functools.reduce(np.logical_or, nonzero.T))  # 4x faster than .any(axis=1)
+                flat.append(answered + start)
+                values.append(piece[answered])
         member.read()  # to the member's end, where zipfile checks the CRC
     return np.concatenate(flat), np.concatenate(values)
+
+
+def _read_ahead(stream: IO[bytes], sizes: Sequence[int]) -> Iterator[bytes]:
+    """``stream.read(size)`` for each of ``sizes``, the next read running in a thread
+    while the caller works on the last: zlib decompresses (and zipfile's CRC runs)
+    without the GIL, so decompressing and scanning share two cores."""
+    if not sizes:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(stream.read, sizes[0])
+        for following in sizes[1:]:
+            data = pending.result()
+            pending = pool.submit(stream.read, following)
+            yield data
+        yield pending.result()
 
 
 @contextlib.contextmanager
