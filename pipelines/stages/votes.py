@@ -100,6 +100,9 @@ class VotesStage(Stage):
                 "simulate": simulate, "gold": gold, "previous_votes": file_digest(carried) if carried else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         from auditing import labelsets
         from auditing import votes as votes_lib
 
@@ -124,7 +127,8 @@ class VotesStage(Stage):
         # validate_votes keeps one vote per (rater, question): only other sources need merging.
         kept = validated.kept if len(frames) == 1 else reaudit.merge_votes(frames)
         summary["votes_used"] = int(len(kept))
-        kept.to_parquet(out / "votes.parquet", index=False)
+        # to_parquet's table, converted on one thread: its column threads only wait on the GIL.
+        pq.write_table(pa.Table.from_pandas(kept, preserve_index=False, nthreads=1), out / "votes.parquet")
         votes_lib.write_quarantine(validated.quarantine, out / "quarantine.csv")
         if cfg.gold:
             summary["gold"] = write_gold(ctx, out, known_raters=set(map(str, kept["rater_id"].unique())))
