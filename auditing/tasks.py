@@ -38,14 +38,17 @@ with ``label`` the class index of the task's label and ``answer`` one of ``yes``
 from __future__ import annotations
 
 from auditing.errors import InputError
+import csv
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +114,7 @@ class ClassAffinity:
         matrix = np.zeros((len(classes.wnids),) * 2, np.int64)
         for d in np.unique(depth):  # deepest common ancestor = the largest depth shared
             at_d = member[:, depth == d]
-            matrix = np.where(at_d @ at_d.T > 0, np.maximum(matrix, d), matrix)
+            matrix[at_d @ at_d.T > 0] = d  # depths ascend: the deepest shared one is written last
         name_affinity = int(matrix.max())
         for i, j in _classes_sharing_a_lemma(classes):
             matrix[i, j] = matrix[j, i] = max(matrix[i, j], name_affinity)
@@ -205,7 +208,7 @@ def cluster_labels(labels: np.ndarray, affinity: ClassAffinity, max_labels: int)
 
 
 def task_id(file_name: str, labels: list[int]) -> str:
-    key = f"{file_name}\t{','.join(str(l) for l in sorted(labels))}"
+    key = f"{file_name}\t{','.join(map(str, sorted(labels)))}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -265,6 +268,12 @@ class TaskSet:
     @property
     def num_tasks(self) -> int:
         return int(self.questions["task_id"].nunique())
+
+    @functools.cached_property
+    def in_file_order(self) -> tuple[pd.DataFrame, np.ndarray]:
+        """``_sort_into_file_order``, once: the JSONL, the CSV and the long questions are
+        all written in this order."""
+        return _sort_into_file_order(self.questions)
 
 
 def build_tasks(proposals: pd.DataFrame, original_labels: pd.DataFrame | None = None,
@@ -375,10 +384,10 @@ def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
     return records
 
 
-def _task_bounds(tasks: TaskSet) -> tuple[pd.DataFrame, np.ndarray]:
+def _sort_into_file_order(questions: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """Questions in task-file order (file_name, task_id, position) and the row where
     each task starts (plus the end): the order of ``task_records``."""
-    q = tasks.questions.sort_values(["file_name", "task_id", "position"], kind="stable")
+    q = questions.sort_values(["file_name", "task_id", "position"], kind="stable")
     file_names, ids = q["file_name"].to_numpy(dtype=object), q["task_id"].to_numpy(dtype=object)
     if not len(q):
         return q, np.zeros(1, np.int64)  # no task: no start, one end
@@ -389,47 +398,74 @@ def _task_bounds(tasks: TaskSet) -> tuple[pd.DataFrame, np.ndarray]:
 def write_tasks_jsonl(tasks: TaskSet, path: str | os.PathLike, image_uri_template: str = "{file_name}",
                       classes: ImageNetClasses | None = None,
                       example_uri_template: str | None = None) -> Path:
-    """``task_records`` as JSON lines. Each class's label entry is serialised once and
-    the lines are put together from the pieces: the same text as ``json.dumps`` of
-    each record (default separators, ``ensure_ascii=False``), without a dict per task."""
+    """``task_records`` as JSON lines. Each class's label entry, each image's name and
+    URI and each task id are serialised once and the lines are put together from the
+    pieces: the same text as ``json.dumps`` of each record (default separators,
+    ``ensure_ascii=False``), without a dict per task."""
     classes = classes or load_classes()
-    entries = [json.dumps(label_entry(classes, label, example_uri_template), ensure_ascii=False)
-               for label in range(len(classes.wnids))]
-    options = json.dumps(list(ANSWER_OPTIONS), ensure_ascii=False)
-    q, bounds = _task_bounds(tasks)
-    file_names, ids, labels = q["file_name"].tolist(), q["task_id"].tolist(), q["label"].tolist()
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    entries = [encode(label_entry(classes, label, example_uri_template)) for label in range(len(classes.wnids))]
+    options = encode(list(ANSWER_OPTIONS))
+    q, bounds = tasks.in_file_order
+    starts = bounds[:-1]
+    images = _image_texts(q["file_name"].to_numpy(dtype=object)[starts],
+                          lambda name: f'"file_name": {encode(name)}, '
+                                       f'"image_uri": {encode(image_uri_template.format(file_name=name))}')
+    ids, labels = q["task_id"].to_numpy(dtype=object)[starts].tolist(), q["label"].tolist()
+    lines = (f'{{"task_id": {encode(tid)}, {image}, "labels": [{", ".join(map(entries.__getitem__, labels[b:e]))}], '
+             f'"answer_options": {options}}}\n'
+             for tid, image, b, e in zip(ids, images, starts.tolist(), bounds[1:].tolist()))
+    return _atomic_write_text(Path(path), lambda f: f.writelines(lines))
 
-    def line(begin: int, end: int) -> str:
-        head = json.dumps({"task_id": ids[begin], "file_name": file_names[begin],
-                           "image_uri": image_uri_template.format(file_name=file_names[begin])},
-                          ensure_ascii=False)
-        body = ", ".join(entries[label] for label in labels[begin:end])
-        return f'{head[:-1]}, "labels": [{body}], "answer_options": {options}}}\n'
 
-    return _atomic_write_text(Path(path), lambda f: f.writelines(
-        line(b, e) for b, e in zip(bounds[:-1], bounds[1:])))
+def _image_texts(file_names: np.ndarray, text: Callable[[str], str]) -> list[str]:
+    """``text(file_name)`` for each of ``file_names``, computed once per image."""
+    codes, uniques = pd.factorize(file_names)
+    return np.asarray([text(name) for name in uniques], dtype=object)[codes].tolist()
 
 
 def write_tasks_csv(tasks: TaskSet, path: str | os.PathLike, image_uri_template: str = "{file_name}",
                     classes: ImageNetClasses | None = None) -> Path:
+    """One task per row: task_id, file_name, image_uri, n_labels, then label_i, wnid_i,
+    name_i, gloss_i for each label (empty cells where a task has fewer): pandas'
+    to_csv text (the csv module's minimal quoting, os.linesep). Each class's four
+    cells are quoted once and the rows put together from the pieces."""
     classes = classes or load_classes()
-    q, bounds = _task_bounds(tasks)
+    q, bounds = tasks.in_file_order
     starts, n_labels = bounds[:-1], np.diff(bounds)
-    first_names = q["file_name"].to_numpy(dtype=object)[starts]
-    columns: dict[str, Any] = {
-        "task_id": q["task_id"].to_numpy(dtype=object)[starts], "file_name": first_names,
-        "image_uri": [image_uri_template.format(file_name=f) for f in first_names], "n_labels": n_labels}
-    labels = q["label"].to_numpy(np.int64)
-    fields = {"wnid": np.asarray(classes.wnids, dtype=object), "name": np.asarray(classes.names, dtype=object),
-              "gloss": np.asarray(classes.glosses, dtype=object)}
-    for i in range(int(n_labels.max()) if len(n_labels) else 0):
-        has = n_labels > i  # tasks with an i-th label; the others get empty cells
-        label = labels[np.where(has, starts + i, 0)]
-        columns[f"label_{i + 1}"] = label if has.all() else np.where(has, label.astype(object), "")
-        for field, values in fields.items():
-            columns[f"{field}_{i + 1}"] = np.where(has, values[label], "")
-    frame = pd.DataFrame(columns)
-    return _atomic_write_text(Path(path), lambda f: frame.to_csv(f, index=False))
+    width = int(n_labels.max()) if len(n_labels) else 0
+    fields = ("label", "wnid", "name", "gloss")
+    per_class = _csv_rows(zip(range(len(classes.wnids)), classes.wnids, classes.names, classes.glosses))
+    names = q["file_name"].to_numpy(dtype=object)[starts]
+    heads = _csv_rows(zip(q["task_id"].to_numpy(dtype=object)[starts].tolist(), names.tolist(),
+                          _image_texts(names, lambda name: image_uri_template.format(file_name=name)),
+                          n_labels.tolist()))
+    header = _csv_rows([["task_id", "file_name", "image_uri", "n_labels",
+                         *(f"{field}_{i + 1}" for i in range(width) for field in fields)]])[0]
+    no_label = ",".join([""] * len(fields))  # a label's empty cells
+    labels = q["label"].tolist()
+    rows = (",".join([head, *map(per_class.__getitem__, labels[b:e]), *[no_label] * (width - (e - b))]) + os.linesep
+            for head, b, e in zip(heads, starts.tolist(), bounds[1:].tolist()))
+    return _atomic_write_text(Path(path), lambda f: f.writelines(itertools.chain([header + os.linesep], rows)))
+
+
+def _csv_rows(rows: Iterable[Sequence[Any]]) -> list[str]:
+    """Each row as the csv module writes it (minimal quoting), without its line end."""
+    texts: list[str] = []
+    csv.writer(types.SimpleNamespace(write=texts.append), lineterminator="").writerows(rows)
+    return texts
+
+
+def task_questions(tasks: TaskSet, image_uri_template: str = "{file_name}") -> pd.DataFrame:
+    """The tasks in ``read_tasks_jsonl``'s long shape (task_id, file_name, image_uri,
+    label, position), in task-file order: what reading back the JSONL gives."""
+    q, bounds = tasks.in_file_order
+    names = q["file_name"].to_numpy(dtype=object)
+    uris = _image_texts(names, lambda name: image_uri_template.format(file_name=name))
+    starts = bounds[:-1]
+    return pd.DataFrame({"task_id": q["task_id"].to_numpy(dtype=object), "file_name": names,
+                         "image_uri": np.asarray(uris, dtype=object), "label": q["label"].to_numpy(np.int64),
+                         "position": np.arange(len(q)) - np.repeat(starts, np.diff(bounds))})
 
 
 def task_record(path: str | os.PathLike, number: int, line: str) -> dict[str, Any]:

@@ -26,14 +26,18 @@ then keeps the good rows and quarantines the others with a reason, so that
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator, Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -219,33 +223,106 @@ def _read_parquet(path: str | os.PathLike) -> pd.DataFrame:
     return _keep_schema_columns(frame)
 
 
+def _read_npy_header(member, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an NPY stream, read up to the data. Object
+    arrays (pickles) are refused, as np.load(allow_pickle=False) does."""
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(member)
+    if dtype.hasobject:
+        raise ValueError(f"array {name!r} holds Python objects (a pickle); refused")
+    return shape, fortran_order, dtype
+
+
 def _read_npz_member(archive: zipfile.ZipFile, name: str) -> np.ndarray:
     """One array of an NPZ, decompressed in one call and viewed in place: numpy's own
     reader copies a compressed member in small chunks (6 s for raters.npz's 377 MB
-    tensor, against 1.4 s). Object arrays (pickles) are refused, as allow_pickle=False."""
+    tensor, against 1.4 s)."""
     data = bytearray(archive.read(name))
     header = io.BytesIO(data)
-    version = np.lib.format.read_magic(header)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(header)
-    if dtype.hasobject:
-        raise ValueError(f"array {name!r} holds Python objects (a pickle); refused")
+    shape, fortran_order, dtype = _read_npy_header(header, name)
     array = np.frombuffer(data, dtype=dtype, offset=header.tell(), count=int(np.prod(shape, dtype=np.int64)))
     return array.reshape(shape, order="F" if fortran_order else "C")
 
 
-def _load_real_npz(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, np.ndarray]:
+# Cells of the rater tensor decompressed at a time (1.5 MB of float64 one-hot triples).
+_CHUNK_CELLS = 1 << 16
+
+
+def _answered_cells(archive: zipfile.ZipFile, path: str | os.PathLike | IO[bytes], raters: int,
+                    questions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flat index rater * questions + question, values (cells, 3)) of the cells of
+    ``tensor.npy`` (raters, questions, 3) with any non-zero value, in C order.
+
+    The member is decompressed and scanned a piece at a time: raters.npz's tensor is
+    377 MB of which 6% is answered, so the whole array is never allocated and each
+    piece is scanned while in cache. The zip CRC is checked at the end, as np.load does."""
+    with archive.open("tensor.npy") as member:
+        shape, fortran_order, dtype = _read_npy_header(member, "tensor")
+        flat, values = [np.empty(0, np.int64)], [np.empty((0, len(ANSWERS)), dtype)]
+        if len(shape) != 3 or shape[2] != len(ANSWERS) or shape[:2] != (raters, questions):
+            raise VoteFileError(f"{path}: field 'tensor' must be (raters={raters}, questions={questions}, 3), "
+                                f"got shape {shape}")
+        if dtype.kind not in "biufc":
+            raise VoteFileError(f"{path}: field 'tensor' must hold numbers (one-hot answers), got dtype {dtype}")
+        cells, cell_bytes = raters * questions, dtype.itemsize * len(ANSWERS)
+        # A Fortran-order tensor's cells are not contiguous: read it whole, as C order.
+        step = cells if fortran_order else _CHUNK_CELLS
+        starts = range(0, cells, step)
+        sizes = [min(step, cells - start) * cell_bytes for start in starts]
+        # Closed before the member is: no read may still be running when it closes.
+        with contextlib.closing(_read_ahead(member, sizes)) as pieces:
+            for start, data in zip(starts, pieces):
+                count = min(step, cells - start)
+                if len(data) != count * cell_bytes:
+                    raise VoteFileError(f"{path}: field 'tensor' ends after {start + len(data) // cell_bytes:,} "
+                                        f"of {cells:,} cells")
+                piece = np.frombuffer(data, dtype)
+                piece = (np.ascontiguousarray(piece.reshape(shape, order="F")) if fortran_order else piece
+                         ).reshape(count, len(ANSWERS))
+                nonzero = piece != 0
+                answered = np.flatnonzero(functools.reduce(np.logical_or, nonzero.T))  # 4x faster than .any(axis=1)
+                flat.append(answered + start)
+                values.append(piece[answered])
+        member.read()  # to the member's end, where zipfile checks the CRC
+    return np.concatenate(flat), np.concatenate(values)
+
+
+def _read_ahead(stream: IO[bytes], sizes: Sequence[int]) -> Iterator[bytes]:
+    """``stream.read(size)`` for each of ``sizes``, the next read running in a thread
+    while the caller works on the last: zlib decompresses (and zipfile's CRC runs)
+    without the GIL, so decompressing and scanning share two cores."""
+    if not sizes:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(stream.read, sizes[0])
+        for following in sizes[1:]:
+            data = pending.result()
+            pending = pool.submit(stream.read, following)
+            yield data
+        yield pending.result()
+
+
+@contextlib.contextmanager
+def _real_npz(path: str | os.PathLike | IO[bytes], keys: Sequence[str]) -> Iterator[zipfile.ZipFile]:
+    """The open archive of a ReaL npz holding the arrays ``keys``; an archive that
+    cannot be read (truncated, corrupt, not a zip) is a VoteFileError."""
     try:
         with zipfile.ZipFile(path) as archive:
             files = [n.removesuffix(".npy") for n in archive.namelist()]
             missing = [k for k in keys if k not in files]
             if missing:
                 raise VoteFileError(f"{path}: ReaL npz lacks the array(s) {missing} (has {files})")
-            return {k: _read_npz_member(archive, f"{k}.npy") for k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            yield archive
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as e:
         if isinstance(e, VoteFileError):
             raise
         raise VoteFileError(f"{path}: not a readable ReaL npz file: {e}") from e
+
+
+def _load_real_npz(path: str | os.PathLike | IO[bytes], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    with _real_npz(path, keys) as archive:
+        return {k: _read_npz_member(archive, f"{k}.npy") for k in keys}
 
 
 def _check_info(path: str | os.PathLike, info: np.ndarray) -> None:
@@ -254,52 +331,66 @@ def _check_info(path: str | os.PathLike, info: np.ndarray) -> None:
                             f"got shape {info.shape}")
 
 
-def read_real_raters_raw(path: str | os.PathLike | None = None) -> pd.DataFrame:
+def _info_labels(info: np.ndarray) -> pd.Series:
+    """``info``'s label column as numbers (NaN where not a number): each distinct
+    string is parsed once (ReaL has 1,000 among 184,962 questions)."""
+    codes, uniques = pd.factorize(info[:, 1])
+    numbers = pd.to_numeric(pd.Series(uniques, dtype=object), errors="coerce").to_numpy()
+    if not len(numbers):
+        return pd.Series(np.empty(0, np.float64))
+    return pd.Series(numbers[codes])
+
+
+def _categorical(values: np.ndarray, index: np.ndarray) -> pd.Categorical:
+    """``values[index]`` as a Categorical: the distinct values once, not a string per vote."""
+    codes, uniques = pd.factorize(values)
+    return pd.Categorical.from_codes(codes[index], categories=pd.Index(uniques, dtype=object))
+
+
+def read_real_raters_raw(path: str | os.PathLike | IO[bytes] | None = None) -> pd.DataFrame:
     """Raw votes of a ReaL ``raters.npz`` (default: ``sources.fetch("real_raters")``).
 
     Vectorised: the 85 x 184,962 x 3 tensor becomes 924,810 rows in about a second.
     ``row`` = question number (1-based ``info`` row); the rater is in ``rater_id``. A
     cell that is not one-hot (several answers, or values other than 0/1) gets an answer
-    string outside the vocabulary, which the validator quarantines.
+    string outside the vocabulary, which the validator quarantines. ``file_name``,
+    ``rater_id`` and (when every cell is one-hot) ``answer`` are Categoricals.
     """
     path = sources.fetch("real_raters") if path is None else path
-    arrays = _load_real_npz(path, ("tensor", "info", "ids"))
-    tensor, info, ids = arrays["tensor"], arrays["info"], arrays["ids"]
-    _check_info(path, info)
-    if tensor.ndim != 3 or tensor.shape[2] != len(ANSWERS) or tensor.shape[:2] != (len(ids), len(info)):
-        raise VoteFileError(f"{path}: field 'tensor' must be (raters={len(ids)}, questions={len(info)}, 3), "
-                            f"got shape {tensor.shape}")
-    seen = tensor.any(axis=2)
-    rater_index, question_index = np.nonzero(seen)
-    cells = tensor[rater_index, question_index]  # (votes, 3)
+    with _real_npz(path, ("tensor", "info", "ids")) as archive:
+        info, ids = _read_npz_member(archive, "info.npy"), _read_npz_member(archive, "ids.npy")
+        _check_info(path, info)
+        flat, cells = _answered_cells(archive, path, len(ids), len(info))
+    rater_index, question_index = np.divmod(flat, max(len(info), 1))
     one_hot = (cells.sum(axis=1) == 1) & np.isin(cells, (0, 1)).all(axis=1)
     codes = np.where(one_hot, cells.argmax(axis=1), -1)
-    answers = pd.Categorical.from_codes(codes, dtype=ANSWER_DTYPE).astype(object)
+    answers = pd.Categorical.from_codes(codes, dtype=ANSWER_DTYPE)
     if not one_hot.all():
         bad = ~one_hot
+        answers = answers.astype(object)
         answers[bad] = ["one-hot violated: " + np.array2string(c, separator=",") for c in cells[bad]]
-    labels = pd.to_numeric(pd.Series(info[:, 1]), errors="coerce").to_numpy()
+    labels = _info_labels(info).to_numpy()
     if np.isfinite(labels).all() and (labels % 1 == 0).all():
         labels = labels.astype(np.int64)  # the usual case: parse 185k strings, not 925k
     else:
         labels = info[:, 1].astype(object)  # left to the validator, which names the rows
     return pd.DataFrame({
-        "file_name": info[question_index, 0].astype(object),
+        "file_name": _categorical(info[:, 0], question_index),
         "label": labels[question_index],
-        "rater_id": ids.astype(str).astype(object)[rater_index],
+        "rater_id": _categorical(ids.astype(str), rater_index),
         "answer": answers,
         "row": question_index + 1,
     })
 
 
-def read_real_questions(path: str | os.PathLike | None = None) -> pd.DataFrame:
+def read_real_questions(path: str | os.PathLike | IO[bytes] | None = None) -> pd.DataFrame:
     """The (file_name, label) questions of a ReaL ``raters.npz`` (or ``scores.npz``), in
     file order of ``info``: the proposals that were put to raters. Raises
     VoteFileError naming the row for a label that is not an integer."""
     path = sources.fetch("real_raters") if path is None else path
     info = _load_real_npz(path, ("info",))["info"]
     _check_info(path, info)
-    labels = pd.to_numeric(pd.Series(info[:, 1]), errors="coerce")
+    labels = _info_labels(info)
     bad = np.flatnonzero(labels.isna().to_numpy() | (labels.to_numpy() % 1 != 0))
     if bad.size:
         raise VoteFileError(f"{path}: row {bad[0] + 1}, field 'label': {info[bad[0], 1]!r} is not an integer")
@@ -309,14 +400,24 @@ def read_real_questions(path: str | os.PathLike | None = None) -> pd.DataFrame:
 # ---------------------------------------------------------------------- validation
 
 
-def _clean_text(values: pd.Series, lower: bool = False) -> np.ndarray:
-    """Raw field -> stripped strings (object array), "" where missing. Strips each
-    distinct value once: file names and rater ids repeat across many votes."""
-    codes, uniques = pd.factorize(values.astype(object), use_na_sentinel=True)
+def _text_codes(values: pd.Series, lower: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raw field -> (codes, table): ``table[codes]`` are the stripped strings (object),
+    "" where missing, each distinct string once in ``table``. Strips each distinct
+    value once: file names and rater ids repeat across many votes (a Categorical's
+    values are found from its codes)."""
+    codes, uniques = pd.factorize(values if isinstance(values.dtype, pd.CategoricalDtype) else values.astype(object),
+                                  use_na_sentinel=True)
     cleaned = pd.Index(uniques).astype(str).str.strip()
     if lower:
         cleaned = cleaned.str.lower()
-    table = np.append(cleaned.to_numpy(dtype=object), "")  # code -1 (missing) -> ""
+    # Code -1 (missing) -> the appended "", then equal strings -> one code.
+    distinct, table = pd.factorize(np.append(cleaned.to_numpy(dtype=object), ""))
+    return distinct[codes], np.asarray(table, dtype=object)
+
+
+def _clean_text(values: pd.Series, lower: bool = False) -> np.ndarray:
+    """Raw field -> stripped strings (object array), "" where missing."""
+    codes, table = _text_codes(values, lower)
     return table[codes]
 
 
@@ -349,26 +450,29 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
     """
     n = len(raw)
     rows = raw["row"].to_numpy() if "row" in raw.columns else np.arange(1, n + 1)
-    if source is not None:
-        sources_ = np.full(n, str(source), dtype=object)
-    elif "source" in raw.columns:
-        sources_ = raw["source"].astype(str).to_numpy(dtype=object)
-    else:
-        sources_ = np.full(n, "", dtype=object)
+
+    def sources_of(index: np.ndarray) -> np.ndarray:
+        if source is not None:
+            return np.full(len(index), str(source), dtype=object)
+        if "source" in raw.columns:
+            return raw["source"].iloc[index].astype(str).to_numpy(dtype=object)
+        return np.full(len(index), "", dtype=object)
+
     columns = {c: (raw[c] if c in raw.columns else pd.Series([None] * n, index=raw.index, dtype=object))
                for c in REQUIRED_COLUMNS}
 
-    reason = np.full(n, "", dtype=object)
-    detail = np.full(n, "", dtype=object)
+    reason = np.zeros(n, dtype=np.int8)  # 0: none yet, else 1 + its index in REASONS
+    detail = np.empty(n, dtype=object)
 
-    def mark(mask: np.ndarray, why: str, text: str | Callable[[pd.Series], object]) -> None:
-        todo = mask & (reason == "")
+    def mark(mask: np.ndarray, why: str, text: str | Callable[[np.ndarray], object]) -> None:
+        todo = mask & (reason == 0)
         if todo.any():
-            reason[todo] = why
+            reason[todo] = REASONS.index(why) + 1
             detail[todo] = text(todo) if callable(text) else text
 
     def quoted(field: str, suffix: str) -> Callable[[np.ndarray], list[str]]:
-        return lambda todo: [f"field '{field}': {v!r} {suffix}" for v in columns[field].to_numpy()[todo]]
+        return lambda todo: [f"field '{field}': {v!r} {suffix}"
+                             for v in columns[field].iloc[np.flatnonzero(todo)].to_numpy()]
 
     # A JSONL field holding a list or an object is no value of the schema.
     for field in REQUIRED_COLUMNS:
@@ -380,43 +484,60 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
             if nested.any():
                 mark(nested, MALFORMED_FIELD, f"field '{field}' holds a list or an object")
                 columns[field] = columns[field].where(~nested, None)
-    text = {c: _clean_text(columns[c], lower=(c == "answer")) for c in ("file_name", "rater_id", "answer")}
+    # Each text field as codes into its distinct stripped strings: the checks below
+    # look at each distinct value once, and duplicates are found on the codes.
+    text = {c: _text_codes(columns[c], lower=(c == "answer")) for c in ("file_name", "rater_id", "answer")}
+
+    def empty(field: str) -> np.ndarray:
+        codes, table = text[field]
+        return (table == "")[codes]
+
     blank_label = columns["label"].isna().to_numpy()
     if columns["label"].dtype == object:
         blank_label |= _clean_text(columns["label"]) == ""
     for field in ("file_name", "label", "answer"):
-        mark(blank_label if field == "label" else text[field] == "", MISSING_FIELD,
-             f"field '{field}' is missing or empty")
+        mark(blank_label if field == "label" else empty(field), MISSING_FIELD, f"field '{field}' is missing or empty")
     labels, parsable = _parse_labels(columns["label"])
     mark(~parsable, UNPARSABLE_LABEL, quoted("label", "is not an integer"))
-    mark(text["rater_id"] == "", EMPTY_RATER_ID, "field 'rater_id' is empty")
+    mark(empty("rater_id"), EMPTY_RATER_ID, "field 'rater_id' is empty")
     outside = parsable & ((labels < 0) | (labels >= num_classes))
     mark(outside, UNKNOWN_LABEL, f"field 'label' is outside [0, {num_classes})")
-    mark(~np.isin(text["answer"], ANSWERS), UNKNOWN_ANSWER, quoted("answer", f"is not one of {list(ANSWERS)}"))
+    answer_codes, answer_table = text["answer"]
+    answer_index = pd.Index(ANSWERS).get_indexer(answer_table)[answer_codes]  # -1: not an answer
+    mark(answer_index < 0, UNKNOWN_ANSWER, quoted("answer", f"is not one of {list(ANSWERS)}"))
 
-    valid = reason == ""
+    valid = reason == 0
+    duplicate = np.zeros(n, dtype=bool)
+    duplicate[valid] = pd.DataFrame({"rater_id": text["rater_id"][0][valid], "file_name": text["file_name"][0][valid],
+                                     "label": labels[valid]}).duplicated(keep="first").to_numpy()
+    mark(duplicate, DUPLICATE_VOTE, "a vote of this rater on this (file_name, label) came earlier")
+
+    keep = reason == 0
+    kept_index = np.flatnonzero(keep)
+    everything = len(kept_index) == n  # the usual case: no copy of the rows
+
+    def kept_rows(values: np.ndarray) -> np.ndarray:
+        return values if everything else values[kept_index]
+
     kept = pd.DataFrame({
-        "file_name": text["file_name"],
-        "label": labels,
-        "rater_id": text["rater_id"],
-        "answer": pd.Categorical(text["answer"], dtype=ANSWER_DTYPE),
+        "file_name": kept_rows(text["file_name"][1][text["file_name"][0]]),
+        "label": kept_rows(labels),
+        "rater_id": kept_rows(text["rater_id"][1][text["rater_id"][0]]),
+        "answer": pd.Categorical.from_codes(kept_rows(answer_index), dtype=ANSWER_DTYPE),
     })
     for optional in OPTIONAL_COLUMNS:
         if optional in raw.columns:
-            values = raw[optional].reset_index(drop=True)
+            values = raw[optional].iloc[kept_index].reset_index(drop=True)
             kept[optional] = _clean_text(values) if optional == "task_id" else values
-    duplicate = np.zeros(n, dtype=bool)
-    duplicate[valid] = kept.loc[valid].duplicated(["rater_id", "file_name", "label"], keep="first").to_numpy()
-    mark(duplicate, DUPLICATE_VOTE, "a vote of this rater on this (file_name, label) came earlier")
     if provenance:
-        kept["source"], kept["row"] = sources_, rows
+        kept["source"], kept["row"] = sources_of(kept_index), rows[kept_index]
 
-    keep = reason == ""
-    bad = ~keep
+    bad = np.flatnonzero(~keep)
     quarantine = pd.DataFrame({
-        "source": sources_[bad], "row": rows[bad], "reason": reason[bad], "detail": detail[bad],
-        **{c: columns[c].astype(object).to_numpy()[bad] for c in REQUIRED_COLUMNS}})
-    return ValidatedVotes(kept.loc[keep].reset_index(drop=True), quarantine)
+        "source": sources_of(bad), "row": rows[bad],
+        "reason": np.asarray(("",) + REASONS, dtype=object)[reason[bad]], "detail": detail[bad],
+        **{c: columns[c].iloc[bad].astype(object).to_numpy() for c in REQUIRED_COLUMNS}})
+    return ValidatedVotes(kept, quarantine)
 
 
 def read_and_validate(paths: str | os.PathLike | Sequence[str | os.PathLike],

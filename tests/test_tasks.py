@@ -14,6 +14,8 @@ import pytest
 from auditing import sources, votes
 from auditing import tasks as T
 from pipelines import tasks as tasks_cli
+from pipelines.stages.base import Artifact
+from pipelines.stages.tasks import read_tasks, write_questions
 
 SUNGLASS, SUNGLASSES, LAPTOP, NOTEBOOK = 836, 837, 620, 681
 
@@ -112,6 +114,23 @@ def test_task_files_and_crowd_answers_join_back_by_task_id(tmp_path, shared_data
                             validate="many_to_one")
         assert joined["position"].notna().all()
         assert (joined["file_name"] == joined["file_name_task"]).all()
+
+
+def test_read_tasks_reads_the_stored_long_questions_as_the_jsonl_gives_them(tmp_path, shared_data):
+    proposals = pd.DataFrame({"file_name": ["img_2.JPEG"] * 11 + ["img_1.JPEG"] * 2,
+                              "label": [SUNGLASS, SUNGLASSES, LAPTOP, NOTEBOOK, 1, 2, 3, 4, 5, 6, 7, 9, 10]})
+    built = T.build_tasks(proposals, max_labels=4)
+    for name, tasks in (("some", built), ("none", dataclasses.replace(built, questions=built.questions.iloc[:0]))):
+        folder = tmp_path / name
+        folder.mkdir()
+        T.write_tasks_jsonl(tasks, folder / "tasks.jsonl", image_uri_template="gs://b/{file_name}")
+        artifact = Artifact("tasks", "key", folder)
+        from_jsonl = read_tasks(artifact)  # a tasks artifact stored before questions.parquet was
+        pd.testing.assert_frame_equal(from_jsonl, T.read_tasks_jsonl(folder / "tasks.jsonl"))
+        write_questions(tasks, "gs://b/{file_name}", folder)
+        (folder / "tasks.jsonl").unlink()  # read from the parquet alone
+        pd.testing.assert_frame_equal(read_tasks(artifact), from_jsonl)
+    assert len(from_jsonl) == 0 and len(read_tasks(Artifact("tasks", "key", tmp_path / "some"))) == 13
 
 
 def paper_task_groups(raters_path) -> dict[str, list[set[int]]]:

@@ -103,6 +103,33 @@ def test_npz_reader_on_a_hand_built_tensor_quarantines_non_one_hot(tmp_path):
     assert questions.values.tolist() == [["x.JPEG", 5], ["x.JPEG", 6], ["y.JPEG", 5]]
 
 
+@pytest.mark.parametrize("chunk_cells", [1, 2, 4, 1 << 16])
+def test_npz_tensor_read_in_pieces_in_any_layout_and_dtype_gives_the_same_votes(tmp_path, monkeypatch,
+                                                                                  chunk_cells):
+    """The tensor is decompressed and scanned in pieces of ``_CHUNK_CELLS`` cells: the
+    votes do not depend on where pieces end, nor on the tensor's order or dtype."""
+    monkeypatch.setattr(votes, "_CHUNK_CELLS", chunk_cells)
+    rng = np.random.default_rng(3)
+    tensor = np.zeros((3, 5, 3))
+    for rater, question in zip(*np.nonzero(rng.random((3, 5)) < 0.6)):
+        tensor[rater, question, rng.integers(3)] = 1
+    tensor[2, 4] = [1, 0, 1]  # not one-hot
+    tensor[0, 1] = [0, 0, -0.0]  # no answer
+    info = np.array([[f"{i % 2}.JPEG", str(i)] for i in range(5)])
+    expected = None
+    for name, array in (("float", tensor), ("fortran", np.asfortranarray(tensor)), ("uint8", tensor.astype(np.uint8))):
+        np.savez_compressed(tmp_path / f"{name}.npz", tensor=array, info=info, ids=np.array([4, 5, 6]))
+        raw = votes.read_real_raters_raw(tmp_path / f"{name}.npz").astype(object)
+        answered = np.nonzero(tensor.any(axis=2))
+        assert raw[["rater_id", "row"]].values.tolist() == [[str(4 + r), q + 1] for r, q in zip(*answered)]
+        bad = raw["answer"].str.startswith("one-hot violated").to_numpy()
+        assert raw.loc[bad, "row"].tolist() == [5]
+        if expected is None:
+            expected = raw.loc[~bad]
+        pd.testing.assert_frame_equal(raw.loc[~bad], expected)
+    assert raw.loc[bad, "answer"].tolist() == ["one-hot violated: [1,0,1]"]  # as the dtype prints
+
+
 def test_write_quarantine_is_atomic_and_always_writes_a_header(tmp_path):
     out = votes.write_quarantine(None, tmp_path / "sub" / "quarantine.csv")
     assert out.read_text().strip() == ",".join(votes.QUARANTINE_COLUMNS)

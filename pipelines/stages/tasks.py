@@ -1,5 +1,6 @@
 """``stages.tasks``: crowd tasks of at most ``max_labels`` WordNet-grouped labels per
-image (auditing/tasks.py), exported as JSONL and CSV. Images where every model's
+image (auditing/tasks.py), exported as JSONL and CSV, and kept in long form
+(questions.parquet) for the stages that read them back. Images where every model's
 top-1 is the original label are skipped; in a re-audit, pairs asked before are not
 asked again (auditing/reaudit.py).
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,11 @@ from pipelines.stages.propose import read_proposals
 from pipelines.stages.select_subset import chosen_models
 
 
+if TYPE_CHECKING:
+    from auditing.tasks import TaskSet
+
 log = logging.getLogger(__name__)
+QUESTIONS_FILE = "questions.parquet"  # tasks.jsonl in long form (auditing.tasks.task_questions)
 
 
 def top1_by_model(paths: dict[str, str]) -> dict[str, pd.DataFrame]:
@@ -77,6 +82,7 @@ class TasksStage(Stage):
         else:
             tasks_lib.write_tasks_jsonl(built, out / "tasks.jsonl", image_uri_template=cfg.image_uri_template)
         tasks_lib.write_tasks_csv(built, out / "tasks.csv", image_uri_template=cfg.image_uri_template)
+        write_questions(built, cfg.image_uri_template, out)
         return tasks_lib.summarize_tasks(built)
 
     def finish(self, ctx: Context, artifact: Artifact) -> None:
@@ -93,7 +99,24 @@ class TasksStage(Stage):
         return {"tasks": str(artifact.file("tasks.jsonl"))}
 
 
-def read_tasks(artifact: Artifact) -> pd.DataFrame:
+def write_questions(built: TaskSet, image_uri_template: str, out: Path) -> None:
+    """The tasks of tasks.jsonl in long form, for read_tasks: parsing the JSONL back
+    takes a second on the ReaL questions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from auditing import tasks as tasks_lib
 
-    return tasks_lib.read_tasks_jsonl(artifact.file("tasks.jsonl"))
+    # to_parquet's table, converted on one thread: its column threads only wait on the GIL.
+    table = pa.Table.from_pandas(tasks_lib.task_questions(built, image_uri_template), preserve_index=False, nthreads=1)
+    pq.write_table(table, out / QUESTIONS_FILE)
+
+
+def read_tasks(artifact: Artifact) -> pd.DataFrame:
+    """The tasks as long questions (``auditing.tasks.read_tasks_jsonl``'s frame)."""
+    questions = artifact.file(QUESTIONS_FILE)
+    if questions.is_file():
+        return pd.read_parquet(questions)
+    from auditing import tasks as tasks_lib
+
+    return tasks_lib.read_tasks_jsonl(artifact.file("tasks.jsonl"))  # stored before QUESTIONS_FILE was

@@ -101,6 +101,9 @@ class VotesStage(Stage):
                 "simulate": simulate, "gold": gold, "previous_votes": file_digest(carried) if carried else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         from auditing import labelsets
         from auditing import votes as votes_lib
 
@@ -122,12 +125,14 @@ class VotesStage(Stage):
         if carried is not None:
             frames.append(pd.read_parquet(carried))  # last: the new files win
             summary["carried_over"] = int(len(frames[-1]))
-        kept = reaudit.merge_votes(frames)
+        # validate_votes keeps one vote per (rater, question): only other sources need merging.
+        kept = validated.kept if len(frames) == 1 else reaudit.merge_votes(frames)
         summary["votes_used"] = int(len(kept))
-        kept.to_parquet(out / "votes.parquet", index=False)
+        # to_parquet's table, converted on one thread: its column threads only wait on the GIL.
+        pq.write_table(pa.Table.from_pandas(kept, preserve_index=False, nthreads=1), out / "votes.parquet")
         votes_lib.write_quarantine(validated.quarantine, out / "quarantine.csv")
         if cfg.gold:
-            summary["gold"] = write_gold(ctx, out, known_raters=set(kept["rater_id"].astype(str)))
+            summary["gold"] = write_gold(ctx, out, known_raters=set(map(str, kept["rater_id"].unique())))
         return summary
 
     def describe(self, artifact: Artifact) -> str:
