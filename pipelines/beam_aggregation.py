@@ -28,7 +28,11 @@ per pass over 24M single votes):
    its re-keying steps) whose output is the next state. Fixed-matrix methods
    (``fixed-matrices``, e.g. gold-confusion's matrices) are one ``Map`` pass. The
    original label as a pseudo-rater (``original_label_rater``) is added to each
-   shard's votes where the original labels are joined.
+   shard's votes where the original labels are joined. Gold questions (small) never
+   enter the shards: ``gold-confusion``'s matrices are counted on them in a ``Map`` on
+   the rater coding (the in-memory worker order, so the same floats), then one
+   posterior pass; Dawid-Skene with gold is seeded by those matrices and adds the gold
+   answers' statistics, posteriors held at the truth, to every M-step (side inputs).
 4. ``WriteScores``: per shard, ``scores-SSSSS-of-NNNNN.parquet`` (file_name, label,
    score) under ``out_prefix``.
 
@@ -68,11 +72,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from auditing import votes as votes_lib
 from auditing.aggregation import sharded
+from auditing.aggregation.gold_confusion import GoldConfusion
+from auditing.aggregation.methods import GoldAnswers, gold_answers
 from auditing.aggregation.original_label_rater import DEFAULT_RATER_ID as DEFAULT_PSEUDO_RATER_ID
-from auditing.aggregation.original_label_rater import original_label_answers
+from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import (ORIGINAL, PROPOSED, SHARED, original_label_prior_groups,
                                          resolve_prior_classes)
 from auditing.aggregation.sharded import EMState, ShardStatistics, VoteShard
+from auditing.gold import Gold
 
 CHUNK_ROWS = 100_000  # raw rows read and validated per element
 DEFAULT_VOTES_PER_SHARD = 100_000
@@ -82,9 +89,10 @@ DEFAULT_ITERATIONS_PER_RUN = 16
 SHARDED_MIN_VOTES = 5_000_000
 GLOBAL_GROUPS = ("all",)
 ORIGINAL_LABEL_GROUPS = (ORIGINAL, PROPOSED, SHARED)
-SHARDED_METHODS = ("dawid-skene", "fixed-matrices")
+SHARDED_METHODS = ("dawid-skene", "gold-confusion", "fixed-matrices")
 DS_PARAMS = ("n_iter", "tol", "smoothing", "shrinkage", "prior", "prior_classes", "rater_history",
-             "rater_history_strength", "original_label_rater")
+             "rater_history_strength", "original_label_rater", "use_gold", "gold_smoothing")
+GOLD_CONFUSION_PARAMS = ("smoothing", "raters_without_gold", "prior", "original_label_rater")
 FIXED_PARAMS = ("rater_matrices", "class_prior", "prior", "prior_classes", "default_matrix", "original_label_rater")
 DUPLICATE_DETAIL = "a vote of this rater on this (file_name, label) came earlier"
 
@@ -356,10 +364,27 @@ def _duplicates_quarantine(arrays: Mapping[str, np.ndarray], duplicate: np.ndarr
         "answer": np.asarray(votes_lib.ANSWERS, dtype=object)[arrays["answer"][duplicate]]})
 
 
+def _first_seen(chunk: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """rater_id -> (source, order) of its first vote in a chunk."""
+    codes, ids = pd.factorize(chunk["rater_id"])
+    first = np.unique(codes, return_index=True)[1]
+    return {str(ids[c]): (int(chunk["source"][i]), int(chunk["order"][i])) for c, i in zip(codes[first], first)}
+
+
+def _earliest(seen: Sequence[Mapping[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    total: dict[str, tuple[int, int]] = {}
+    for part in seen:
+        for rater, where in part.items():
+            if rater not in total or where < total[rater]:
+                total[rater] = where
+    return total
+
+
 class ShardVotes(beam.PTransform):
     """Validated chunks (+ optional original-label chunks) -> ``NamedShard``s, and tagged
     ``quarantine`` (name, frame) of the duplicates found across chunks, and ``raters`` (one sorted array
-    of rater ids: the codes) and ``kept`` (votes before the duplicate check)."""
+    of rater ids: the codes), ``appearance`` (the rater ids in order of first appearance
+    in the files) and ``kept`` (votes before the duplicate check)."""
 
     def __init__(self, paths: Sequence[str], votes_per_shard: int = DEFAULT_VOTES_PER_SHARD,
                  prior: PriorSpec = PriorSpec(), pseudo: PseudoRater | None = None):
@@ -378,9 +403,11 @@ class ShardVotes(beam.PTransform):
                                               "rater of the votes")
             return np.asarray(sorted(ids), dtype=object)
 
-        raters = (chunks | "RaterIds" >> beam.Map(lambda c: set(c["rater_id"].tolist()))
-                  | "AllRaterIds" >> beam.CombineGlobally(lambda sets: set().union(*sets))
-                  | "Vocabulary" >> beam.Map(vocabulary_of))
+        first_seen = (chunks | "RaterFirstSeen" >> beam.Map(_first_seen)
+                      | "AllRaterFirstSeen" >> beam.CombineGlobally(_earliest))
+        raters = first_seen | "Vocabulary" >> beam.Map(lambda seen: vocabulary_of(set(seen)))
+        appearance = first_seen | "Appearance" >> beam.Map(lambda seen: np.asarray(
+            sorted(seen, key=seen.__getitem__), dtype=object))
         paths = self.paths
 
         def coded_pieces(chunk, n, vocabulary):
@@ -422,14 +449,95 @@ class ShardVotes(beam.PTransform):
                   | "BuildShards" >> beam.FlatMap(shard_of, beam.pvalue.AsSingleton(n_shards),
                                                   beam.pvalue.AsSingleton(raters))
                   .with_outputs("quarantine", main="shards"))
-        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "kept": kept}
+        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "kept": kept,
+                "appearance": appearance}
 
 
 # ---------------------------------------------------------------- step 3: EM and fixed matrices
 
 @dataclasses.dataclass(frozen=True)
+class RaterCoding:
+    """Every rater the aggregation counts, by code: the sorted vocabulary of the votes'
+    raters (codes 0..n-1, as the shards carry them), then the pseudo-rater, then raters
+    found only in gold. ``appearance``: the codes in order of first appearance (vote
+    raters in file order, the pseudo-rater, gold-only raters in gold order), the
+    in-memory engine's worker order, in which gold-confusion averages and multiplies."""
+
+    rater_ids: np.ndarray  # code -> rater_id
+    appearance: np.ndarray  # codes, first seen first
+    n_vote_raters: int
+
+    @property
+    def in_appearance_order(self) -> np.ndarray:
+        return self.rater_ids[self.appearance]
+
+    @property
+    def rank(self) -> np.ndarray:
+        """Place of each code in ``appearance``."""
+        rank = np.empty(len(self.appearance), np.int64)
+        rank[self.appearance] = np.arange(len(self.appearance))
+        return rank
+
+
+def rater_coding(vocabulary: np.ndarray, appearance: np.ndarray, pseudo_id: str | None = None,
+                 gold_raters: Sequence[str] = ()) -> RaterCoding:
+    extra = [] if pseudo_id is None else [pseudo_id]
+    known = set(vocabulary.tolist()) | set(extra)
+    extra += [r for r in gold_raters if r not in known]
+    ids = np.concatenate([np.asarray(vocabulary, dtype=object), np.asarray(extra, dtype=object)])
+    first = np.searchsorted(vocabulary, appearance) if len(vocabulary) else np.zeros(0, np.int64)
+    return RaterCoding(ids, np.concatenate([first, np.arange(len(vocabulary), len(ids))]).astype(np.int64),
+                       len(vocabulary))
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldConfusionModel:
+    """gold-confusion's fitted model on the codes: (W, 2, 3) P(answer | truth) rows in
+    appearance order, each code's rank there, and the prior P(present)."""
+
+    matrices: np.ndarray
+    rank: np.ndarray
+    prior: float
+
+    def scores(self, votes: VoteShard) -> np.ndarray:
+        """``GoldConfusion``'s posterior: the same factors in the same order, the same floats."""
+        return GoldConfusion.posterior(self.matrices, self.prior, votes.n_questions, votes.vote_question,
+                                       self.rank[votes.vote_rater], votes.vote_answer)
+
+    @property
+    def errors(self) -> np.ndarray:
+        """(W, 3, 2) P(answer | truth) by code."""
+        return self.matrices[self.rank].transpose(0, 2, 1)
+
+
+def gold_confusion_model(coding: RaterCoding, gold: GoldAnswers, smoothing: float = 1.0,
+                         raters_without_gold: str = "mean", prior: float | None = None) -> GoldConfusionModel:
+    """The matrices counted on ``gold`` for every coded rater (``GoldConfusion``'s rule)."""
+    model = GoldConfusion(smoothing=smoothing, raters_without_gold=raters_without_gold,
+                          prior=gold.present_share if prior is None else prior,
+                          default_excludes=[] if gold.pseudo_rater is None else [gold.pseudo_rater])
+    try:
+        matrices, _ = model.rater_matrices(gold.answers, gold.true_labels, coding.in_appearance_order)
+        present = model.present_prior(gold.true_labels)
+    except ValueError as e:
+        raise ShardedAggregationError(f"gold-counted matrices: {e}") from e
+    return GoldConfusionModel(matrices, coding.rank, present)
+
+
+def held_gold_statistics(coding: RaterCoding, gold: GoldAnswers, n_groups: int) -> ShardStatistics:
+    """The gold answers' share of every M-step (their posteriors held at the truth)."""
+    answers = gold.answers
+    truth = gold.true_labels.sort_index().to_numpy(np.int64)  # tasks 0..T-1
+    raters = pd.Index(coding.rater_ids).get_indexer(answers["worker"])
+    shard = VoteShard(np.zeros(len(truth), np.int64), answers["task"].to_numpy(np.int64), raters.astype(np.int64),
+                      pd.Categorical(answers["label"], categories=votes_lib.ANSWERS).codes.astype(np.int64))
+    return sharded.held_truth_statistics(shard, truth, len(coding.rater_ids), n_groups)
+
+
+@dataclasses.dataclass(frozen=True)
 class EMModel:
-    """What every iteration needs besides the state: sizes, pseudo-counts, hyper-parameters."""
+    """What every iteration needs besides the state: sizes, pseudo-counts, hyper-parameters,
+    and with gold the held gold statistics and the gold-counted seed matrices."""
 
     n_raters: int
     n_groups: int
@@ -437,6 +545,8 @@ class EMModel:
     shrinkage: float
     tol: float
     n_iter: int
+    held: ShardStatistics | None = None
+    seed_errors: np.ndarray | None = None
 
 
 class EMIteration(beam.CombineFn):
@@ -463,14 +573,21 @@ class EMIteration(beam.CombineFn):
         current = keyed[1]
         if total is None or current.done(m.n_iter):
             return current
-        return sharded.advance(current, total, m.pseudo_counts, m.shrinkage, m.tol)
+        return sharded.advance(current, total, m.pseudo_counts, m.shrinkage, m.tol, m.held)
 
 
 class InitialEMState(EMIteration):
-    """Iteration 0: the M-step on the majority-vote posteriors' statistics."""
+    """Iteration 0: the M-step on the initial posteriors' statistics (the majority
+    vote's; with a seed, those under the seed matrices and ``seed_priors``)."""
 
-    def extract_output(self, total, m: EMModel):
-        return sharded.initial_state(total, m.pseudo_counts, m.shrinkage)
+    def extract_output(self, total, m: EMModel, seed_priors=None):
+        return sharded.initial_state(total, m.pseudo_counts, m.shrinkage, m.held,
+                                     m.seed_errors, None if m.seed_errors is None else seed_priors)
+
+
+class SumStatistics(EMIteration):
+    def extract_output(self, total, *side):
+        return total
 
 
 class DawidSkeneIterations(beam.PTransform):
@@ -502,14 +619,28 @@ class DawidSkeneIterations(beam.PTransform):
         return state | f"State{self.first + self.count}" >> beam.Values()
 
 
-def _initial_state(shards, model):
+def _initial_state(shards, model, seeded: bool = False):
+    """Iteration 0's state. ``seeded`` (gold): one E-step under the seed matrices, with
+    the majority vote's class priors (as ``PresenceDawidSkene`` with ``initial_error``)."""
     def stats_of(shard: NamedShard, m: EMModel) -> ShardStatistics:
         return sharded.shard_statistics(shard.votes, sharded.majority_posteriors(shard.votes), m.n_raters,
                                         m.n_groups)
 
     stats = shards | "MajorityStatistics" >> beam.Map(stats_of, beam.pvalue.AsSingleton(model))
-    return stats | "InitialState" >> beam.CombineGlobally(
-        InitialEMState(), beam.pvalue.AsSingleton(model)).without_defaults()
+    if not seeded:
+        return stats | "InitialState" >> beam.CombineGlobally(
+            InitialEMState(), beam.pvalue.AsSingleton(model)).without_defaults()
+    seed_priors = (stats | "SumMajority" >> beam.CombineGlobally(SumStatistics()).without_defaults()
+                   | "SeedPriors" >> beam.Map(sharded.class_priors))
+
+    def seeded_stats(shard: NamedShard, m: EMModel, priors: np.ndarray) -> ShardStatistics:
+        return sharded.shard_statistics(shard.votes, sharded.posteriors(shard.votes, m.seed_errors, priors),
+                                        m.n_raters, m.n_groups)
+
+    return (shards | "SeededStatistics" >> beam.Map(seeded_stats, beam.pvalue.AsSingleton(model),
+                                                   beam.pvalue.AsSingleton(seed_priors))
+            | "InitialState" >> beam.CombineGlobally(InitialEMState(), beam.pvalue.AsSingleton(model),
+                                                    beam.pvalue.AsSingleton(seed_priors)).without_defaults())
 
 
 def next_block_size(state: EMState, tol: float, n_iter: int, default: int) -> int:
@@ -643,12 +774,12 @@ def _check_params(method: str, params: Mapping[str, Any]) -> None:
     if method not in SHARDED_METHODS:
         raise ShardedAggregationError(f"method {method!r} has no sharded implementation; "
                                       f"expected one of {SHARDED_METHODS} (the others run in memory)")
-    allowed = DS_PARAMS if method == "dawid-skene" else FIXED_PARAMS
+    allowed = {"dawid-skene": DS_PARAMS, "gold-confusion": GOLD_CONFUSION_PARAMS}.get(method, FIXED_PARAMS)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ShardedAggregationError(f"params {unknown} are not options of sharded {method!r}; "
                                       f"expected some of {list(allowed)}")
-    if params.get("prior", "global") not in ("global", "original-label"):
+    if method != "gold-confusion" and params.get("prior", "global") not in ("global", "original-label"):
         raise ShardedAggregationError(f"params.prior must be 'global' or 'original-label', got {params['prior']!r}")
     if method == "fixed-matrices" and "rater_matrices" not in params:
         raise ShardedAggregationError("method 'fixed-matrices' needs params.rater_matrices (rater_id -> (2, 3))")
@@ -666,20 +797,64 @@ def _pseudo_rater(params: Mapping[str, Any]) -> PseudoRater | None:
                        None if classes is None else tuple(int(c) for c in classes))
 
 
-def _prior_spec(params: Mapping[str, Any]) -> PriorSpec:
+def _prior_spec(method: str, params: Mapping[str, Any]) -> PriorSpec:
+    if method == "gold-confusion":  # its prior is P(present), one for all questions
+        return PriorSpec()
     classes = resolve_prior_classes(params.get("prior_classes"))
     return PriorSpec(params.get("prior", "global"), None if classes is None else tuple(int(c) for c in classes))
 
 
-def _em_model(raters: np.ndarray, params: Mapping[str, Any], n_groups: int) -> EMModel:
+def _em_model(coding: RaterCoding, params: Mapping[str, Any], n_groups: int,
+              gold: GoldAnswers | None = None) -> EMModel:
+    raters = coding.rater_ids
     history = None
     if params.get("rater_history"):
-        history = sharded.history_pseudo_counts(raters, {str(k): v for k, v in params["rater_history"].items()},
+        # Of the votes' raters (and the pseudo-rater), as in memory, where the history is
+        # matched before gold adds its raters.
+        voting = raters[:len(raters) - _gold_only_count(coding, gold)]
+        history = sharded.history_pseudo_counts(voting, {str(k): v for k, v in params["rater_history"].items()},
                                                 float(params.get("rater_history_strength", 50.0)))
+        history = np.concatenate([history, np.zeros((len(raters) - len(voting), *history.shape[1:]))])
+    held = seed = None
+    if gold is not None:
+        held = held_gold_statistics(coding, gold, n_groups)
+        seed = gold_confusion_model(coding, gold, float(params.get("gold_smoothing", 1.0))).errors
     return EMModel(len(raters), n_groups,
                    sharded.smoothing_pseudo_counts(len(raters), float(params.get("smoothing", 1.0)), history),
                    float(params.get("shrinkage", 0.0)), float(params.get("tol", 1e-5)),
-                   int(params.get("n_iter", 100)))
+                   int(params.get("n_iter", 100)), held, seed)
+
+
+def _gold_only_count(coding: RaterCoding, gold: GoldAnswers | None) -> int:
+    if gold is None:
+        return 0
+    return len(coding.rater_ids) - coding.n_vote_raters - (gold.pseudo_rater is not None)
+
+
+def _gold_answers(method: str, params: Mapping[str, Any], gold: Gold | None,
+                  original_labels: pd.DataFrame | str | None) -> GoldAnswers | None:
+    """The gold questions as tasks, when the method uses them (read here: gold is small)."""
+    if method == "gold-confusion" and gold is None:
+        raise ShardedAggregationError("gold-confusion needs gold questions (stages.votes.gold)")
+    if gold is None or method == "fixed-matrices" or not params.get("use_gold", True):
+        return None
+    if isinstance(original_labels, str):
+        with _open(original_labels) as f:
+            original_labels = pd.read_parquet(io.BytesIO(f.read()), columns=["file_name", "label"])
+    spec = params.get("original_label_rater")
+    pseudo = None if spec is None else OriginalLabelRaterParams.model_validate(
+        dict(spec) if isinstance(spec, Mapping) else spec.model_dump())
+    try:
+        answers = gold_answers(gold, original_labels, pseudo)
+        if method == "gold-confusion":  # a bad gold set fails here, before any pipeline runs
+            GoldConfusion(smoothing=float(params.get("smoothing", 1.0)),
+                          raters_without_gold=params.get("raters_without_gold", "mean"),
+                          default_excludes=[] if pseudo is None else [pseudo.rater_id],
+                          prior=params.get("prior") or answers.present_share).rater_matrices(
+                answers.answers, answers.true_labels, answers.raters)
+    except ValueError as e:
+        raise ShardedAggregationError(f"gold questions: {e}") from e
+    return answers
 
 
 def fixed_rater_errors(raters: np.ndarray, rater_matrices: Mapping[str, Any],
@@ -726,23 +901,27 @@ def _original_labels_input(p: beam.Pipeline, original_labels: pd.DataFrame | str
 
 def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", params: Mapping[str, Any] | None = None,
                       out_prefix: str = "", options: PipelineOptions | None = None, *,
-                      original_labels: pd.DataFrame | str | None = None, vote_format: str | None = None,
-                      num_classes: int = votes_lib.DEFAULT_NUM_CLASSES,
+                      original_labels: pd.DataFrame | str | None = None, gold: Gold | None = None,
+                      vote_format: str | None = None, num_classes: int = votes_lib.DEFAULT_NUM_CLASSES,
                       votes_per_shard: int = DEFAULT_VOTES_PER_SHARD,
                       iterations_per_run: int = DEFAULT_ITERATIONS_PER_RUN,
                       chunk_rows: int = CHUNK_ROWS) -> ShardedAggregation:
     """Score every (file_name, label) question of the vote files with Beam.
 
     ``method``: ``dawid-skene`` (params as ``aggregation.aggregate``'s: n_iter, tol,
-    smoothing, shrinkage, prior, prior_classes, rater_history, rater_history_strength)
-    or ``fixed-matrices`` (params.rater_matrices: rater_id -> (2, 3) P(answer | absent,
-    present), e.g. counted on gold questions; params.class_prior: P(present), or group
-    -> P(present); optional default_matrix). ``original_labels`` (a (file_name, label)
-    frame or a Parquet path) is needed for ``prior: original-label``.
+    smoothing, shrinkage, prior, prior_classes, rater_history, rater_history_strength,
+    original_label_rater, use_gold, gold_smoothing; with ``gold``: seeded from the
+    gold-counted matrices, gold truth held fixed), ``gold-confusion`` (params as
+    ``GoldConfusionParams``; needs ``gold``: the matrices are counted on it, then one
+    pass; the same floats as in memory) or ``fixed-matrices`` (params.rater_matrices:
+    rater_id -> (2, 3) P(answer | absent, present); params.class_prior: P(present), or
+    group -> P(present); optional default_matrix). ``original_labels`` (a (file_name,
+    label) frame or a Parquet path) is needed for ``prior: original-label`` and the
+    original-label pseudo-rater; ``gold``: ``auditing.gold.Gold``.
 
     Writes under ``out_prefix`` (a folder ending in '/' or a file prefix; local or any
     FileSystems scheme): scores-*.parquet, votes/votes-*.npz (the shards, for later
-    EM runs), quarantine-*.parquet, em-state.json, summary.json.
+    EM runs), quarantine-*.parquet, em-state.json, counts.json.
     """
     from pipelines.beam_options import make_options
 
@@ -751,11 +930,12 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
     if not out_prefix:
         raise ShardedAggregationError("out_prefix is required (a folder or prefix for the score shards)")
     options = options or make_options("direct")
-    prior, pseudo = _prior_spec(params), _pseudo_rater(params)
+    prior, pseudo = _prior_spec(method, params), _pseudo_rater(params)
     joins_labels = prior.prior != "global" or pseudo is not None
     if joins_labels and original_labels is None:
         what = "params.prior 'original-label'" if prior.prior != "global" else "params.original_label_rater"
         raise ShardedAggregationError(f"{what} needs original_labels (file_name, label)")
+    gold_tasks = _gold_answers(method, params, gold, original_labels)
     paths = [str(p) for p in vote_paths]
     n_groups = len(prior.groups)
     iterations_per_run = max(1, int(iterations_per_run))
@@ -769,9 +949,11 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
         if labels is not None:
             inputs["original_labels"] = labels
         sharded_votes = inputs | "ShardVotes" >> ShardVotes(paths, votes_per_shard, prior, pseudo)
-        shards, raters = sharded_votes["shards"], sharded_votes["raters"]
-        if pseudo is not None:  # the pseudo-rater's code is len(raters): last in the rater ids
-            raters = raters | "WithPseudoRater" >> beam.Map(lambda ids: np.append(ids, pseudo.rater_id))
+        shards = sharded_votes["shards"]
+        gold_raters = () if gold_tasks is None else tuple(gold_tasks.raters.tolist())
+        coding = sharded_votes["raters"] | "RaterCoding" >> beam.Map(
+            rater_coding, beam.pvalue.AsSingleton(sharded_votes["appearance"]),
+            None if pseudo is None else pseudo.rater_id, gold_raters)
 
         quarantine = ((validated.quarantine, sharded_votes["quarantine"]) | "AllQuarantine" >> beam.Flatten())
         by_reason = (quarantine | "WriteQuarantine" >> beam.Map(lambda named: write_quarantine(out_prefix, named))
@@ -780,44 +962,55 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
             lambda s: (s.votes.n_votes - s.pseudo_votes, s.votes.n_questions, 1))
                        | "SumSizes" >> beam.CombineGlobally(_sum_sizes))
 
-        def summary(sizes, reasons, vocabulary):
+        def summary(sizes, reasons, c: RaterCoding):
             votes, questions, count = sizes
             reasons = {r: int(reasons.get(r, 0)) for r in votes_lib.REASONS}
             quarantined = sum(reasons.values())
             return {"read": votes + quarantined, "kept": votes, "quarantined": quarantined,
-                    "quarantined_by_reason": reasons, "questions": questions, "raters": len(vocabulary),
-                    "shards": count, "rater_ids": [str(r) for r in vocabulary]}
+                    "quarantined_by_reason": reasons, "questions": questions, "raters": c.n_vote_raters,
+                    "shards": count, "rater_ids": [str(r) for r in c.rater_ids],
+                    "appearance": c.appearance.tolist()}
 
         (shard_sizes | "Counts" >> beam.Map(summary, beam.pvalue.AsSingleton(by_reason, default_value={}),
-                                            beam.pvalue.AsSingleton(raters))
+                                            beam.pvalue.AsSingleton(coding))
          | "WriteCounts" >> beam.Map(lambda c: _write_json(_join(out_prefix, "counts.json"), c)))
 
         if method == "fixed-matrices":
-            errors = raters | "RaterMatrices" >> beam.Map(
-                fixed_rater_errors, params["rater_matrices"], params.get("default_matrix"))
+            errors = coding | "RaterMatrices" >> beam.Map(
+                lambda c: fixed_rater_errors(c.rater_ids, params["rater_matrices"], params.get("default_matrix")))
             priors = _fixed_priors(params, prior.groups)
             shards | "PosteriorScores" >> beam.Map(
                 lambda s, e: write_scores(out_prefix, s, sharded.posteriors(s.votes, e, priors)[:, 1]),
                 beam.pvalue.AsSingleton(errors))
+        elif method == "gold-confusion":
+            model = coding | "GoldMatrices" >> beam.Map(
+                gold_confusion_model, gold_tasks, float(params.get("smoothing", 1.0)),
+                params.get("raters_without_gold", "mean"), params.get("prior"))
+            shards | "PosteriorScores" >> beam.Map(lambda s, m: write_scores(out_prefix, s, m.scores(s.votes)),
+                                                   beam.pvalue.AsSingleton(model))
         else:
             shards | "WriteVoteShards" >> beam.Map(lambda s: write_vote_shard(out_prefix, s))
-            model = raters | "EMModel" >> beam.Map(_em_model, params, n_groups)
-            state = _initial_state(shards, model)
+            model = coding | "EMModel" >> beam.Map(_em_model, params, n_groups, gold_tasks)
+            state = _initial_state(shards, model, seeded=gold_tasks is not None)
             _em_block(shards, state, model, 0, iterations_per_run, out_prefix)
 
     counts = _read_json(_join(out_prefix, "counts.json")) if FileSystems.exists(_join(out_prefix, "counts.json")) \
         else {"read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "questions": 0, "raters": 0,
-              "shards": 0, "rater_ids": []}
-    rater_ids = np.asarray(counts.pop("rater_ids"), dtype=object)
-    if pseudo is not None:
-        counts["raters"] -= 1  # raters of the votes; rater_ids_ ends with the pseudo-rater
+              "shards": 0, "rater_ids": [], "appearance": []}
+    coding_ = RaterCoding(np.asarray(counts.pop("rater_ids"), dtype=object),
+                          np.asarray(counts.pop("appearance"), dtype=np.int64), counts["raters"])
     if method == "fixed-matrices":
-        errors = fixed_rater_errors(rater_ids, params["rater_matrices"], params.get("default_matrix"))
-        return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, rater_ids, errors,
+        errors = fixed_rater_errors(coding_.rater_ids, params["rater_matrices"], params.get("default_matrix"))
+        return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, coding_.rater_ids, errors,
                                   _fixed_priors(params, prior.groups), prior.groups)
+    if method == "gold-confusion":
+        fitted = gold_confusion_model(coding_, gold_tasks, float(params.get("smoothing", 1.0)),
+                                      params.get("raters_without_gold", "mean"), params.get("prior"))
+        return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, coding_.rater_ids,
+                                  fitted.errors, np.array([[1 - fitted.prior, fitted.prior]]), prior.groups)
     runs = 1
     state_path = _join(out_prefix, "em-state.json")
-    model = _em_model(rater_ids, params, n_groups)
+    model = _em_model(coding_, params, n_groups, gold_tasks)
     state = _state_from_json(_read_json(state_path)) if FileSystems.exists(state_path) else None
     while state is not None and not state.done(model.n_iter):
         # Another block: the vote shards written by the first run, the state from the last.
@@ -831,7 +1024,7 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
                       next_block_size(state, model.tol, model.n_iter, iterations_per_run), out_prefix)
         state = _state_from_json(_read_json(state_path))
         runs += 1
-    return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, rater_ids,
+    return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, coding_.rater_ids,
                               None if state is None else state.errors, None if state is None else state.priors,
                               prior.groups, None if state is None else state.iteration,
                               None if state is None else state.converged, () if state is None else state.changes,

@@ -48,8 +48,8 @@ class AggregateStage(Stage):
 
         all_labels = labelsets.load_original_labels(ctx.resolve(ctx.config.dataset.original_labels))
         gold = read_gold(inputs["votes"])
-        if use_beam(cfg, inputs["votes"], gold):
-            scores, engine = beam_scores(ctx, inputs, params, all_labels, out), "beam"
+        if use_beam(cfg, inputs["votes"]):
+            scores, engine = beam_scores(ctx, inputs, params, all_labels, gold, out), "beam"
         else:
             scores = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method,
                                            original_labels=all_labels, gold=gold, **params).scores_
@@ -82,20 +82,20 @@ class AggregateStage(Stage):
         return {"scores": str(artifact.file("scores.parquet"))}
 
 
-def use_beam(cfg, votes: Artifact, gold) -> bool:
+def use_beam(cfg, votes: Artifact) -> bool:
     """The engine of ``stages.aggregate.engine``: ``auto`` takes Beam from
-    ``SHARDED_MIN_VOTES`` votes, for dawid-skene without gold (the sharded EM has no
-    gold questions yet)."""
+    ``SHARDED_MIN_VOTES`` votes, for the methods it has (dawid-skene, gold-confusion;
+    with or without gold)."""
     if cfg.engine != "auto":
         return cfg.engine == "beam"
-    from pipelines.beam_aggregation import SHARDED_MIN_VOTES
+    from pipelines.beam_aggregation import SHARDED_MIN_VOTES, SHARDED_METHODS
 
-    return cfg.method == "dawid-skene" and gold is None and votes.counts.get("votes_used", 0) >= SHARDED_MIN_VOTES
+    return cfg.method in SHARDED_METHODS and votes.counts.get("votes_used", 0) >= SHARDED_MIN_VOTES
 
 
-def beam_scores(ctx: Context, inputs: Inputs, params: dict[str, Any], original: pd.DataFrame,
+def beam_scores(ctx: Context, inputs: Inputs, params: dict[str, Any], original: pd.DataFrame, gold,
                 out: Path) -> pd.DataFrame:
-    """Dawid-Skene EM over vote shards in Beam (pipelines/beam_aggregation.py), on the
+    """The method over vote shards in Beam (pipelines/beam_aggregation.py), on the
     runner of the run; the score shards are written through FileSystems."""
     from pipelines.beam_aggregation import aggregate_sharded
 
@@ -104,9 +104,9 @@ def beam_scores(ctx: Context, inputs: Inputs, params: dict[str, Any], original: 
     cfg = ctx.config.stages.aggregate
     # The shards and the EM state are scratch: only the scores are kept.
     with tempfile.TemporaryDirectory(prefix="sharded-") as scratch, ctx.beam_output(Path(scratch)) as prefix:
-        result = aggregate_sharded([str(inputs["votes"].file("votes.parquet"))], "dawid-skene", params,
+        result = aggregate_sharded([str(inputs["votes"].file("votes.parquet"))], cfg.method, params,
                                    out_prefix=str(prefix).rstrip("/") + "/", options=ctx.beam_options(),
-                                   original_labels=original, vote_format="parquet",
+                                   original_labels=original, gold=gold, vote_format="parquet",
                                    votes_per_shard=cfg.votes_per_shard)
         scores = result.read_scores()
     # In the votes' question order, as the in-memory engine gives them.
