@@ -722,9 +722,9 @@ def _sum_sizes(rows) -> tuple[int, int, int]:
 OUTPUT_PATTERNS = ("scores-*.parquet", "votes/votes-*.npz", "quarantine-*.parquet", "em-state.json", "counts.json")
 
 
-def _clear_outputs(out_prefix: str) -> None:
+def _clear_outputs(out_prefix: str, patterns: Sequence[str] = OUTPUT_PATTERNS) -> None:
     """Outputs of an earlier run under the same prefix would be globbed as this run's."""
-    for pattern in OUTPUT_PATTERNS:
+    for pattern in patterns:
         old = [m.path for m in FileSystems.match([_join(out_prefix, pattern)])[0].metadata_list]
         if old:
             FileSystems.delete(old)
@@ -905,7 +905,7 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
                       vote_format: str | None = None, num_classes: int = votes_lib.DEFAULT_NUM_CLASSES,
                       votes_per_shard: int = DEFAULT_VOTES_PER_SHARD,
                       iterations_per_run: int = DEFAULT_ITERATIONS_PER_RUN,
-                      chunk_rows: int = CHUNK_ROWS) -> ShardedAggregation:
+                      chunk_rows: int = CHUNK_ROWS, scores_prefix: str | None = None) -> ShardedAggregation:
     """Score every (file_name, label) question of the vote files with Beam.
 
     ``method``: ``dawid-skene`` (params as ``aggregation.aggregate``'s: n_iter, tol,
@@ -920,8 +920,9 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
     original-label pseudo-rater; ``gold``: ``auditing.gold.Gold``.
 
     Writes under ``out_prefix`` (a folder ending in '/' or a file prefix; local or any
-    FileSystems scheme): scores-*.parquet, votes/votes-*.npz (the shards, for later
-    EM runs), quarantine-*.parquet, em-state.json, counts.json.
+    FileSystems scheme): scores-*.parquet (under ``scores_prefix`` when given: the
+    only output a caller keeps), votes/votes-*.npz (the shards, for later EM runs),
+    quarantine-*.parquet, em-state.json, counts.json.
     """
     from pipelines.beam_options import make_options
 
@@ -939,7 +940,9 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
     paths = [str(p) for p in vote_paths]
     n_groups = len(prior.groups)
     iterations_per_run = max(1, int(iterations_per_run))
+    scores_prefix = scores_prefix or out_prefix
     _clear_outputs(out_prefix)
+    _clear_outputs(scores_prefix, ("scores-*.parquet",))
 
     with beam.Pipeline(options=options) as p:
         files = p | "VoteFiles" >> beam.Create(list(enumerate(paths)))
@@ -980,19 +983,19 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
                 lambda c: fixed_rater_errors(c.rater_ids, params["rater_matrices"], params.get("default_matrix")))
             priors = _fixed_priors(params, prior.groups)
             shards | "PosteriorScores" >> beam.Map(
-                lambda s, e: write_scores(out_prefix, s, sharded.posteriors(s.votes, e, priors)[:, 1]),
+                lambda s, e: write_scores(scores_prefix, s, sharded.posteriors(s.votes, e, priors)[:, 1]),
                 beam.pvalue.AsSingleton(errors))
         elif method == "gold-confusion":
             model = coding | "GoldMatrices" >> beam.Map(
                 gold_confusion_model, gold_tasks, float(params.get("smoothing", 1.0)),
                 params.get("raters_without_gold", "mean"), params.get("prior"))
-            shards | "PosteriorScores" >> beam.Map(lambda s, m: write_scores(out_prefix, s, m.scores(s.votes)),
+            shards | "PosteriorScores" >> beam.Map(lambda s, m: write_scores(scores_prefix, s, m.scores(s.votes)),
                                                    beam.pvalue.AsSingleton(model))
         else:
             shards | "WriteVoteShards" >> beam.Map(lambda s: write_vote_shard(out_prefix, s))
             model = coding | "EMModel" >> beam.Map(_em_model, params, n_groups, gold_tasks)
             state = _initial_state(shards, model, seeded=gold_tasks is not None)
-            _em_block(shards, state, model, 0, iterations_per_run, out_prefix)
+            _em_block(shards, state, model, 0, iterations_per_run, out_prefix, scores_prefix)
 
     counts = _read_json(_join(out_prefix, "counts.json")) if FileSystems.exists(_join(out_prefix, "counts.json")) \
         else {"read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "questions": 0, "raters": 0,
@@ -1001,12 +1004,12 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
                           np.asarray(counts.pop("appearance"), dtype=np.int64), counts["raters"])
     if method == "fixed-matrices":
         errors = fixed_rater_errors(coding_.rater_ids, params["rater_matrices"], params.get("default_matrix"))
-        return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, coding_.rater_ids, errors,
+        return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids, errors,
                                   _fixed_priors(params, prior.groups), prior.groups)
     if method == "gold-confusion":
         fitted = gold_confusion_model(coding_, gold_tasks, float(params.get("smoothing", 1.0)),
                                       params.get("raters_without_gold", "mean"), params.get("prior"))
-        return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, coding_.rater_ids,
+        return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids,
                                   fitted.errors, np.array([[1 - fitted.prior, fitted.prior]]), prior.groups)
     runs = 1
     state_path = _join(out_prefix, "em-state.json")
@@ -1021,24 +1024,24 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
             model_pc = p | "EMModel" >> beam.Create([model])
             start = p | "State" >> beam.Create([state])
             _em_block(shards, start, model_pc, state.iteration,
-                      next_block_size(state, model.tol, model.n_iter, iterations_per_run), out_prefix)
+                      next_block_size(state, model.tol, model.n_iter, iterations_per_run), out_prefix, scores_prefix)
         state = _state_from_json(_read_json(state_path))
         runs += 1
-    return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, coding_.rater_ids,
+    return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids,
                               None if state is None else state.errors, None if state is None else state.priors,
                               prior.groups, None if state is None else state.iteration,
                               None if state is None else state.converged, () if state is None else state.changes,
                               runs)
 
 
-def _em_block(shards, state, model, first: int, count: int, out_prefix: str) -> None:
+def _em_block(shards, state, model, first: int, count: int, out_prefix: str, scores_prefix: str) -> None:
     """``count`` iterations from ``state``; writes em-state.json, and the scores if done."""
     final = {"shards": shards, "state": state, "model": model} | f"Iterations{first}" >> DawidSkeneIterations(first, count)
     final | "WriteState" >> beam.Map(lambda s: _write_json(_join(out_prefix, "em-state.json"), _state_to_json(s)))
 
     def scores_if_done(shard: NamedShard, s: EMState, m: EMModel):
         if s.done(m.n_iter):
-            yield write_scores(out_prefix, shard, s.current_posteriors(shard.votes)[:, 1])
+            yield write_scores(scores_prefix, shard, s.current_posteriors(shard.votes)[:, 1])
 
     shards | "WriteScores" >> beam.FlatMap(scores_if_done, beam.pvalue.AsSingleton(final),
                                            beam.pvalue.AsSingleton(model))

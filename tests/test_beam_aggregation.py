@@ -431,3 +431,25 @@ def test_the_demo_with_the_beam_engine_reproduces_the_published_real_labels(shar
                                  "published": f["tensor"]})
     merged = expected.merge(read_scores(artifact), on=["file_name", "label"])
     assert len(merged) == len(expected) and np.abs(merged["score"] - merged["published"]).max() <= 1e-12
+    # The scores stay shards in the artifact, every question of an image in one shard.
+    assert not artifact.file("scores.parquet").exists()
+    shards = sorted(artifact.file("scores").iterdir())
+    assert len(shards) == 10 and all(p.name == f"scores-{i:05d}-of-00010.parquet" for i, p in enumerate(shards))
+    images = [set(pd.read_parquet(p, columns=["file_name"])["file_name"]) for p in shards]
+    assert sum(map(len, images)) == len(set().union(*images))
+    assert artifact.counts["questions"] == 184_962 and artifact.counts["pairs_awaiting_votes"] == 0
+
+
+def test_label_sets_and_unasked_pairs_over_score_shards_equal_those_of_the_whole_table():
+    from pipelines.stages.aggregate import unasked_in
+
+    scores = pd.DataFrame({"file_name": ["a", "a", "b", "c", "c", "z"], "label": [1, 2, 4, 7, 8, 6],
+                           "score": [0.95, 0.3, 0.1, 0.9, 0.85, 0.99]})
+    original = pd.DataFrame({"file_name": ["a", "b", "c", "d"], "label": [1, 4, 7, 9]})
+    parts = [scores.iloc[:2], scores.iloc[2:3], scores.iloc[3:]]
+    whole = aggregation.label_sets(scores, original, 0.8)
+    by_parts = aggregation.label_sets_of_shards(iter(parts), original, 0.8)
+    assert by_parts == whole == {"a": {1}, "b": set(), "c": {7, 8}, "d": {9}, "z": {6}}
+    assert list(by_parts) == list(whole) and by_parts.counts == whole.counts
+    questions = pd.DataFrame({"file_name": ["a", "a", "b", "d", "c"], "label": [1, 3, 4, 9, 8]})
+    assert unasked_in(questions, iter(parts)).values.tolist() == [["a", 3], ["d", 9]]

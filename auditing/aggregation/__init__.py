@@ -17,7 +17,7 @@ from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores
 from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
                                               PresenceDawidSkene)
 from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
-from auditing.aggregation.label_sets import LabelSets, label_sets
+from auditing.aggregation.label_sets import LabelSets, label_sets, label_sets_of_shards
 from auditing.aggregation.methods import (DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS, PARAMS, PRIORS,
                                           AggregationParamsError, AggregationResult, aggregate, validate_params)
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
@@ -26,5 +26,5 @@ from auditing.aggregation.priors import ANIMAL_WNID, original_label_prior_groups
 __all__ = ["ABSENT", "ANIMAL_WNID", "DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "PARAMS",
            "PRESENCE_OF_ANSWER", "PRESENT", "PRIORS", "AggregationParamsError", "AggregationResult", "CrowdData",
            "DawidSkeneParams", "GoldConfusion", "GoldConfusionParams", "GoldTasks", "LabelSets",
-           "OriginalLabelRaterParams", "PresenceDawidSkene", "aggregate", "label_sets", "original_label_answers",
+           "OriginalLabelRaterParams", "PresenceDawidSkene", "aggregate", "label_sets", "label_sets_of_shards", "original_label_answers",
            "original_label_prior_groups", "present_scores", "resolve_prior_classes", "validate_params"]
