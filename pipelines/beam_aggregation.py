@@ -21,11 +21,11 @@ per pass over 24M single votes):
    Duplicates across chunks are quarantined there (the first vote in file order is
    kept, as ``validate_votes`` does within a batch); raters get codes from one sorted
    vocabulary (a side input).
-3. ``DawidSkeneIterations``: per iteration, the E-step per shard with the current
-   state (rater matrices, priors) as a side input (a ``Map`` emitting the shard's
-   sufficient statistics), the M-step as a combine of those statistics over all
-   shards (``EMIteration``: one key, so ``CombinePerKey`` = ``CombineGlobally`` without
-   its re-keying steps) whose output is the next state. Fixed-matrix methods
+3. ``DawidSkeneIterations``: one ``Map`` over the shards per iteration, whose side
+   input is every shard's previous ``ShardStep`` (the state it used and its sufficient
+   statistics: rater x answer x truth counts, kilobytes); each shard does the M-step
+   from those (``next_state``, summed in shard order: the same floats everywhere),
+   then its E-step. Fixed-matrix methods
    (``fixed-matrices``, e.g. gold-confusion's matrices) are one ``Map`` pass. The
    original label as a pseudo-rater (``original_label_rater``) is added to each
    shard's votes where the original labels are joined. Gold questions (small) never
@@ -59,7 +59,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 import numpy as np
@@ -73,13 +73,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from auditing import votes as votes_lib
 from auditing.aggregation import sharded
 from auditing.aggregation.gold_confusion import GoldConfusion
-from auditing.aggregation.methods import GoldAnswers, gold_answers
 from auditing.aggregation.original_label_rater import DEFAULT_RATER_ID as DEFAULT_PSEUDO_RATER_ID
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import (ORIGINAL, PROPOSED, SHARED, original_label_prior_groups,
                                          resolve_prior_classes)
 from auditing.aggregation.sharded import EMState, ShardStatistics, VoteShard
-from auditing.gold import Gold
+
+if TYPE_CHECKING:  # methods imports crowd-kit (~1.5 s), which the sharded path does without
+    from auditing.aggregation.methods import GoldAnswers
+    from auditing.gold import Gold
 
 CHUNK_ROWS = 100_000  # raw rows read and validated per element
 DEFAULT_VOTES_PER_SHARD = 100_000
@@ -347,7 +349,9 @@ def build_shard(index: int, count: int, pieces: Sequence[Mapping[str, np.ndarray
             pd.MultiIndex.from_frame(answers[["file_name", "label"]]))])
         vote_rater = np.concatenate([vote_rater, np.full(extra, len(raters), np.int64)])
         vote_answer = np.concatenate([vote_answer, answers["answer"].cat.codes.to_numpy(np.int64)])
-    votes = VoteShard(prior.question_groups(questions, original), code.astype(np.int64), vote_rater, vote_answer)
+    # Compact dtypes: every EM iteration's stage reads the shards (7 bytes a vote, not 24).
+    votes = VoteShard(prior.question_groups(questions, original), code.astype(np.int32),
+                      vote_rater.astype(np.int32), vote_answer.astype(np.int8))
     return NamedShard(index, count, questions["file_name"].to_numpy(dtype=object),
                       questions["label"].to_numpy(np.int64), votes, extra), quarantine
 
@@ -380,6 +384,23 @@ def _earliest(seen: Sequence[Mapping[str, tuple[int, int]]]) -> dict[str, tuple[
     return total
 
 
+def _add_summaries(summaries) -> tuple[int, dict[str, tuple[int, int]]]:
+    summaries = list(summaries)
+    return sum(n for n, _ in summaries), _earliest([seen for _, seen in summaries])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What cutting the votes into shards needs: the vote count (before the duplicate
+    check), the shard count, the sorted rater vocabulary (the codes) and the raters in
+    order of first appearance."""
+
+    n_votes: int
+    n_shards: int
+    vocabulary: np.ndarray
+    appearance: np.ndarray
+
+
 class ShardVotes(beam.PTransform):
     """Validated chunks (+ optional original-label chunks) -> ``NamedShard``s, and tagged
     ``quarantine`` (name, frame) of the duplicates found across chunks, and ``raters`` (one sorted array
@@ -393,39 +414,39 @@ class ShardVotes(beam.PTransform):
 
     def expand(self, inputs):
         chunks, labels = inputs["votes"], inputs.get("original_labels")
-        kept = chunks | "CountKept" >> beam.Map(lambda c: len(c["label"])) | "SumKept" >> beam.CombineGlobally(sum)
-        n_shards = kept | "ShardCount" >> beam.Map(lambda n: max(1, math.ceil(n / self.votes_per_shard)))
-        pseudo = self.pseudo
+        pseudo, votes_per_shard = self.pseudo, self.votes_per_shard
 
-        def vocabulary_of(ids: set) -> np.ndarray:
-            if pseudo is not None and pseudo.rater_id in ids:
+        def plan_of(summary: tuple[int, dict[str, tuple[int, int]]]) -> ShardPlan:
+            n_votes, seen = summary
+            if pseudo is not None and pseudo.rater_id in seen:
                 raise ShardedAggregationError(f"original_label_rater.rater_id {pseudo.rater_id!r} is also a "
                                               "rater of the votes")
-            return np.asarray(sorted(ids), dtype=object)
+            return ShardPlan(n_votes, max(1, math.ceil(n_votes / votes_per_shard)),
+                             np.asarray(sorted(seen), dtype=object),
+                             np.asarray(sorted(seen, key=seen.__getitem__), dtype=object))
 
-        first_seen = (chunks | "RaterFirstSeen" >> beam.Map(_first_seen)
-                      | "AllRaterFirstSeen" >> beam.CombineGlobally(_earliest))
-        raters = first_seen | "Vocabulary" >> beam.Map(lambda seen: vocabulary_of(set(seen)))
-        appearance = first_seen | "Appearance" >> beam.Map(lambda seen: np.asarray(
-            sorted(seen, key=seen.__getitem__), dtype=object))
+        # One combine for the vote count and the raters' first votes: each combine is
+        # a stage of its own.
+        plan = (chunks | "ChunkSummary" >> beam.Map(lambda c: (len(c["label"]), _first_seen(c)))
+                | "AllChunks" >> beam.CombineGlobally(_add_summaries) | "ShardPlan" >> beam.Map(plan_of))
+        raters = plan | "Vocabulary" >> beam.Map(lambda p: p.vocabulary)
         paths = self.paths
 
-        def coded_pieces(chunk, n, vocabulary):
+        def coded_pieces(chunk, plan: ShardPlan):
             coded = {k: v for k, v in chunk.items() if k != "rater_id"}  # elements are not to be mutated
-            coded["rater"] = np.searchsorted(vocabulary, chunk["rater_id"]).astype(np.int32)
-            yield from _split_by_bucket(coded, n)
+            coded["rater"] = np.searchsorted(plan.vocabulary, chunk["rater_id"]).astype(np.int32)
+            yield from _split_by_bucket(coded, plan.n_shards)
 
-        pieces = chunks | "CodeAndBucket" >> beam.FlatMap(coded_pieces, beam.pvalue.AsSingleton(n_shards),
-                                                          beam.pvalue.AsSingleton(raters))
+        pieces = chunks | "CodeAndBucket" >> beam.FlatMap(coded_pieces, beam.pvalue.AsSingleton(plan))
         grouped = {"votes": pieces}
         if labels is not None:
             grouped["labels"] = labels | "BucketLabels" >> beam.FlatMap(
-                lambda frame, n: ((b, piece) for b, piece in _split_by_bucket(
+                lambda frame, plan: ((b, piece) for b, piece in _split_by_bucket(
                     {"file_name": frame["file_name"].to_numpy(dtype=object),
-                     "label": frame["label"].to_numpy(np.int64)}, n)), beam.pvalue.AsSingleton(n_shards))
+                     "label": frame["label"].to_numpy(np.int64)}, plan.n_shards)), beam.pvalue.AsSingleton(plan))
         prior = self.prior
 
-        def shard_of(keyed, n, vocabulary):
+        def shard_of(keyed, plan: ShardPlan):
             index, parts = keyed
             if not parts["votes"]:
                 return  # an image bucket with original labels but no votes
@@ -435,7 +456,8 @@ class ShardVotes(beam.PTransform):
                                          for k in ("file_name", "label")})
             elif labels is not None:  # a bucket whose images have no original label
                 original = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype=np.int64)})
-            shard, quarantine = build_shard(index, n, parts["votes"], vocabulary, prior, original, paths, pseudo)
+            shard, quarantine = build_shard(index, plan.n_shards, parts["votes"], plan.vocabulary, prior, original,
+                                            paths, pseudo)
             if len(quarantine):
                 yield beam.pvalue.TaggedOutput("quarantine", (f"duplicates-{index:05d}", quarantine))
             yield shard
@@ -446,11 +468,11 @@ class ShardVotes(beam.PTransform):
         else:
             by_bucket = grouped | "GroupByImageBucket" >> beam.CoGroupByKey()
         shards = (by_bucket
-                  | "BuildShards" >> beam.FlatMap(shard_of, beam.pvalue.AsSingleton(n_shards),
-                                                  beam.pvalue.AsSingleton(raters))
+                  | "BuildShards" >> beam.FlatMap(shard_of, beam.pvalue.AsSingleton(plan))
                   .with_outputs("quarantine", main="shards"))
-        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "kept": kept,
-                "appearance": appearance}
+        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "plan": plan,
+                "kept": plan | "Kept" >> beam.Map(lambda p: p.n_votes),
+                "appearance": plan | "Appearance" >> beam.Map(lambda p: p.appearance)}
 
 
 # ---------------------------------------------------------------- step 3: EM and fixed matrices
@@ -549,98 +571,88 @@ class EMModel:
     seed_errors: np.ndarray | None = None
 
 
-class EMIteration(beam.CombineFn):
-    """The M-step as the reduction of the shards' statistics: their sum, and in
-    ``extract_output`` the next state from it (side inputs: the current state, keyed,
-    and the model). Doing the M-step inside the combine saves a stage per iteration
-    (toy pipeline on the DirectRunner: 0.31 s instead of 0.53 s per iteration). Every
-    shard sends one element per iteration, ``None`` once EM is done, so the combine
-    always has input and a done state passes through unchanged."""
+@dataclasses.dataclass(frozen=True)
+class ShardStep:
+    """What a shard sends on after an EM step: its ``index``, the ``state`` its
+    statistics were computed under (None before iteration 0), its ``stats`` (None once
+    EM is done) and, for the seeded initialisation, the ``seed_priors`` used."""
 
-    def create_accumulator(self, *side):
-        return None
-
-    def add_input(self, total, stats, *side):
-        if stats is None:
-            return total
-        return stats if total is None else total + stats
-
-    def merge_accumulators(self, totals, *side):
-        totals = [t for t in totals if t is not None]
-        return sum(totals[1:], totals[0]) if totals else None
-
-    def extract_output(self, total, keyed: tuple[None, EMState], m: EMModel):
-        current = keyed[1]
-        if total is None or current.done(m.n_iter):
-            return current
-        return sharded.advance(current, total, m.pseudo_counts, m.shrinkage, m.tol, m.held)
+    index: int
+    state: EMState | None
+    stats: ShardStatistics | None
+    seed_priors: np.ndarray | None = None
 
 
-class InitialEMState(EMIteration):
-    """Iteration 0: the M-step on the initial posteriors' statistics (the majority
-    vote's; with a seed, those under the seed matrices and ``seed_priors``)."""
-
-    def extract_output(self, total, m: EMModel, seed_priors=None):
+def next_state(steps: Sequence[ShardStep], m: EMModel) -> EMState:
+    """The M-step from every shard's last step: iteration 0 from the initial posteriors'
+    statistics, else ``sharded.advance``; a done state (or one without statistics: the
+    start of a later run) passes through. Summed in shard order, so that every shard
+    that computes it gets the same floats."""
+    ordered = sorted(steps, key=lambda s: s.index)
+    totals = [s.stats for s in ordered if s.stats is not None]
+    current = ordered[0].state
+    if current is not None and (current.done(m.n_iter) or not totals):
+        return current
+    total = sum(totals[1:], totals[0])
+    if current is None:
+        seed_priors = ordered[0].seed_priors
         return sharded.initial_state(total, m.pseudo_counts, m.shrinkage, m.held,
-                                     m.seed_errors, None if m.seed_errors is None else seed_priors)
-
-
-class SumStatistics(EMIteration):
-    def extract_output(self, total, *side):
-        return total
+                                     None if seed_priors is None else m.seed_errors, seed_priors)
+    return sharded.advance(current, total, m.pseudo_counts, m.shrinkage, m.tol, m.held)
 
 
 class DawidSkeneIterations(beam.PTransform):
-    """``count`` unrolled EM iterations: (shards, state, model) -> the state after them.
-    Once the state is done (converged or ``n_iter`` reached) later iterations send
-    ``None`` and pass the state on unchanged."""
+    """``count`` unrolled EM iterations: (shards, previous steps, model) -> the shards'
+    last steps (``next_state`` of them is the state after the block).
+
+    One stage per iteration: a ``Map`` over the shards whose side input is the list of
+    every shard's previous ``ShardStep``; each shard does the M-step itself from those
+    statistics (kilobytes per shard: W x 3 x 2 counts; summing a few hundred of them is
+    microseconds) and then its E-step. A combine per iteration would cost a second stage
+    (its group-by and merge) and ~5 more transforms to build: measured on the
+    DirectRunner at 1M votes, ~0.2 s per iteration. Once the state is done later
+    iterations send no statistics and the state passes through unchanged."""
 
     def __init__(self, first: int, count: int):
         super().__init__()
         self.first, self.count = first, count
 
     def expand(self, inputs):
-        shards, model = inputs["shards"], inputs["model"]
-        # The state travels keyed by None: CombinePerKey on one key is CombineGlobally
-        # without its two re-keying steps per iteration.
-        state = inputs["state"] | f"Keyed{self.first}" >> beam.Map(lambda s: (None, s))
+        shards, steps, model = inputs["shards"], inputs["previous"], inputs["model"]
 
-        def e_step(shard: NamedShard, keyed: tuple[None, EMState], m: EMModel):
-            current = keyed[1]
-            if current.done(m.n_iter):
-                return None, None
-            return None, sharded.e_step_statistics(shard.votes, current, m.n_raters, m.n_groups)
+        def e_step(shard: NamedShard, previous: list[ShardStep], m: EMModel) -> ShardStep:
+            state = next_state(previous, m)
+            if state.done(m.n_iter):
+                return ShardStep(shard.index, state, None)
+            return ShardStep(shard.index, state, sharded.e_step_statistics(shard.votes, state, m.n_raters,
+                                                                           m.n_groups))
 
         for t in range(self.first, self.first + self.count):
-            stats = shards | f"EStep{t}" >> beam.Map(e_step, beam.pvalue.AsSingleton(state),
-                                                     beam.pvalue.AsSingleton(model))
-            state = stats | f"MStep{t}" >> beam.CombinePerKey(
-                EMIteration(), beam.pvalue.AsSingleton(state), beam.pvalue.AsSingleton(model))
-        return state | f"State{self.first + self.count}" >> beam.Values()
+            steps = shards | f"EMStep{t}" >> beam.Map(e_step, beam.pvalue.AsList(steps),
+                                                      beam.pvalue.AsSingleton(model))
+        return steps
 
 
-def _initial_state(shards, model, seeded: bool = False):
-    """Iteration 0's state. ``seeded`` (gold): one E-step under the seed matrices, with
-    the majority vote's class priors (as ``PresenceDawidSkene`` with ``initial_error``)."""
-    def stats_of(shard: NamedShard, m: EMModel) -> ShardStatistics:
-        return sharded.shard_statistics(shard.votes, sharded.majority_posteriors(shard.votes), m.n_raters,
-                                        m.n_groups)
+def _initial_steps(shards, model, seeded: bool = False):
+    """The shards' statistics of the initial posteriors: the majority vote's, or with
+    ``seeded`` (gold) those of one E-step under the seed matrices with the majority
+    vote's class priors (as ``PresenceDawidSkene`` with ``initial_error``)."""
+    def majority(shard: NamedShard, m: EMModel) -> ShardStep:
+        return ShardStep(shard.index, None, sharded.shard_statistics(
+            shard.votes, sharded.majority_posteriors(shard.votes), m.n_raters, m.n_groups))
 
-    stats = shards | "MajorityStatistics" >> beam.Map(stats_of, beam.pvalue.AsSingleton(model))
+    steps = shards | "MajorityStatistics" >> beam.Map(majority, beam.pvalue.AsSingleton(model))
     if not seeded:
-        return stats | "InitialState" >> beam.CombineGlobally(
-            InitialEMState(), beam.pvalue.AsSingleton(model)).without_defaults()
-    seed_priors = (stats | "SumMajority" >> beam.CombineGlobally(SumStatistics()).without_defaults()
-                   | "SeedPriors" >> beam.Map(sharded.class_priors))
+        return steps
 
-    def seeded_stats(shard: NamedShard, m: EMModel, priors: np.ndarray) -> ShardStatistics:
-        return sharded.shard_statistics(shard.votes, sharded.posteriors(shard.votes, m.seed_errors, priors),
-                                        m.n_raters, m.n_groups)
+    def seeded_step(shard: NamedShard, previous: list[ShardStep], m: EMModel) -> ShardStep:
+        totals = [s.stats for s in sorted(previous, key=lambda s: s.index)]
+        priors = sharded.class_priors(sum(totals[1:], totals[0]))
+        return ShardStep(shard.index, None, sharded.shard_statistics(
+            shard.votes, sharded.posteriors(shard.votes, m.seed_errors, priors), m.n_raters, m.n_groups), priors)
 
-    return (shards | "SeededStatistics" >> beam.Map(seeded_stats, beam.pvalue.AsSingleton(model),
-                                                   beam.pvalue.AsSingleton(seed_priors))
-            | "InitialState" >> beam.CombineGlobally(InitialEMState(), beam.pvalue.AsSingleton(model),
-                                                    beam.pvalue.AsSingleton(seed_priors)).without_defaults())
+    return shards | "SeededStatistics" >> beam.Map(seeded_step, beam.pvalue.AsList(steps),
+                                                   beam.pvalue.AsSingleton(model))
 
 
 def next_block_size(state: EMState, tol: float, n_iter: int, default: int) -> int:
@@ -838,6 +850,8 @@ def _gold_answers(method: str, params: Mapping[str, Any], gold: Gold | None,
         raise ShardedAggregationError("gold-confusion needs gold questions (stages.votes.gold)")
     if gold is None or method == "fixed-matrices" or not params.get("use_gold", True):
         return None
+    from auditing.aggregation.methods import gold_answers
+
     if isinstance(original_labels, str):
         with _open(original_labels) as f:
             original_labels = pd.read_parquet(io.BytesIO(f.read()), columns=["file_name", "label"])
@@ -954,9 +968,9 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
         sharded_votes = inputs | "ShardVotes" >> ShardVotes(paths, votes_per_shard, prior, pseudo)
         shards = sharded_votes["shards"]
         gold_raters = () if gold_tasks is None else tuple(gold_tasks.raters.tolist())
-        coding = sharded_votes["raters"] | "RaterCoding" >> beam.Map(
-            rater_coding, beam.pvalue.AsSingleton(sharded_votes["appearance"]),
-            None if pseudo is None else pseudo.rater_id, gold_raters)
+        pseudo_id = None if pseudo is None else pseudo.rater_id
+        coding = sharded_votes["plan"] | "RaterCoding" >> beam.Map(
+            lambda plan: rater_coding(plan.vocabulary, plan.appearance, pseudo_id, gold_raters))
 
         quarantine = ((validated.quarantine, sharded_votes["quarantine"]) | "AllQuarantine" >> beam.Flatten())
         by_reason = (quarantine | "WriteQuarantine" >> beam.Map(lambda named: write_quarantine(out_prefix, named))
@@ -994,8 +1008,11 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
         else:
             shards | "WriteVoteShards" >> beam.Map(lambda s: write_vote_shard(out_prefix, s))
             model = coding | "EMModel" >> beam.Map(_em_model, params, n_groups, gold_tasks)
-            state = _initial_state(shards, model, seeded=gold_tasks is not None)
-            _em_block(shards, state, model, 0, iterations_per_run, out_prefix, scores_prefix)
+            # The iterations read the votes only: the questions' names stay out of the
+            # elements every iteration's stage decodes.
+            em_shards = shards | "VotesOnly" >> beam.Map(lambda s: dataclasses.replace(s, file_name=None, label=None))
+            steps = _initial_steps(em_shards, model, seeded=gold_tasks is not None)
+            _em_block(shards, steps, model, 0, iterations_per_run, out_prefix, scores_prefix, em_shards)
 
     counts = _read_json(_join(out_prefix, "counts.json")) if FileSystems.exists(_join(out_prefix, "counts.json")) \
         else {"read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "questions": 0, "raters": 0,
@@ -1022,7 +1039,7 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
             shards = (p | "VoteShardFiles" >> beam.Create(shard_paths)
                       | "ReadVoteShards" >> beam.Map(read_vote_shard))
             model_pc = p | "EMModel" >> beam.Create([model])
-            start = p | "State" >> beam.Create([state])
+            start = p | "State" >> beam.Create([ShardStep(0, state, None)])
             _em_block(shards, start, model_pc, state.iteration,
                       next_block_size(state, model.tol, model.n_iter, iterations_per_run), out_prefix, scores_prefix)
         state = _state_from_json(_read_json(state_path))
@@ -1034,9 +1051,16 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
                               runs)
 
 
-def _em_block(shards, state, model, first: int, count: int, out_prefix: str, scores_prefix: str) -> None:
-    """``count`` iterations from ``state``; writes em-state.json, and the scores if done."""
-    final = {"shards": shards, "state": state, "model": model} | f"Iterations{first}" >> DawidSkeneIterations(first, count)
+def _em_block(shards, steps, model, first: int, count: int, out_prefix: str, scores_prefix: str,
+              em_shards=None) -> None:
+    """``count`` iterations from the shards' ``steps`` (over ``em_shards``, the shards
+    without their questions' names, when given); writes em-state.json, and the scores if
+    done."""
+    last = {"shards": shards if em_shards is None else em_shards, "previous": steps, "model": model} | f"Iterations{first}" >> DawidSkeneIterations(
+        first, count)
+    final = (shards.pipeline | "Final" >> beam.Create([None])
+             | "FinalState" >> beam.Map(lambda _, steps, m: next_state(steps, m), beam.pvalue.AsList(last),
+                                        beam.pvalue.AsSingleton(model)))
     final | "WriteState" >> beam.Map(lambda s: _write_json(_join(out_prefix, "em-state.json"), _state_to_json(s)))
 
     def scores_if_done(shard: NamedShard, s: EMState, m: EMModel):
@@ -1079,6 +1103,6 @@ def prefers_sharded(vote_paths: Sequence[str], vote_format: str | None = None,
 
 
 __all__ = ["DawidSkeneIterations", "NamedShard", "PriorSpec", "PseudoRater", "ReadValidateVotes", "ShardVotes",
-           "ShardedAggregation", "ShardedAggregationError", "EMIteration", "aggregate_sharded", "build_shard",
-           "estimate_vote_count", "fixed_rater_errors", "image_bucket", "next_block_size", "prefers_sharded", "read_vote_chunks",
+           "ShardStep", "ShardedAggregation", "ShardedAggregationError", "aggregate_sharded", "build_shard",
+           "estimate_vote_count", "fixed_rater_errors", "image_bucket", "next_block_size", "next_state", "prefers_sharded", "read_vote_chunks",
            "read_vote_shard", "write_scores", "write_vote_shard"]

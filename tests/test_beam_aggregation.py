@@ -125,9 +125,10 @@ def test_beam_iterations_match_the_kernels_on_hand_built_shards():
     model = B.EMModel(len(crowd.raters), 1, sharded.smoothing_pseudo_counts(len(crowd.raters), 1.0), 0.3, 1e-5, 100)
     with BeamTestPipeline(options=make_options()) as p:
         shard_pc, model_pc = p | "Shards" >> beam.Create(shards), p | "Model" >> beam.Create([model])
-        state = B._initial_state(shard_pc, model_pc)
+        steps = B._initial_steps(shard_pc, model_pc)
         # More iterations than EM needs: the ones after convergence pass the state through.
-        final = {"shards": shard_pc, "state": state, "model": model_pc} | B.DawidSkeneIterations(0, 40)
+        last = {"shards": shard_pc, "previous": steps, "model": model_pc} | B.DawidSkeneIterations(0, 40)
+        final = p | beam.Create([None]) | beam.Map(lambda _, s: B.next_state(s, model), beam.pvalue.AsList(last))
         assert_that(final | beam.Map(lambda s: (s.iteration, s.converged)),
                     equal_to([(expected_state.iteration, True)]), label="Stopped")
         scores = shard_pc | beam.FlatMap(lambda s, st: zip(s.file_name, s.label.tolist(), np.round(

@@ -29,9 +29,8 @@ import attr
 import numpy as np
 import pandas as pd
 import pydantic
-from crowdkit.aggregation.utils import get_most_probable_labels
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENT
+from auditing.aggregation.truth import ABSENT, PRESENT
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams
 from auditing.votes import ANSWERS
 
@@ -85,6 +84,8 @@ class GoldConfusion:
         self.probas_ = pd.DataFrame(np.stack([1.0 - present, present], axis=1),
                                     index=pd.Index(tasks, name="task"), columns=truths)
         self.priors_ = pd.Series([1.0 - prior, prior], index=truths)
+        from crowdkit.aggregation.utils import get_most_probable_labels  # crowd-kit's import is slow; fit only
+
         self.labels_ = get_most_probable_labels(self.probas_)
         return self
 

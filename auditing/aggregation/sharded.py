@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENT
+from auditing.aggregation.truth import ABSENT, PRESENT
 
 N_ANSWERS, N_TRUTHS = 3, 2  # no, maybe, yes ; absent, present
 TRUTH_OF_ANSWER = np.array([ABSENT, PRESENT, PRESENT])  # PRESENCE_OF_ANSWER on the answer codes
