@@ -33,7 +33,7 @@ import pandas as pd
 import pydantic
 from crowdkit.aggregation import GLAD, MACE, MajorityVote, OneCoinDawidSkene
 
-from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores
+from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores, question_codes
 from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
                                               PresenceDawidSkene)
 from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
@@ -340,7 +340,7 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     if pseudo is not None:
         if (votes["rater_id"].astype(str) == pseudo.rater_id).any():
             raise ValueError(f"original_label_rater.rater_id {pseudo.rater_id!r} is also a rater of the votes")
-        questions = votes[["file_name", "label"]].drop_duplicates()
+        questions = votes[["file_name", "label"]].iloc[question_codes(votes)[1]]
         extra = original_label_answers(questions, original_labels, resolve(pseudo), pseudo.rater_id)
         # Appended last: the pseudo-rater's factor comes last in each product.
         votes = pd.concat([votes[list(extra.columns)], extra], ignore_index=True)
