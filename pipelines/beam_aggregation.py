@@ -4,9 +4,10 @@ scores written as Parquet shards.
 The in-memory path (``auditing.aggregation.aggregate``, crowd-kit) is the reference and
 stays the default below ``SHARDED_MIN_VOTES``; ``aggregate_sharded`` gives the same
 scores (max |difference| ~1e-14 on the 924,810 ReaL votes, the EM tolerance being
-1e-5; <= 1e-9 for gold-confusion's matrices in one pass) from vote files of any size.
+1e-5; gold-confusion: the same floats, difference 0.0) from vote files of any size.
 Measured (benchmarks/aggregation_scale.py, synthetic votes, 2 loaded cores): 24M votes
-in 5.5 GB peak RSS; the in-memory path needs ~0.5 GB per million votes. The maths is in ``auditing.aggregation.sharded``; this module is the
+in 5.5 GB peak RSS; the in-memory path needs ~0.5 GB per million votes; at 1M votes
+10.3 s against crowd-kit's 11.8 s in the same run. The maths is in ``auditing.aggregation.sharded``; this module is the
 Beam wiring and the I/O, all through Beam's ``FileSystems`` (local paths, ``gs://``).
 
 Elements are shards, never single votes (Beam costs ~28 us per element, 11 minutes
@@ -21,14 +22,18 @@ per pass over 24M single votes):
    Duplicates across chunks are quarantined there (the first vote in file order is
    kept, as ``validate_votes`` does within a batch); raters get codes from one sorted
    vocabulary (a side input).
-3. ``DawidSkeneIterations``: per iteration, the E-step per shard with the current
-   state (rater matrices, priors) as a side input (a ``Map`` emitting the shard's
-   sufficient statistics), the M-step as a combine of those statistics over all
-   shards (``EMIteration``: one key, so ``CombinePerKey`` = ``CombineGlobally`` without
-   its re-keying steps) whose output is the next state. Fixed-matrix methods
+3. ``DawidSkeneIterations``: one ``Map`` over the shards per iteration, whose side
+   input is every shard's previous ``ShardStep`` (the state it used and its sufficient
+   statistics: rater x answer x truth counts, kilobytes); each shard does the M-step
+   from those (``next_state``, summed in shard order: the same floats everywhere),
+   then its E-step. Fixed-matrix methods
    (``fixed-matrices``, e.g. gold-confusion's matrices) are one ``Map`` pass. The
    original label as a pseudo-rater (``original_label_rater``) is added to each
-   shard's votes where the original labels are joined.
+   shard's votes where the original labels are joined. Gold questions (small) never
+   enter the shards: ``gold-confusion``'s matrices are counted on them in a ``Map`` on
+   the rater coding (the in-memory worker order, so the same floats), then one
+   posterior pass; Dawid-Skene with gold is seeded by those matrices and adds the gold
+   answers' statistics, posteriors held at the truth, to every M-step (side inputs).
 4. ``WriteScores``: per shard, ``scores-SSSSS-of-NNNNN.parquet`` (file_name, label,
    score) under ``out_prefix``.
 
@@ -36,8 +41,8 @@ Why EM runs as blocks of unrolled iterations, several pipeline runs if needed: a
 pipeline graph cannot loop, and the two extremes both cost. One run per iteration
 pays a job start per iteration (~1 s on the DirectRunner, minutes on Dataflow) and
 rereads the votes each time; one run of ``n_iter`` (100) unrolled iterations pays
-~0.3 s per iteration stage on the DirectRunner even after convergence (a stage then
-does no work, but it still runs; measured on a toy pipeline). EM converges in 14-28
+a stage per iteration even after convergence (it then does no work, but it still
+runs: ~0.05-0.1 s on the DirectRunner at 1M votes, more to build). EM converges in 14-28
 iterations on ReaL-like votes, so the first run unrolls ``iterations_per_run`` (16)
 and each later run as many as the convergence rate so far predicts are left
 (``next_block_size``): two runs at most in practice (on Dataflow, where job starts
@@ -55,7 +60,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 import numpy as np
@@ -68,11 +73,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from auditing import votes as votes_lib
 from auditing.aggregation import sharded
+from auditing.aggregation.gold_confusion import GoldConfusion
 from auditing.aggregation.original_label_rater import DEFAULT_RATER_ID as DEFAULT_PSEUDO_RATER_ID
-from auditing.aggregation.original_label_rater import original_label_answers
+from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import (ORIGINAL, PROPOSED, SHARED, original_label_prior_groups,
                                          resolve_prior_classes)
 from auditing.aggregation.sharded import EMState, ShardStatistics, VoteShard
+
+if TYPE_CHECKING:  # methods imports crowd-kit (~1.5 s), which the sharded path does without
+    from auditing.aggregation.methods import GoldAnswers
+    from auditing.gold import Gold
 
 CHUNK_ROWS = 100_000  # raw rows read and validated per element
 DEFAULT_VOTES_PER_SHARD = 100_000
@@ -82,9 +92,10 @@ DEFAULT_ITERATIONS_PER_RUN = 16
 SHARDED_MIN_VOTES = 5_000_000
 GLOBAL_GROUPS = ("all",)
 ORIGINAL_LABEL_GROUPS = (ORIGINAL, PROPOSED, SHARED)
-SHARDED_METHODS = ("dawid-skene", "fixed-matrices")
+SHARDED_METHODS = ("dawid-skene", "gold-confusion", "fixed-matrices")
 DS_PARAMS = ("n_iter", "tol", "smoothing", "shrinkage", "prior", "prior_classes", "rater_history",
-             "rater_history_strength", "original_label_rater")
+             "rater_history_strength", "original_label_rater", "use_gold", "gold_smoothing")
+GOLD_CONFUSION_PARAMS = ("smoothing", "raters_without_gold", "prior", "original_label_rater")
 FIXED_PARAMS = ("rater_matrices", "class_prior", "prior", "prior_classes", "default_matrix", "original_label_rater")
 DUPLICATE_DETAIL = "a vote of this rater on this (file_name, label) came earlier"
 
@@ -339,7 +350,9 @@ def build_shard(index: int, count: int, pieces: Sequence[Mapping[str, np.ndarray
             pd.MultiIndex.from_frame(answers[["file_name", "label"]]))])
         vote_rater = np.concatenate([vote_rater, np.full(extra, len(raters), np.int64)])
         vote_answer = np.concatenate([vote_answer, answers["answer"].cat.codes.to_numpy(np.int64)])
-    votes = VoteShard(prior.question_groups(questions, original), code.astype(np.int64), vote_rater, vote_answer)
+    # Compact dtypes: every EM iteration's stage reads the shards (7 bytes a vote, not 24).
+    votes = VoteShard(prior.question_groups(questions, original), code.astype(np.int32),
+                      vote_rater.astype(np.int32), vote_answer.astype(np.int8))
     return NamedShard(index, count, questions["file_name"].to_numpy(dtype=object),
                       questions["label"].to_numpy(np.int64), votes, extra), quarantine
 
@@ -356,10 +369,44 @@ def _duplicates_quarantine(arrays: Mapping[str, np.ndarray], duplicate: np.ndarr
         "answer": np.asarray(votes_lib.ANSWERS, dtype=object)[arrays["answer"][duplicate]]})
 
 
+def _first_seen(chunk: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """rater_id -> (source, order) of its first vote in a chunk."""
+    codes, ids = pd.factorize(chunk["rater_id"])
+    first = np.unique(codes, return_index=True)[1]
+    return {str(ids[c]): (int(chunk["source"][i]), int(chunk["order"][i])) for c, i in zip(codes[first], first)}
+
+
+def _earliest(seen: Sequence[Mapping[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    total: dict[str, tuple[int, int]] = {}
+    for part in seen:
+        for rater, where in part.items():
+            if rater not in total or where < total[rater]:
+                total[rater] = where
+    return total
+
+
+def _add_summaries(summaries) -> tuple[int, dict[str, tuple[int, int]]]:
+    summaries = list(summaries)
+    return sum(n for n, _ in summaries), _earliest([seen for _, seen in summaries])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What cutting the votes into shards needs: the vote count (before the duplicate
+    check), the shard count, the sorted rater vocabulary (the codes) and the raters in
+    order of first appearance."""
+
+    n_votes: int
+    n_shards: int
+    vocabulary: np.ndarray
+    appearance: np.ndarray
+
+
 class ShardVotes(beam.PTransform):
     """Validated chunks (+ optional original-label chunks) -> ``NamedShard``s, and tagged
     ``quarantine`` (name, frame) of the duplicates found across chunks, and ``raters`` (one sorted array
-    of rater ids: the codes) and ``kept`` (votes before the duplicate check)."""
+    of rater ids: the codes), ``appearance`` (the rater ids in order of first appearance
+    in the files) and ``kept`` (votes before the duplicate check)."""
 
     def __init__(self, paths: Sequence[str], votes_per_shard: int = DEFAULT_VOTES_PER_SHARD,
                  prior: PriorSpec = PriorSpec(), pseudo: PseudoRater | None = None):
@@ -368,37 +415,39 @@ class ShardVotes(beam.PTransform):
 
     def expand(self, inputs):
         chunks, labels = inputs["votes"], inputs.get("original_labels")
-        kept = chunks | "CountKept" >> beam.Map(lambda c: len(c["label"])) | "SumKept" >> beam.CombineGlobally(sum)
-        n_shards = kept | "ShardCount" >> beam.Map(lambda n: max(1, math.ceil(n / self.votes_per_shard)))
-        pseudo = self.pseudo
+        pseudo, votes_per_shard = self.pseudo, self.votes_per_shard
 
-        def vocabulary_of(ids: set) -> np.ndarray:
-            if pseudo is not None and pseudo.rater_id in ids:
+        def plan_of(summary: tuple[int, dict[str, tuple[int, int]]]) -> ShardPlan:
+            n_votes, seen = summary
+            if pseudo is not None and pseudo.rater_id in seen:
                 raise ShardedAggregationError(f"original_label_rater.rater_id {pseudo.rater_id!r} is also a "
                                               "rater of the votes")
-            return np.asarray(sorted(ids), dtype=object)
+            return ShardPlan(n_votes, max(1, math.ceil(n_votes / votes_per_shard)),
+                             np.asarray(sorted(seen), dtype=object),
+                             np.asarray(sorted(seen, key=seen.__getitem__), dtype=object))
 
-        raters = (chunks | "RaterIds" >> beam.Map(lambda c: set(c["rater_id"].tolist()))
-                  | "AllRaterIds" >> beam.CombineGlobally(lambda sets: set().union(*sets))
-                  | "Vocabulary" >> beam.Map(vocabulary_of))
+        # One combine for the vote count and the raters' first votes: each combine is
+        # a stage of its own.
+        plan = (chunks | "ChunkSummary" >> beam.Map(lambda c: (len(c["label"]), _first_seen(c)))
+                | "AllChunks" >> beam.CombineGlobally(_add_summaries) | "ShardPlan" >> beam.Map(plan_of))
+        raters = plan | "Vocabulary" >> beam.Map(lambda p: p.vocabulary)
         paths = self.paths
 
-        def coded_pieces(chunk, n, vocabulary):
+        def coded_pieces(chunk, plan: ShardPlan):
             coded = {k: v for k, v in chunk.items() if k != "rater_id"}  # elements are not to be mutated
-            coded["rater"] = np.searchsorted(vocabulary, chunk["rater_id"]).astype(np.int32)
-            yield from _split_by_bucket(coded, n)
+            coded["rater"] = np.searchsorted(plan.vocabulary, chunk["rater_id"]).astype(np.int32)
+            yield from _split_by_bucket(coded, plan.n_shards)
 
-        pieces = chunks | "CodeAndBucket" >> beam.FlatMap(coded_pieces, beam.pvalue.AsSingleton(n_shards),
-                                                          beam.pvalue.AsSingleton(raters))
+        pieces = chunks | "CodeAndBucket" >> beam.FlatMap(coded_pieces, beam.pvalue.AsSingleton(plan))
         grouped = {"votes": pieces}
         if labels is not None:
             grouped["labels"] = labels | "BucketLabels" >> beam.FlatMap(
-                lambda frame, n: ((b, piece) for b, piece in _split_by_bucket(
+                lambda frame, plan: ((b, piece) for b, piece in _split_by_bucket(
                     {"file_name": frame["file_name"].to_numpy(dtype=object),
-                     "label": frame["label"].to_numpy(np.int64)}, n)), beam.pvalue.AsSingleton(n_shards))
+                     "label": frame["label"].to_numpy(np.int64)}, plan.n_shards)), beam.pvalue.AsSingleton(plan))
         prior = self.prior
 
-        def shard_of(keyed, n, vocabulary):
+        def shard_of(keyed, plan: ShardPlan):
             index, parts = keyed
             if not parts["votes"]:
                 return  # an image bucket with original labels but no votes
@@ -408,7 +457,8 @@ class ShardVotes(beam.PTransform):
                                          for k in ("file_name", "label")})
             elif labels is not None:  # a bucket whose images have no original label
                 original = pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype=np.int64)})
-            shard, quarantine = build_shard(index, n, parts["votes"], vocabulary, prior, original, paths, pseudo)
+            shard, quarantine = build_shard(index, plan.n_shards, parts["votes"], plan.vocabulary, prior, original,
+                                            paths, pseudo)
             if len(quarantine):
                 yield beam.pvalue.TaggedOutput("quarantine", (f"duplicates-{index:05d}", quarantine))
             yield shard
@@ -419,17 +469,98 @@ class ShardVotes(beam.PTransform):
         else:
             by_bucket = grouped | "GroupByImageBucket" >> beam.CoGroupByKey()
         shards = (by_bucket
-                  | "BuildShards" >> beam.FlatMap(shard_of, beam.pvalue.AsSingleton(n_shards),
-                                                  beam.pvalue.AsSingleton(raters))
+                  | "BuildShards" >> beam.FlatMap(shard_of, beam.pvalue.AsSingleton(plan))
                   .with_outputs("quarantine", main="shards"))
-        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "kept": kept}
+        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "plan": plan,
+                "kept": plan | "Kept" >> beam.Map(lambda p: p.n_votes),
+                "appearance": plan | "Appearance" >> beam.Map(lambda p: p.appearance)}
 
 
 # ---------------------------------------------------------------- step 3: EM and fixed matrices
 
 @dataclasses.dataclass(frozen=True)
+class RaterCoding:
+    """Every rater the aggregation counts, by code: the sorted vocabulary of the votes'
+    raters (codes 0..n-1, as the shards carry them), then the pseudo-rater, then raters
+    found only in gold. ``appearance``: the codes in order of first appearance (vote
+    raters in file order, the pseudo-rater, gold-only raters in gold order), the
+    in-memory engine's worker order, in which gold-confusion averages and multiplies."""
+
+    rater_ids: np.ndarray  # code -> rater_id
+    appearance: np.ndarray  # codes, first seen first
+    n_vote_raters: int
+
+    @property
+    def in_appearance_order(self) -> np.ndarray:
+        return self.rater_ids[self.appearance]
+
+    @property
+    def rank(self) -> np.ndarray:
+        """Place of each code in ``appearance``."""
+        rank = np.empty(len(self.appearance), np.int64)
+        rank[self.appearance] = np.arange(len(self.appearance))
+        return rank
+
+
+def rater_coding(vocabulary: np.ndarray, appearance: np.ndarray, pseudo_id: str | None = None,
+                 gold_raters: Sequence[str] = ()) -> RaterCoding:
+    extra = [] if pseudo_id is None else [pseudo_id]
+    known = set(vocabulary.tolist()) | set(extra)
+    extra += [r for r in gold_raters if r not in known]
+    ids = np.concatenate([np.asarray(vocabulary, dtype=object), np.asarray(extra, dtype=object)])
+    first = np.searchsorted(vocabulary, appearance) if len(vocabulary) else np.zeros(0, np.int64)
+    return RaterCoding(ids, np.concatenate([first, np.arange(len(vocabulary), len(ids))]).astype(np.int64),
+                       len(vocabulary))
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldConfusionModel:
+    """gold-confusion's fitted model on the codes: (W, 2, 3) P(answer | truth) rows in
+    appearance order, each code's rank there, and the prior P(present)."""
+
+    matrices: np.ndarray
+    rank: np.ndarray
+    prior: float
+
+    def scores(self, votes: VoteShard) -> np.ndarray:
+        """``GoldConfusion``'s posterior: the same factors in the same order, the same floats."""
+        return GoldConfusion.posterior(self.matrices, self.prior, votes.n_questions, votes.vote_question,
+                                       self.rank[votes.vote_rater], votes.vote_answer)
+
+    @property
+    def errors(self) -> np.ndarray:
+        """(W, 3, 2) P(answer | truth) by code."""
+        return self.matrices[self.rank].transpose(0, 2, 1)
+
+
+def gold_confusion_model(coding: RaterCoding, gold: GoldAnswers, smoothing: float = 1.0,
+                         raters_without_gold: str = "mean", prior: float | None = None) -> GoldConfusionModel:
+    """The matrices counted on ``gold`` for every coded rater (``GoldConfusion``'s rule)."""
+    model = GoldConfusion(smoothing=smoothing, raters_without_gold=raters_without_gold,
+                          prior=gold.present_share if prior is None else prior,
+                          default_excludes=[] if gold.pseudo_rater is None else [gold.pseudo_rater])
+    try:
+        matrices, _ = model.rater_matrices(gold.answers, gold.true_labels, coding.in_appearance_order)
+        present = model.present_prior(gold.true_labels)
+    except ValueError as e:
+        raise ShardedAggregationError(f"gold-counted matrices: {e}") from e
+    return GoldConfusionModel(matrices, coding.rank, present)
+
+
+def held_gold_statistics(coding: RaterCoding, gold: GoldAnswers, n_groups: int) -> ShardStatistics:
+    """The gold answers' share of every M-step (their posteriors held at the truth)."""
+    answers = gold.answers
+    truth = gold.true_labels.sort_index().to_numpy(np.int64)  # tasks 0..T-1
+    raters = pd.Index(coding.rater_ids).get_indexer(answers["worker"])
+    shard = VoteShard(np.zeros(len(truth), np.int64), answers["task"].to_numpy(np.int64), raters.astype(np.int64),
+                      pd.Categorical(answers["label"], categories=votes_lib.ANSWERS).codes.astype(np.int64))
+    return sharded.held_truth_statistics(shard, truth, len(coding.rater_ids), n_groups)
+
+
+@dataclasses.dataclass(frozen=True)
 class EMModel:
-    """What every iteration needs besides the state: sizes, pseudo-counts, hyper-parameters."""
+    """What every iteration needs besides the state: sizes, pseudo-counts, hyper-parameters,
+    and with gold the held gold statistics and the gold-counted seed matrices."""
 
     n_raters: int
     n_groups: int
@@ -437,79 +568,92 @@ class EMModel:
     shrinkage: float
     tol: float
     n_iter: int
+    held: ShardStatistics | None = None
+    seed_errors: np.ndarray | None = None
 
 
-class EMIteration(beam.CombineFn):
-    """The M-step as the reduction of the shards' statistics: their sum, and in
-    ``extract_output`` the next state from it (side inputs: the current state, keyed,
-    and the model). Doing the M-step inside the combine saves a stage per iteration
-    (toy pipeline on the DirectRunner: 0.31 s instead of 0.53 s per iteration). Every
-    shard sends one element per iteration, ``None`` once EM is done, so the combine
-    always has input and a done state passes through unchanged."""
+@dataclasses.dataclass(frozen=True)
+class ShardStep:
+    """What a shard sends on after an EM step: its ``index``, the ``state`` its
+    statistics were computed under (None before iteration 0), its ``stats`` (None once
+    EM is done) and, for the seeded initialisation, the ``seed_priors`` used."""
 
-    def create_accumulator(self, *side):
-        return None
-
-    def add_input(self, total, stats, *side):
-        if stats is None:
-            return total
-        return stats if total is None else total + stats
-
-    def merge_accumulators(self, totals, *side):
-        totals = [t for t in totals if t is not None]
-        return sum(totals[1:], totals[0]) if totals else None
-
-    def extract_output(self, total, keyed: tuple[None, EMState], m: EMModel):
-        current = keyed[1]
-        if total is None or current.done(m.n_iter):
-            return current
-        return sharded.advance(current, total, m.pseudo_counts, m.shrinkage, m.tol)
+    index: int
+    state: EMState | None
+    stats: ShardStatistics | None
+    seed_priors: np.ndarray | None = None
 
 
-class InitialEMState(EMIteration):
-    """Iteration 0: the M-step on the majority-vote posteriors' statistics."""
-
-    def extract_output(self, total, m: EMModel):
-        return sharded.initial_state(total, m.pseudo_counts, m.shrinkage)
+def next_state(steps: Sequence[ShardStep], m: EMModel) -> EMState:
+    """The M-step from every shard's last step: iteration 0 from the initial posteriors'
+    statistics, else ``sharded.advance``; a done state (or one without statistics: the
+    start of a later run) passes through. Summed in shard order, so that every shard
+    that computes it gets the same floats."""
+    ordered = sorted(steps, key=lambda s: s.index)
+    totals = [s.stats for s in ordered if s.stats is not None]
+    current = ordered[0].state
+    if current is not None and (current.done(m.n_iter) or not totals):
+        return current
+    total = sum(totals[1:], totals[0])
+    if current is None:
+        seed_priors = ordered[0].seed_priors
+        return sharded.initial_state(total, m.pseudo_counts, m.shrinkage, m.held,
+                                     None if seed_priors is None else m.seed_errors, seed_priors)
+    return sharded.advance(current, total, m.pseudo_counts, m.shrinkage, m.tol, m.held)
 
 
 class DawidSkeneIterations(beam.PTransform):
-    """``count`` unrolled EM iterations: (shards, state, model) -> the state after them.
-    Once the state is done (converged or ``n_iter`` reached) later iterations send
-    ``None`` and pass the state on unchanged."""
+    """``count`` unrolled EM iterations: (shards, previous steps, model) -> the shards'
+    last steps (``next_state`` of them is the state after the block).
+
+    One stage per iteration: a ``Map`` over the shards whose side input is the list of
+    every shard's previous ``ShardStep``; each shard does the M-step itself from those
+    statistics (kilobytes per shard: W x 3 x 2 counts; summing a few hundred of them is
+    microseconds) and then its E-step. A combine per iteration would cost a second stage
+    (its group-by and merge) and ~5 more transforms to build: measured on the
+    DirectRunner at 1M votes, ~0.2 s per iteration. Once the state is done later
+    iterations send no statistics and the state passes through unchanged."""
 
     def __init__(self, first: int, count: int):
         super().__init__()
         self.first, self.count = first, count
 
     def expand(self, inputs):
-        shards, model = inputs["shards"], inputs["model"]
-        # The state travels keyed by None: CombinePerKey on one key is CombineGlobally
-        # without its two re-keying steps per iteration.
-        state = inputs["state"] | f"Keyed{self.first}" >> beam.Map(lambda s: (None, s))
+        shards, steps, model = inputs["shards"], inputs["previous"], inputs["model"]
 
-        def e_step(shard: NamedShard, keyed: tuple[None, EMState], m: EMModel):
-            current = keyed[1]
-            if current.done(m.n_iter):
-                return None, None
-            return None, sharded.e_step_statistics(shard.votes, current, m.n_raters, m.n_groups)
+        def e_step(shard: NamedShard, previous: list[ShardStep], m: EMModel) -> ShardStep:
+            state = next_state(previous, m)
+            if state.done(m.n_iter):
+                return ShardStep(shard.index, state, None)
+            return ShardStep(shard.index, state, sharded.e_step_statistics(shard.votes, state, m.n_raters,
+                                                                           m.n_groups))
 
         for t in range(self.first, self.first + self.count):
-            stats = shards | f"EStep{t}" >> beam.Map(e_step, beam.pvalue.AsSingleton(state),
-                                                     beam.pvalue.AsSingleton(model))
-            state = stats | f"MStep{t}" >> beam.CombinePerKey(
-                EMIteration(), beam.pvalue.AsSingleton(state), beam.pvalue.AsSingleton(model))
-        return state | f"State{self.first + self.count}" >> beam.Values()
+            steps = shards | f"EMStep{t}" >> beam.Map(e_step, beam.pvalue.AsList(steps),
+                                                      beam.pvalue.AsSingleton(model))
+        return steps
 
 
-def _initial_state(shards, model):
-    def stats_of(shard: NamedShard, m: EMModel) -> ShardStatistics:
-        return sharded.shard_statistics(shard.votes, sharded.majority_posteriors(shard.votes), m.n_raters,
-                                        m.n_groups)
+def _initial_steps(shards, model, seeded: bool = False):
+    """The shards' statistics of the initial posteriors: the majority vote's, or with
+    ``seeded`` (gold) those of one E-step under the seed matrices with the majority
+    vote's class priors (as ``PresenceDawidSkene`` with ``initial_error``)."""
+    def majority(shard: NamedShard, m: EMModel) -> ShardStep:
+        return ShardStep(shard.index, None, sharded.shard_statistics(
+            shard.votes, sharded.majority_posteriors(shard.votes), m.n_raters, m.n_groups))
 
-    stats = shards | "MajorityStatistics" >> beam.Map(stats_of, beam.pvalue.AsSingleton(model))
-    return stats | "InitialState" >> beam.CombineGlobally(
-        InitialEMState(), beam.pvalue.AsSingleton(model)).without_defaults()
+    steps = shards | "MajorityStatistics" >> beam.Map(majority, beam.pvalue.AsSingleton(model))
+    if not seeded:
+        return steps
+
+    def seeded_step(shard: NamedShard, previous: list[ShardStep], m: EMModel) -> ShardStep:
+        totals = [s.stats for s in sorted(previous, key=lambda s: s.index)]
+        priors = sharded.class_priors(sum(totals[1:], totals[0]))
+        return ShardStep(shard.index, None, sharded.shard_statistics(
+            shard.votes, sharded.posteriors(shard.votes, m.seed_errors, priors), m.n_raters, m.n_groups), priors)
+
+    return shards | "SeededStatistics" >> beam.Map(seeded_step, beam.pvalue.AsList(steps),
+                                                   beam.pvalue.AsSingleton(model))
 
 
 def next_block_size(state: EMState, tol: float, n_iter: int, default: int) -> int:
@@ -591,9 +735,9 @@ def _sum_sizes(rows) -> tuple[int, int, int]:
 OUTPUT_PATTERNS = ("scores-*.parquet", "votes/votes-*.npz", "quarantine-*.parquet", "em-state.json", "counts.json")
 
 
-def _clear_outputs(out_prefix: str) -> None:
+def _clear_outputs(out_prefix: str, patterns: Sequence[str] = OUTPUT_PATTERNS) -> None:
     """Outputs of an earlier run under the same prefix would be globbed as this run's."""
-    for pattern in OUTPUT_PATTERNS:
+    for pattern in patterns:
         old = [m.path for m in FileSystems.match([_join(out_prefix, pattern)])[0].metadata_list]
         if old:
             FileSystems.delete(old)
@@ -643,12 +787,12 @@ def _check_params(method: str, params: Mapping[str, Any]) -> None:
     if method not in SHARDED_METHODS:
         raise ShardedAggregationError(f"method {method!r} has no sharded implementation; "
                                       f"expected one of {SHARDED_METHODS} (the others run in memory)")
-    allowed = DS_PARAMS if method == "dawid-skene" else FIXED_PARAMS
+    allowed = {"dawid-skene": DS_PARAMS, "gold-confusion": GOLD_CONFUSION_PARAMS}.get(method, FIXED_PARAMS)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ShardedAggregationError(f"params {unknown} are not options of sharded {method!r}; "
                                       f"expected some of {list(allowed)}")
-    if params.get("prior", "global") not in ("global", "original-label"):
+    if method != "gold-confusion" and params.get("prior", "global") not in ("global", "original-label"):
         raise ShardedAggregationError(f"params.prior must be 'global' or 'original-label', got {params['prior']!r}")
     if method == "fixed-matrices" and "rater_matrices" not in params:
         raise ShardedAggregationError("method 'fixed-matrices' needs params.rater_matrices (rater_id -> (2, 3))")
@@ -666,20 +810,66 @@ def _pseudo_rater(params: Mapping[str, Any]) -> PseudoRater | None:
                        None if classes is None else tuple(int(c) for c in classes))
 
 
-def _prior_spec(params: Mapping[str, Any]) -> PriorSpec:
+def _prior_spec(method: str, params: Mapping[str, Any]) -> PriorSpec:
+    if method == "gold-confusion":  # its prior is P(present), one for all questions
+        return PriorSpec()
     classes = resolve_prior_classes(params.get("prior_classes"))
     return PriorSpec(params.get("prior", "global"), None if classes is None else tuple(int(c) for c in classes))
 
 
-def _em_model(raters: np.ndarray, params: Mapping[str, Any], n_groups: int) -> EMModel:
+def _em_model(coding: RaterCoding, params: Mapping[str, Any], n_groups: int,
+              gold: GoldAnswers | None = None) -> EMModel:
+    raters = coding.rater_ids
     history = None
     if params.get("rater_history"):
-        history = sharded.history_pseudo_counts(raters, {str(k): v for k, v in params["rater_history"].items()},
+        # Of the votes' raters (and the pseudo-rater), as in memory, where the history is
+        # matched before gold adds its raters.
+        voting = raters[:len(raters) - _gold_only_count(coding, gold)]
+        history = sharded.history_pseudo_counts(voting, {str(k): v for k, v in params["rater_history"].items()},
                                                 float(params.get("rater_history_strength", 50.0)))
+        history = np.concatenate([history, np.zeros((len(raters) - len(voting), *history.shape[1:]))])
+    held = seed = None
+    if gold is not None:
+        held = held_gold_statistics(coding, gold, n_groups)
+        seed = gold_confusion_model(coding, gold, float(params.get("gold_smoothing", 1.0))).errors
     return EMModel(len(raters), n_groups,
                    sharded.smoothing_pseudo_counts(len(raters), float(params.get("smoothing", 1.0)), history),
                    float(params.get("shrinkage", 0.0)), float(params.get("tol", 1e-5)),
-                   int(params.get("n_iter", 100)))
+                   int(params.get("n_iter", 100)), held, seed)
+
+
+def _gold_only_count(coding: RaterCoding, gold: GoldAnswers | None) -> int:
+    if gold is None:
+        return 0
+    return len(coding.rater_ids) - coding.n_vote_raters - (gold.pseudo_rater is not None)
+
+
+def _gold_answers(method: str, params: Mapping[str, Any], gold: Gold | None,
+                  original_labels: pd.DataFrame | str | None) -> GoldAnswers | None:
+    """The gold questions as tasks, when the method uses them (read here: gold is small)."""
+    if method == "gold-confusion" and gold is None:
+        raise ShardedAggregationError("gold-confusion needs gold questions (stages.votes.gold)")
+    if gold is None or method == "fixed-matrices" or not params.get("use_gold", True):
+        return None
+    from auditing.aggregation.methods import gold_answers
+
+    if isinstance(original_labels, str):
+        with _open(original_labels) as f:
+            original_labels = pd.read_parquet(io.BytesIO(f.read()), columns=["file_name", "label"])
+    spec = params.get("original_label_rater")
+    pseudo = None if spec is None else OriginalLabelRaterParams.model_validate(
+        dict(spec) if isinstance(spec, Mapping) else spec.model_dump())
+    try:
+        answers = gold_answers(gold, original_labels, pseudo)
+        if method == "gold-confusion":  # a bad gold set fails here, before any pipeline runs
+            GoldConfusion(smoothing=float(params.get("smoothing", 1.0)),
+                          raters_without_gold=params.get("raters_without_gold", "mean"),
+                          default_excludes=[] if pseudo is None else [pseudo.rater_id],
+                          prior=params.get("prior") or answers.present_share).rater_matrices(
+                answers.answers, answers.true_labels, answers.raters)
+    except ValueError as e:
+        raise ShardedAggregationError(f"gold questions: {e}") from e
+    return answers
 
 
 def fixed_rater_errors(raters: np.ndarray, rater_matrices: Mapping[str, Any],
@@ -726,23 +916,28 @@ def _original_labels_input(p: beam.Pipeline, original_labels: pd.DataFrame | str
 
 def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", params: Mapping[str, Any] | None = None,
                       out_prefix: str = "", options: PipelineOptions | None = None, *,
-                      original_labels: pd.DataFrame | str | None = None, vote_format: str | None = None,
-                      num_classes: int = votes_lib.DEFAULT_NUM_CLASSES,
+                      original_labels: pd.DataFrame | str | None = None, gold: Gold | None = None,
+                      vote_format: str | None = None, num_classes: int = votes_lib.DEFAULT_NUM_CLASSES,
                       votes_per_shard: int = DEFAULT_VOTES_PER_SHARD,
                       iterations_per_run: int = DEFAULT_ITERATIONS_PER_RUN,
-                      chunk_rows: int = CHUNK_ROWS) -> ShardedAggregation:
+                      chunk_rows: int = CHUNK_ROWS, scores_prefix: str | None = None) -> ShardedAggregation:
     """Score every (file_name, label) question of the vote files with Beam.
 
     ``method``: ``dawid-skene`` (params as ``aggregation.aggregate``'s: n_iter, tol,
-    smoothing, shrinkage, prior, prior_classes, rater_history, rater_history_strength)
-    or ``fixed-matrices`` (params.rater_matrices: rater_id -> (2, 3) P(answer | absent,
-    present), e.g. counted on gold questions; params.class_prior: P(present), or group
-    -> P(present); optional default_matrix). ``original_labels`` (a (file_name, label)
-    frame or a Parquet path) is needed for ``prior: original-label``.
+    smoothing, shrinkage, prior, prior_classes, rater_history, rater_history_strength,
+    original_label_rater, use_gold, gold_smoothing; with ``gold``: seeded from the
+    gold-counted matrices, gold truth held fixed), ``gold-confusion`` (params as
+    ``GoldConfusionParams``; needs ``gold``: the matrices are counted on it, then one
+    pass; the same floats as in memory) or ``fixed-matrices`` (params.rater_matrices:
+    rater_id -> (2, 3) P(answer | absent, present); params.class_prior: P(present), or
+    group -> P(present); optional default_matrix). ``original_labels`` (a (file_name,
+    label) frame or a Parquet path) is needed for ``prior: original-label`` and the
+    original-label pseudo-rater; ``gold``: ``auditing.gold.Gold``.
 
     Writes under ``out_prefix`` (a folder ending in '/' or a file prefix; local or any
-    FileSystems scheme): scores-*.parquet, votes/votes-*.npz (the shards, for later
-    EM runs), quarantine-*.parquet, em-state.json, summary.json.
+    FileSystems scheme): scores-*.parquet (under ``scores_prefix`` when given: the
+    only output a caller keeps), votes/votes-*.npz (the shards, for later EM runs),
+    quarantine-*.parquet, em-state.json, counts.json.
     """
     from pipelines.beam_options import make_options
 
@@ -751,15 +946,18 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
     if not out_prefix:
         raise ShardedAggregationError("out_prefix is required (a folder or prefix for the score shards)")
     options = options or make_options("direct")
-    prior, pseudo = _prior_spec(params), _pseudo_rater(params)
+    prior, pseudo = _prior_spec(method, params), _pseudo_rater(params)
     joins_labels = prior.prior != "global" or pseudo is not None
     if joins_labels and original_labels is None:
         what = "params.prior 'original-label'" if prior.prior != "global" else "params.original_label_rater"
         raise ShardedAggregationError(f"{what} needs original_labels (file_name, label)")
+    gold_tasks = _gold_answers(method, params, gold, original_labels)
     paths = [str(p) for p in vote_paths]
     n_groups = len(prior.groups)
     iterations_per_run = max(1, int(iterations_per_run))
+    scores_prefix = scores_prefix or out_prefix
     _clear_outputs(out_prefix)
+    _clear_outputs(scores_prefix, ("scores-*.parquet",))
 
     with beam.Pipeline(options=options) as p:
         files = p | "VoteFiles" >> beam.Create(list(enumerate(paths)))
@@ -769,9 +967,11 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
         if labels is not None:
             inputs["original_labels"] = labels
         sharded_votes = inputs | "ShardVotes" >> ShardVotes(paths, votes_per_shard, prior, pseudo)
-        shards, raters = sharded_votes["shards"], sharded_votes["raters"]
-        if pseudo is not None:  # the pseudo-rater's code is len(raters): last in the rater ids
-            raters = raters | "WithPseudoRater" >> beam.Map(lambda ids: np.append(ids, pseudo.rater_id))
+        shards = sharded_votes["shards"]
+        gold_raters = () if gold_tasks is None else tuple(gold_tasks.raters.tolist())
+        pseudo_id = None if pseudo is None else pseudo.rater_id
+        coding = sharded_votes["plan"] | "RaterCoding" >> beam.Map(
+            lambda plan: rater_coding(plan.vocabulary, plan.appearance, pseudo_id, gold_raters))
 
         quarantine = ((validated.quarantine, sharded_votes["quarantine"]) | "AllQuarantine" >> beam.Flatten())
         by_reason = (quarantine | "WriteQuarantine" >> beam.Map(lambda named: write_quarantine(out_prefix, named))
@@ -780,44 +980,58 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
             lambda s: (s.votes.n_votes - s.pseudo_votes, s.votes.n_questions, 1))
                        | "SumSizes" >> beam.CombineGlobally(_sum_sizes))
 
-        def summary(sizes, reasons, vocabulary):
+        def summary(sizes, reasons, c: RaterCoding):
             votes, questions, count = sizes
             reasons = {r: int(reasons.get(r, 0)) for r in votes_lib.REASONS}
             quarantined = sum(reasons.values())
             return {"read": votes + quarantined, "kept": votes, "quarantined": quarantined,
-                    "quarantined_by_reason": reasons, "questions": questions, "raters": len(vocabulary),
-                    "shards": count, "rater_ids": [str(r) for r in vocabulary]}
+                    "quarantined_by_reason": reasons, "questions": questions, "raters": c.n_vote_raters,
+                    "shards": count, "rater_ids": [str(r) for r in c.rater_ids],
+                    "appearance": c.appearance.tolist()}
 
         (shard_sizes | "Counts" >> beam.Map(summary, beam.pvalue.AsSingleton(by_reason, default_value={}),
-                                            beam.pvalue.AsSingleton(raters))
+                                            beam.pvalue.AsSingleton(coding))
          | "WriteCounts" >> beam.Map(lambda c: _write_json(_join(out_prefix, "counts.json"), c)))
 
         if method == "fixed-matrices":
-            errors = raters | "RaterMatrices" >> beam.Map(
-                fixed_rater_errors, params["rater_matrices"], params.get("default_matrix"))
+            errors = coding | "RaterMatrices" >> beam.Map(
+                lambda c: fixed_rater_errors(c.rater_ids, params["rater_matrices"], params.get("default_matrix")))
             priors = _fixed_priors(params, prior.groups)
             shards | "PosteriorScores" >> beam.Map(
-                lambda s, e: write_scores(out_prefix, s, sharded.posteriors(s.votes, e, priors)[:, 1]),
+                lambda s, e: write_scores(scores_prefix, s, sharded.posteriors(s.votes, e, priors)[:, 1]),
                 beam.pvalue.AsSingleton(errors))
+        elif method == "gold-confusion":
+            model = coding | "GoldMatrices" >> beam.Map(
+                gold_confusion_model, gold_tasks, float(params.get("smoothing", 1.0)),
+                params.get("raters_without_gold", "mean"), params.get("prior"))
+            shards | "PosteriorScores" >> beam.Map(lambda s, m: write_scores(scores_prefix, s, m.scores(s.votes)),
+                                                   beam.pvalue.AsSingleton(model))
         else:
             shards | "WriteVoteShards" >> beam.Map(lambda s: write_vote_shard(out_prefix, s))
-            model = raters | "EMModel" >> beam.Map(_em_model, params, n_groups)
-            state = _initial_state(shards, model)
-            _em_block(shards, state, model, 0, iterations_per_run, out_prefix)
+            model = coding | "EMModel" >> beam.Map(_em_model, params, n_groups, gold_tasks)
+            # The iterations read the votes only: the questions' names stay out of the
+            # elements every iteration's stage decodes.
+            em_shards = shards | "VotesOnly" >> beam.Map(lambda s: dataclasses.replace(s, file_name=None, label=None))
+            steps = _initial_steps(em_shards, model, seeded=gold_tasks is not None)
+            _em_block(shards, steps, model, 0, iterations_per_run, out_prefix, scores_prefix, em_shards)
 
     counts = _read_json(_join(out_prefix, "counts.json")) if FileSystems.exists(_join(out_prefix, "counts.json")) \
         else {"read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "questions": 0, "raters": 0,
-              "shards": 0, "rater_ids": []}
-    rater_ids = np.asarray(counts.pop("rater_ids"), dtype=object)
-    if pseudo is not None:
-        counts["raters"] -= 1  # raters of the votes; rater_ids_ ends with the pseudo-rater
+              "shards": 0, "rater_ids": [], "appearance": []}
+    coding_ = RaterCoding(np.asarray(counts.pop("rater_ids"), dtype=object),
+                          np.asarray(counts.pop("appearance"), dtype=np.int64), counts["raters"])
     if method == "fixed-matrices":
-        errors = fixed_rater_errors(rater_ids, params["rater_matrices"], params.get("default_matrix"))
-        return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, rater_ids, errors,
+        errors = fixed_rater_errors(coding_.rater_ids, params["rater_matrices"], params.get("default_matrix"))
+        return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids, errors,
                                   _fixed_priors(params, prior.groups), prior.groups)
+    if method == "gold-confusion":
+        fitted = gold_confusion_model(coding_, gold_tasks, float(params.get("smoothing", 1.0)),
+                                      params.get("raters_without_gold", "mean"), params.get("prior"))
+        return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids,
+                                  fitted.errors, np.array([[1 - fitted.prior, fitted.prior]]), prior.groups)
     runs = 1
     state_path = _join(out_prefix, "em-state.json")
-    model = _em_model(rater_ids, params, n_groups)
+    model = _em_model(coding_, params, n_groups, gold_tasks)
     state = _state_from_json(_read_json(state_path)) if FileSystems.exists(state_path) else None
     while state is not None and not state.done(model.n_iter):
         # Another block: the vote shards written by the first run, the state from the last.
@@ -826,26 +1040,33 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
             shards = (p | "VoteShardFiles" >> beam.Create(shard_paths)
                       | "ReadVoteShards" >> beam.Map(read_vote_shard))
             model_pc = p | "EMModel" >> beam.Create([model])
-            start = p | "State" >> beam.Create([state])
+            start = p | "State" >> beam.Create([ShardStep(0, state, None)])
             _em_block(shards, start, model_pc, state.iteration,
-                      next_block_size(state, model.tol, model.n_iter, iterations_per_run), out_prefix)
+                      next_block_size(state, model.tol, model.n_iter, iterations_per_run), out_prefix, scores_prefix)
         state = _state_from_json(_read_json(state_path))
         runs += 1
-    return ShardedAggregation(method, out_prefix, _score_paths(out_prefix), counts, rater_ids,
+    return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids,
                               None if state is None else state.errors, None if state is None else state.priors,
                               prior.groups, None if state is None else state.iteration,
                               None if state is None else state.converged, () if state is None else state.changes,
                               runs)
 
 
-def _em_block(shards, state, model, first: int, count: int, out_prefix: str) -> None:
-    """``count`` iterations from ``state``; writes em-state.json, and the scores if done."""
-    final = {"shards": shards, "state": state, "model": model} | f"Iterations{first}" >> DawidSkeneIterations(first, count)
+def _em_block(shards, steps, model, first: int, count: int, out_prefix: str, scores_prefix: str,
+              em_shards=None) -> None:
+    """``count`` iterations from the shards' ``steps`` (over ``em_shards``, the shards
+    without their questions' names, when given); writes em-state.json, and the scores if
+    done."""
+    last = {"shards": shards if em_shards is None else em_shards, "previous": steps, "model": model} | f"Iterations{first}" >> DawidSkeneIterations(
+        first, count)
+    final = (shards.pipeline | "Final" >> beam.Create([None])
+             | "FinalState" >> beam.Map(lambda _, steps, m: next_state(steps, m), beam.pvalue.AsList(last),
+                                        beam.pvalue.AsSingleton(model)))
     final | "WriteState" >> beam.Map(lambda s: _write_json(_join(out_prefix, "em-state.json"), _state_to_json(s)))
 
     def scores_if_done(shard: NamedShard, s: EMState, m: EMModel):
         if s.done(m.n_iter):
-            yield write_scores(out_prefix, shard, s.current_posteriors(shard.votes)[:, 1])
+            yield write_scores(scores_prefix, shard, s.current_posteriors(shard.votes)[:, 1])
 
     shards | "WriteScores" >> beam.FlatMap(scores_if_done, beam.pvalue.AsSingleton(final),
                                            beam.pvalue.AsSingleton(model))
@@ -883,6 +1104,6 @@ def prefers_sharded(vote_paths: Sequence[str], vote_format: str | None = None,
 
 
 __all__ = ["DawidSkeneIterations", "NamedShard", "PriorSpec", "PseudoRater", "ReadValidateVotes", "ShardVotes",
-           "ShardedAggregation", "ShardedAggregationError", "EMIteration", "aggregate_sharded", "build_shard",
-           "estimate_vote_count", "fixed_rater_errors", "image_bucket", "next_block_size", "prefers_sharded", "read_vote_chunks",
+           "ShardStep", "ShardedAggregation", "ShardedAggregationError", "aggregate_sharded", "build_shard",
+           "estimate_vote_count", "fixed_rater_errors", "image_bucket", "next_block_size", "next_state", "prefers_sharded", "read_vote_chunks",
            "read_vote_shard", "write_scores", "write_vote_shard"]

@@ -222,7 +222,7 @@ class AggregateConfig(_Section):
     rater_history_strength: float = pydantic.Field(50.0, gt=0)
     # Where Dawid-Skene runs: `in-memory` (crowd-kit, the reference), `beam` (EM over
     # vote shards: pipelines/beam_aggregation.py, for votes past one machine's memory),
-    # or `auto` (beam from 5M votes, for dawid-skene without gold).
+    # or `auto` (beam from 5M votes, for dawid-skene and gold-confusion).
     engine: Literal["auto", "in-memory", "beam"] = "auto"
     votes_per_shard: int = pydantic.Field(100_000, ge=1000)
 
@@ -236,8 +236,9 @@ class AggregateConfig(_Section):
             validate_params(self.method, self.params)
         except AggregationParamsError as e:
             raise ValueError(f"params.{e.key}: {e}") from None
-        if self.engine == "beam" and self.method != "dawid-skene":
-            raise ValueError(f"engine 'beam' runs dawid-skene; method {self.method!r} runs in memory")
+        if self.engine == "beam" and self.method not in ("dawid-skene", "gold-confusion"):
+            raise ValueError(f"engine 'beam' runs dawid-skene and gold-confusion; method {self.method!r} runs "
+                             "in memory")
         return self
 
 

@@ -125,9 +125,10 @@ def test_beam_iterations_match_the_kernels_on_hand_built_shards():
     model = B.EMModel(len(crowd.raters), 1, sharded.smoothing_pseudo_counts(len(crowd.raters), 1.0), 0.3, 1e-5, 100)
     with BeamTestPipeline(options=make_options()) as p:
         shard_pc, model_pc = p | "Shards" >> beam.Create(shards), p | "Model" >> beam.Create([model])
-        state = B._initial_state(shard_pc, model_pc)
+        steps = B._initial_steps(shard_pc, model_pc)
         # More iterations than EM needs: the ones after convergence pass the state through.
-        final = {"shards": shard_pc, "state": state, "model": model_pc} | B.DawidSkeneIterations(0, 40)
+        last = {"shards": shard_pc, "previous": steps, "model": model_pc} | B.DawidSkeneIterations(0, 40)
+        final = p | beam.Create([None]) | beam.Map(lambda _, s: B.next_state(s, model), beam.pvalue.AsList(last))
         assert_that(final | beam.Map(lambda s: (s.iteration, s.converged)),
                     equal_to([(expected_state.iteration, True)]), label="Stopped")
         scores = shard_pc | beam.FlatMap(lambda s, st: zip(s.file_name, s.label.tolist(), np.round(
@@ -295,3 +296,161 @@ def test_gold_confusion_matrices_in_one_sharded_pass_equal_in_memory_on_real_vot
     merged = expected.scores_.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
     assert len(merged) == len(expected.scores_) == 184_962
     assert np.abs(merged["score_beam"] - merged["score"]).max() <= 1e-9
+
+
+# ---------------------------------------------------------------- gold questions in the Beam engine
+
+def _gold_with_a_gold_only_rater():
+    """The hand-built gold plus a rater ("g9") who answered gold questions only."""
+    from auditing import gold as gold_lib
+    from tests.test_aggregation import _hand_built_gold, _votes
+
+    gold = _hand_built_gold()
+    extra = _votes([(f"gold{k}", k, "g9", "yes" if k < 4 else ("maybe" if k % 3 else "no")) for k in range(10)])
+    return gold_lib.Gold.from_frames(gold.truth(), pd.concat([gold.rater_votes, extra], ignore_index=True))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("gold-confusion", {}),
+    ("gold-confusion", {"original_label_rater": {"classes": [0, 1, 2, 3, 7, 8]}, "raters_without_gold": "pooled"}),
+    ("dawid-skene", {}),
+    ("dawid-skene", {"shrinkage": 0.3, "prior": "original-label", "original_label_rater": {"classes": [0, 1, 2, 7]}}),
+])
+def test_sharded_methods_with_gold_match_in_memory_on_hand_built_votes(method, params, tmp_path):
+    """Raters first seen out of sorted order (r3 first), a gold-only rater, the
+    pseudo-rater: gold-confusion gives the same floats, DS-with-gold the same EM."""
+    from tests.test_aggregation import _hand_built_crowd
+
+    votes = _hand_built_crowd()
+    votes = pd.concat([votes[votes["rater_id"] == "r3"], votes[votes["rater_id"] != "r3"]], ignore_index=True)
+    # Softer votes than the hand-built crowd's, so that scores are not all 0 or 1.
+    votes.loc[votes.index % 7 == 0, "answer"] = "maybe"
+    gold = _gold_with_a_gold_only_rater()
+    original = pd.DataFrame({"file_name": [f"img{q}" for q in range(20)] + [f"gold{k}" for k in range(10)],
+                             "label": list(range(20)) + [k if k % 2 else k + 1 for k in range(10)]})
+    expected = aggregation.aggregate(votes, method, original_labels=original, gold=gold, **params)
+    votes.astype({"answer": str}).to_parquet(tmp_path / "v.parquet", index=False)
+    result = B.aggregate_sharded([str(tmp_path / "v.parquet")], method, params, str(tmp_path / "o") + "/",
+                                 original_labels=original, gold=gold, votes_per_shard=20, iterations_per_run=3)
+    assert result.counts["shards"] > 1 and result.rater_ids_[-1] == "g9" and result.counts["raters"] == 4
+    merged = expected.scores_.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
+    assert len(merged) == len(expected.scores_)
+    assert 0.05 < merged["score"].median() < 0.95 or merged["score"].between(0.01, 0.99).any()
+    if method == "gold-confusion":
+        assert (merged["score_beam"] == merged["score"]).all()
+    else:
+        np.testing.assert_allclose(merged["score_beam"], merged["score"], rtol=0, atol=1e-12)
+        assert result.n_iter_ == expected.n_iter_ and result.pipeline_runs > 1
+    theirs = expected.errors_
+    mine = pd.DataFrame(result.errors_.reshape(-1, 2), index=pd.MultiIndex.from_product(
+        [result.rater_ids_, votes_lib.ANSWERS]), columns=[0, 1])
+    np.testing.assert_allclose(mine.reindex(theirs.index).to_numpy(), theirs.to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_sharded_gold_confusion_needs_gold_and_says_what_is_wrong_with_it(tmp_path):
+    from auditing import gold as gold_lib
+    from tests.test_aggregation import _votes
+
+    with pytest.raises(B.ShardedAggregationError, match="gold-confusion needs gold"):
+        B.aggregate_sharded([], "gold-confusion", {}, str(tmp_path) + "/")
+    present_only = gold_lib.Gold.from_frames(pd.DataFrame({"file_name": ["g"], "label": [1], "truth": [True]}),
+                                             _votes([("g", 1, "r0", "yes")]))
+    with pytest.raises(B.ShardedAggregationError, match="both present and absent"):
+        B.aggregate_sharded([], "gold-confusion", {}, str(tmp_path) + "/", gold=present_only)
+
+
+@pytest.fixture(scope="module")
+def real_gold_questions(real_votes):
+    from auditing import gold as gold_lib
+
+    return gold_lib.read_real_gold(sources.fetch("real_golden", download=False),
+                                   sources.fetch("real_raters_golden", download=False),
+                                   known_raters=set(real_votes[1]["rater_id"]))
+
+
+@pytest.mark.slow
+def test_beam_gold_confusion_equals_in_memory_and_the_published_scores_on_real_votes(real_votes,
+                                                                                    real_gold_questions, tmp_path):
+    """The demo's method (configs/imagenet_real.yaml) in the Beam engine: matrices counted
+    on the 1,135 golden questions, one pass over the shards: the same floats."""
+    path, kept = real_votes
+    original = labelsets.original_val_labels()
+    params = {"smoothing": 1.0, "raters_without_gold": "mean",
+              "original_label_rater": {"classes": ANIMAL_WNID, "present_if": {"min_yes": 2, "of": 5}}}
+    expected = aggregation.aggregate(kept, "gold-confusion", original_labels=original, gold=real_gold_questions,
+                                     **params)
+    result = B.aggregate_sharded([path], "gold-confusion", params, str(tmp_path) + "/", original_labels=original,
+                                 gold=real_gold_questions)
+    merged = expected.scores_.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
+    assert len(merged) == len(expected.scores_) == 184_962
+    assert np.abs(merged["score_beam"] - merged["score"]).max() <= 1e-9  # measured: 0.0
+    with np.load(sources.fetch("real_scores", download=False)) as f:
+        published = pd.DataFrame({"file_name": f["info"][:, 0], "label": f["info"][:, 1].astype(np.int64),
+                                  "published": f["tensor"]})
+    against = published.merge(merged, on=["file_name", "label"])
+    assert len(against) == len(published) and np.abs(against["score_beam"] - against["published"]).max() <= 1e-9
+
+
+@pytest.mark.slow
+def test_beam_dawid_skene_with_gold_equals_in_memory_on_real_votes(real_votes, real_gold_questions, tmp_path):
+    """DS seeded from gold, gold truth held fixed, with the demo's pseudo-rater."""
+    path, kept = real_votes
+    original = labelsets.original_val_labels()
+    params = {"shrinkage": 0.3, "original_label_rater": {"classes": ANIMAL_WNID, "present_if": {"min_yes": 2, "of": 5}}}
+    expected = aggregation.aggregate(kept, "dawid-skene", original_labels=original, gold=real_gold_questions, **params)
+    result = B.aggregate_sharded([path], "dawid-skene", params, str(tmp_path) + "/", original_labels=original,
+                                 gold=real_gold_questions)
+    merged = expected.scores_.merge(result.read_scores(), on=["file_name", "label"], suffixes=("", "_beam"))
+    assert len(merged) == len(expected.scores_) == 184_962
+    assert np.abs(merged["score_beam"] - merged["score"]).max() <= 1e-5  # the EM tolerance
+    assert result.n_iter_ == expected.n_iter_
+
+
+@pytest.mark.slow
+def test_the_demo_with_the_beam_engine_reproduces_the_published_real_labels(shared_data, tmp_path):
+    """configs/imagenet_real.yaml with stages.aggregate.engine: beam, through the
+    aggregate stage: real.json's label sets and scores.npz's scores."""
+    from pathlib import Path
+
+    from pipelines import run
+    from pipelines.config import load_config
+    from pipelines.stages.aggregate import read_label_sets, read_scores
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    text = (configs / "imagenet_real.yaml").read_text()
+    assert "    method: gold-confusion\n" in text
+    config = tmp_path / "imagenet_real_beam.yaml"
+    config.write_text(text.replace("    method: gold-confusion\n", "    method: gold-confusion\n    engine: beam\n"))
+    result = run.execute(load_config(config, output_dir=str(tmp_path / "out")), target="aggregate",
+                         echo=lambda *a, **k: None)
+    artifact = result.artifacts["label_sets"]
+    assert artifact.counts["engine"] == "beam"
+    published = labelsets.read_real_json(sources.fetch("real_labels", download=False))
+    assert read_label_sets(artifact) == published
+    with np.load(sources.fetch("real_scores", download=False)) as f:
+        expected = pd.DataFrame({"file_name": f["info"][:, 0], "label": f["info"][:, 1].astype(np.int64),
+                                 "published": f["tensor"]})
+    merged = expected.merge(read_scores(artifact), on=["file_name", "label"])
+    assert len(merged) == len(expected) and np.abs(merged["score"] - merged["published"]).max() <= 1e-12
+    # The scores stay shards in the artifact, every question of an image in one shard.
+    assert not artifact.file("scores.parquet").exists()
+    shards = sorted(artifact.file("scores").iterdir())
+    assert len(shards) == 10 and all(p.name == f"scores-{i:05d}-of-00010.parquet" for i, p in enumerate(shards))
+    images = [set(pd.read_parquet(p, columns=["file_name"])["file_name"]) for p in shards]
+    assert sum(map(len, images)) == len(set().union(*images))
+    assert artifact.counts["questions"] == 184_962 and artifact.counts["pairs_awaiting_votes"] == 0
+
+
+def test_label_sets_and_unasked_pairs_over_score_shards_equal_those_of_the_whole_table():
+    from pipelines.stages.aggregate import unasked_in
+
+    scores = pd.DataFrame({"file_name": ["a", "a", "b", "c", "c", "z"], "label": [1, 2, 4, 7, 8, 6],
+                           "score": [0.95, 0.3, 0.1, 0.9, 0.85, 0.99]})
+    original = pd.DataFrame({"file_name": ["a", "b", "c", "d"], "label": [1, 4, 7, 9]})
+    parts = [scores.iloc[:2], scores.iloc[2:3], scores.iloc[3:]]
+    whole = aggregation.label_sets(scores, original, 0.8)
+    by_parts = aggregation.label_sets_of_shards(iter(parts), original, 0.8)
+    assert by_parts == whole == {"a": {1}, "b": set(), "c": {7, 8}, "d": {9}, "z": {6}}
+    assert list(by_parts) == list(whole) and by_parts.counts == whole.counts
+    questions = pd.DataFrame({"file_name": ["a", "a", "b", "d", "c"], "label": [1, 3, 4, 9, 8]})
+    assert unasked_in(questions, iter(parts)).values.tolist() == [["a", 3], ["d", 9]]

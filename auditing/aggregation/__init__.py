@@ -13,18 +13,38 @@ One algorithm per module, crowd-kit style:
 - ``priors``: which questions share a class prior (original label vs proposals).
 - ``label_sets``: the ReaL rule from scores to label sets.
 """
-from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores
-from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
-                                              PresenceDawidSkene)
-from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
-from auditing.aggregation.label_sets import LabelSets, label_sets
-from auditing.aggregation.methods import (DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS, PARAMS, PRIORS,
-                                          AggregationParamsError, AggregationResult, aggregate, validate_params)
+import importlib
+
+# Light modules load with the package; those that import crowd-kit (~1.5 s: scipy.stats)
+# load on first use of one of their names, so that the sharded kernels and the Beam
+# engine (pipelines/beam_aggregation.py), which need none of crowd-kit, start fast.
+from auditing.aggregation.label_sets import LabelSets, label_sets, label_sets_of_shards
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import ANIMAL_WNID, original_label_prior_groups, resolve_prior_classes
+from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT
+
+_LAZY = {
+    "crowd": ("CrowdData", "GoldTasks", "present_scores"),
+    "dawid_skene": ("DawidSkeneParams", "PresenceDawidSkene"),
+    "gold_confusion": ("GoldConfusion", "GoldConfusionParams"),
+    "methods": ("DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "PARAMS", "PRIORS", "AggregationParamsError",
+                "AggregationResult", "aggregate", "validate_params"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'auditing.aggregation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"auditing.aggregation.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["ABSENT", "ANIMAL_WNID", "DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "PARAMS",
            "PRESENCE_OF_ANSWER", "PRESENT", "PRIORS", "AggregationParamsError", "AggregationResult", "CrowdData",
            "DawidSkeneParams", "GoldConfusion", "GoldConfusionParams", "GoldTasks", "LabelSets",
-           "OriginalLabelRaterParams", "PresenceDawidSkene", "aggregate", "label_sets", "original_label_answers",
-           "original_label_prior_groups", "present_scores", "resolve_prior_classes", "validate_params"]
+           "OriginalLabelRaterParams", "PresenceDawidSkene", "aggregate", "label_sets", "label_sets_of_shards",
+           "original_label_answers", "original_label_prior_groups", "present_scores", "resolve_prior_classes",
+           "validate_params"]

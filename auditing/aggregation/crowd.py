@@ -16,6 +16,20 @@ from auditing.aggregation.dawid_skene import ABSENT, PRESENCE_OF_ANSWER, PRESENT
 from auditing.votes import ANSWERS, REQUIRED_COLUMNS
 
 
+def question_codes(votes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each vote's (file_name, label) question code, numbered in order of first
+    appearance (``groupby(sort=False).ngroup()``), and the row of each question's first
+    vote (the rows ``drop_duplicates`` keeps). One integer key per question and one
+    factorize: a groupby on the two columns costs ~0.5 s more on the ReaL votes."""
+    image, _ = pd.factorize(votes["file_name"])
+    label = votes["label"].to_numpy(np.int64)
+    if not len(label):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    low = int(label.min())
+    codes, _ = pd.factorize(image.astype(np.int64) * (int(label.max()) - low + 1) + (label - low))
+    return codes.astype(np.int64), np.unique(codes, return_index=True)[1]
+
+
 @dataclasses.dataclass
 class CrowdData:
     """Votes in crowd-kit's long format plus the maps back to questions and raters."""
@@ -30,8 +44,8 @@ class CrowdData:
         if missing:
             raise ValueError(f"votes lack column(s) {missing}")
         # Task codes in order of first appearance, matching drop_duplicates' order.
-        task = votes.groupby(["file_name", "label"], sort=False).ngroup().to_numpy()
-        questions = votes[["file_name", "label"]].drop_duplicates()
+        task, first = question_codes(votes)
+        questions = votes.iloc[first]
         worker, raters = pd.factorize(votes["rater_id"].astype(str).to_numpy())
         answers = votes["answer"].astype(object).to_numpy()
         if not np.isin(answers, ANSWERS).all():

@@ -55,8 +55,8 @@ from crowdkit.aggregation.utils import get_most_probable_labels
 
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams
 
-ABSENT, PRESENT = 0, 1
-PRESENCE_OF_ANSWER: dict[str, int] = {"no": ABSENT, "maybe": PRESENT, "yes": PRESENT}
+from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT  # noqa: F401  (re-exported)
+
 _GOLD_GROUP = "__gold__"
 
 

@@ -29,9 +29,8 @@ import attr
 import numpy as np
 import pandas as pd
 import pydantic
-from crowdkit.aggregation.utils import get_most_probable_labels
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENT
+from auditing.aggregation.truth import ABSENT, PRESENT
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams
 from auditing.votes import ANSWERS
 
@@ -72,25 +71,21 @@ class GoldConfusion:
     gold_answers_: pd.Series = attr.ib(init=False)
 
     def fit(self, data: pd.DataFrame, gold: pd.DataFrame, true_labels: pd.Series) -> "GoldConfusion":
-        if self.raters_without_gold not in ("mean", "pooled"):
-            raise ValueError(f"raters_without_gold must be 'mean' or 'pooled', got {self.raters_without_gold!r}")
-        if self.smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {self.smoothing}")
         workers = pd.unique(pd.concat([data["worker"], gold["worker"]], ignore_index=True))
-        matrices, n_gold = self._matrices(gold, true_labels, workers)
+        matrices, n_gold = self.rater_matrices(gold, true_labels, workers)
         self.gold_answers_ = pd.Series(n_gold, index=pd.Index(workers, name="worker"))
         self.errors_ = self._errors_frame(matrices, workers)
-        prior = self.prior if self.prior is not None else float(np.mean(true_labels.to_numpy() == PRESENT))
-        if not 0 < prior < 1:
-            raise ValueError(f"prior P(present) must be in (0, 1), got {prior} (no present or no absent gold?)")
+        prior = self.present_prior(true_labels)
         tasks, task_codes = np.unique(data["task"].to_numpy(), return_inverse=True)
         worker_codes = pd.Index(workers).get_indexer(data["worker"])
         answer_codes = self._answer_codes(data["label"])
-        present = self._posterior(matrices, prior, len(tasks), task_codes, worker_codes, answer_codes)
+        present = self.posterior(matrices, prior, len(tasks), task_codes, worker_codes, answer_codes)
         truths = pd.Index([ABSENT, PRESENT], name="label")
         self.probas_ = pd.DataFrame(np.stack([1.0 - present, present], axis=1),
                                     index=pd.Index(tasks, name="task"), columns=truths)
         self.priors_ = pd.Series([1.0 - prior, prior], index=truths)
+        from crowdkit.aggregation.utils import get_most_probable_labels  # crowd-kit's import is slow; fit only
+
         self.labels_ = get_most_probable_labels(self.probas_)
         return self
 
@@ -109,9 +104,22 @@ class GoldConfusion:
             raise ValueError(f"answers {bad} are not among {list(self.answers)}")
         return np.asarray(codes, dtype=np.int64)
 
-    def _matrices(self, gold: pd.DataFrame, true_labels: pd.Series, workers: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(workers, 2 truths, answers) probabilities and each worker's gold answers."""
+    def present_prior(self, true_labels: pd.Series) -> float:
+        """P(present): ``prior``, or the share of present gold tasks."""
+        prior = self.prior if self.prior is not None else float(np.mean(true_labels.to_numpy() == PRESENT))
+        if not 0 < prior < 1:
+            raise ValueError(f"prior P(present) must be in (0, 1), got {prior} (no present or no absent gold?)")
+        return prior
+
+    def rater_matrices(self, gold: pd.DataFrame, true_labels: pd.Series, workers: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(workers, 2 truths, answers) probabilities and each worker's gold answers.
+        ``workers`` in the order of their first appearance in the votes: the mean default
+        is summed in that order (the sharded engine passes the same order, for the same floats)."""
+        if self.raters_without_gold not in ("mean", "pooled"):
+            raise ValueError(f"raters_without_gold must be 'mean' or 'pooled', got {self.raters_without_gold!r}")
+        if self.smoothing < 0:
+            raise ValueError(f"smoothing must be >= 0, got {self.smoothing}")
         n_answers = len(self.answers)
         truth = true_labels.reindex(gold["task"]).to_numpy()
         if pd.isna(truth).any():
@@ -145,8 +153,10 @@ class GoldConfusion:
         return pd.DataFrame(values, index=index, columns=pd.Index([ABSENT, PRESENT], name="label"))
 
     @staticmethod
-    def _posterior(matrices: np.ndarray, prior: float, n_tasks: int, task_codes: np.ndarray,
+    def posterior(matrices: np.ndarray, prior: float, n_tasks: int, task_codes: np.ndarray,
                    worker_codes: np.ndarray, answer_codes: np.ndarray) -> np.ndarray:
+        """P(present) per task: the factors of each task's votes multiplied one at a time in
+        worker-code order, the prior last (log space where both products underflow)."""
         # One vote at a time, in worker order: np.multiply.at is unbuffered and applies
         # the factors in array order, so each product is the sequential one.
         order = np.argsort(worker_codes, kind="stable")

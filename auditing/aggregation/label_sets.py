@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -48,13 +49,46 @@ def label_sets(scores: pd.DataFrame, original_labels: pd.DataFrame, threshold: f
 
     Images appear in ``original_labels`` order, then rated images it lacks (counted in
     ``rated_without_original``)."""
-    for name, frame, cols in (("scores", scores, ("file_name", "label", "score")),
-                              ("original_labels", original_labels, ("file_name", "label"))):
-        missing = [c for c in cols if c not in frame.columns]
-        if missing:
-            raise ValueError(f"{name} lacks column(s) {missing}")
+    return label_sets_of_shards([scores], original_labels, threshold)
+
+
+def label_sets_of_shards(shards: Iterable[pd.DataFrame], original_labels: pd.DataFrame,
+                         threshold: float = 0.8) -> LabelSets:
+    """``label_sets`` over scores given in parts (e.g. the Beam engine's score shards,
+    read one at a time): only each part's labels above the threshold and its rated image
+    names are kept, never the whole scores table."""
+    missing = [c for c in ("file_name", "label") if c not in original_labels.columns]
+    if missing:
+        raise ValueError(f"original_labels lacks column(s) {missing}")
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    by_image: dict[str, frozenset[int]] = {}
+    rated: dict[str, None] = {}  # insertion-ordered set
+    for scores in shards:
+        missing = [c for c in ("file_name", "label", "score") if c not in scores.columns]
+        if missing:
+            raise ValueError(f"scores lacks column(s) {missing}")
+        for name, labels in _sets_above(scores, threshold).items():
+            by_image[name] = by_image[name] | labels if name in by_image else labels
+        rated.update(dict.fromkeys(pd.unique(scores["file_name"])))
+    sets: dict[str, frozenset[int]] = {}
+    unrated = 0
+    for file_name, label in zip(original_labels["file_name"], original_labels["label"]):
+        if file_name in sets:
+            continue
+        if file_name in rated:
+            sets[file_name] = by_image.get(file_name, frozenset())
+        else:
+            sets[file_name] = frozenset({int(label)})
+            unrated += 1
+    extra = [f for f in rated if f not in sets]
+    for file_name in extra:
+        sets[file_name] = by_image.get(file_name, frozenset())
+    return LabelSets(sets, rated=len(rated), unrated_kept_original=unrated,
+                     rated_without_original=len(extra), threshold=threshold)
+
+
+def _sets_above(scores: pd.DataFrame, threshold: float) -> dict[str, frozenset[int]]:
     kept = scores.loc[scores["score"].to_numpy() > threshold]
     # One sort and one split at the image boundaries (a groupby with a Python function
     # per image costs seconds on 50,000 images).
@@ -63,21 +97,4 @@ def label_sets(scores: pd.DataFrame, original_labels: pd.DataFrame, threshold: f
     labels = kept["label"].to_numpy(np.int64).tolist()
     starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(names)]
-    by_image = {names[b]: frozenset(labels[b:e]) for b, e in zip(starts.tolist(), ends.tolist())}
-    rated = pd.unique(scores["file_name"])
-    rated_set = set(rated)
-    sets: dict[str, frozenset[int]] = {}
-    unrated = 0
-    for file_name, label in zip(original_labels["file_name"], original_labels["label"]):
-        if file_name in sets:
-            continue
-        if file_name in rated_set:
-            sets[file_name] = by_image.get(file_name, frozenset())
-        else:
-            sets[file_name] = frozenset({int(label)})
-            unrated += 1
-    extra = [f for f in rated if f not in sets]
-    for file_name in extra:
-        sets[file_name] = by_image.get(file_name, frozenset())
-    return LabelSets(sets, rated=len(rated_set), unrated_kept_original=unrated,
-                     rated_without_original=len(extra), threshold=threshold)
+    return {names[b]: frozenset(labels[b:e]) for b, e in zip(starts.tolist(), ends.tolist())}

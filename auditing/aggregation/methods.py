@@ -33,7 +33,7 @@ import pandas as pd
 import pydantic
 from crowdkit.aggregation import GLAD, MACE, MajorityVote, OneCoinDawidSkene
 
-from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores
+from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores, question_codes
 from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
                                               PresenceDawidSkene)
 from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
@@ -166,6 +166,38 @@ def gold_tasks(crowd: CrowdData, inputs: _Inputs) -> tuple[GoldTasks, CrowdData,
         tasks = tasks.append(answers, gold.truth(rater.present_if), pseudo_codes, first_code=tasks.next_code)
         excludes = sorted(set(pseudo_codes.tolist()))
     return tasks, crowd, excludes, float(truth["truth"].mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldAnswers:
+    """The gold questions as rated tasks, apart from any votes (the sharded engine counts
+    its matrices from these): ``answers`` (task, worker = rater_id, label = answer),
+    ``true_labels`` (task -> ABSENT / PRESENT), ``raters`` (in order of first appearance,
+    the pseudo-rater last), ``pseudo_rater`` (its id, or None) and ``present_share``
+    (the share of present gold questions under the gold's own rule)."""
+
+    answers: pd.DataFrame
+    true_labels: pd.Series
+    raters: np.ndarray
+    pseudo_rater: str | None
+    present_share: float
+
+
+def gold_answers(gold: Gold, original_labels: pd.DataFrame | None = None,
+                 pseudo_rater: OriginalLabelRaterParams | None = None) -> GoldAnswers:
+    """``gold_tasks`` without votes: the same tasks, truths and pseudo-rater answers."""
+    if pseudo_rater is not None and original_labels is None:
+        raise ValueError("original_label_rater needs original_labels (file_name, label)")
+    empty = CrowdData(pd.DataFrame({"task": pd.Series(dtype=np.int64), "worker": pd.Series(dtype=np.int64),
+                                    "label": pd.Series(dtype=object)}),
+                      pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype=np.int64)}),
+                      np.array([], dtype=object))
+    inputs = _Inputs(gold=gold, original_labels=original_labels, prior_groups=None, rater_history=None,
+                     rater_history_strength=0.0, pseudo_rater=pseudo_rater)
+    tasks, crowd, _, share = gold_tasks(empty, inputs)
+    answers = tasks.data.assign(worker=crowd.raters[tasks.data["worker"].to_numpy()])
+    return GoldAnswers(answers, tasks.true_labels, crowd.raters,
+                       None if pseudo_rater is None else pseudo_rater.rater_id, share)
 
 
 def _gold_confusion(crowd: CrowdData, p: GoldConfusionParams, inputs: _Inputs
@@ -308,7 +340,7 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     if pseudo is not None:
         if (votes["rater_id"].astype(str) == pseudo.rater_id).any():
             raise ValueError(f"original_label_rater.rater_id {pseudo.rater_id!r} is also a rater of the votes")
-        questions = votes[["file_name", "label"]].drop_duplicates()
+        questions = votes[["file_name", "label"]].iloc[question_codes(votes)[1]]
         extra = original_label_answers(questions, original_labels, resolve(pseudo), pseudo.rater_id)
         # Appended last: the pseudo-rater's factor comes last in each product.
         votes = pd.concat([votes[list(extra.columns)], extra], ignore_index=True)
@@ -327,5 +359,5 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
                              rater_ids_=crowd.raters, params=used)
 
 
-__all__ = ["ABSENT", "PARAMS", "PRESENT", "AggregationParamsError", "AggregationResult", "CrowdData", "METHODS",
-           "aggregate", "present_scores", "validate_params"]
+__all__ = ["ABSENT", "PARAMS", "PRESENT", "AggregationParamsError", "AggregationResult", "CrowdData", "GoldAnswers",
+           "METHODS", "aggregate", "gold_answers", "present_scores", "validate_params"]

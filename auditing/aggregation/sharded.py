@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENT
+from auditing.aggregation.truth import ABSENT, PRESENT
 
 N_ANSWERS, N_TRUTHS = 3, 2  # no, maybe, yes ; absent, present
 TRUTH_OF_ANSWER = np.array([ABSENT, PRESENT, PRESENT])  # PRESENCE_OF_ANSWER on the answer codes
@@ -189,7 +189,8 @@ def max_change(new: np.ndarray, old: np.ndarray) -> float:
 class EMState:
     """Dawid-Skene after ``iteration`` E-steps: the rater matrices and priors of the
     M-step on the current posteriors, and those that produced the current posteriors
-    (None at iteration 0, whose posteriors are the majority vote). Posteriors are never
+    (None at iteration 0 when its posteriors are the majority vote; the seed matrices
+    and priors when EM was seeded). Posteriors are never
     stored: a shard recomputes them from these parameters (an E-step is cheaper than
     moving a posterior per question between iterations)."""
 
@@ -211,15 +212,36 @@ class EMState:
         return self.converged or self.iteration >= n_iter
 
 
-def initial_state(stats: ShardStatistics, pseudo_counts: np.ndarray | None, shrinkage: float) -> EMState:
-    """Iteration 0 from the statistics of the majority-vote posteriors."""
-    return EMState(0, m_step(stats, pseudo_counts, shrinkage), class_priors(stats))
+def held_truth_statistics(shard: VoteShard, truth: np.ndarray, n_raters: int, n_groups: int) -> ShardStatistics:
+    """Statistics of questions whose posteriors are held at their ``truth`` (gold; 0
+    absent, 1 present) in every iteration, as ``PresenceDawidSkene``'s ``true_labels``:
+    their votes count in every M-step; they have a prior group of their own, which no
+    voted question uses, so their group sums are left out. Constant over iterations."""
+    probas = np.stack([truth == ABSENT, truth == PRESENT], axis=1).astype(np.float64)
+    stats = shard_statistics(shard, probas, n_raters, n_groups)
+    return dataclasses.replace(stats, group_sums=np.zeros_like(stats.group_sums),
+                               group_sizes=np.zeros_like(stats.group_sizes))
+
+
+def _with_held(stats: ShardStatistics, held: ShardStatistics | None) -> ShardStatistics:
+    return stats if held is None else stats + held
+
+
+def initial_state(stats: ShardStatistics, pseudo_counts: np.ndarray | None, shrinkage: float,
+                  held: ShardStatistics | None = None, seed_errors: np.ndarray | None = None,
+                  seed_priors: np.ndarray | None = None) -> EMState:
+    """Iteration 0 from the statistics of the initial posteriors: the majority vote's,
+    or with ``seed_errors`` and ``seed_priors`` (e.g. gold-counted matrices) those of one
+    E-step under them. ``held``: ``held_truth_statistics`` of gold questions."""
+    total = _with_held(stats, held)
+    return EMState(0, m_step(total, pseudo_counts, shrinkage), class_priors(total), seed_errors, seed_priors)
 
 
 def advance(state: EMState, stats: ShardStatistics, pseudo_counts: np.ndarray | None, shrinkage: float,
-            tol: float) -> EMState:
+            tol: float, held: ShardStatistics | None = None) -> EMState:
     """One EM iteration from the statistics of ``posteriors(shard, state.errors, state.priors)``."""
-    return EMState(state.iteration + 1, m_step(stats, pseudo_counts, shrinkage), class_priors(stats),
+    total = _with_held(stats, held)
+    return EMState(state.iteration + 1, m_step(total, pseudo_counts, shrinkage), class_priors(total),
                    state.errors, state.priors, state.changes + (stats.max_change,), stats.max_change < tol)
 
 
@@ -231,5 +253,5 @@ def e_step_statistics(shard: VoteShard, state: EMState, n_raters: int, n_groups:
 
 
 __all__ = ["EMState", "N_ANSWERS", "N_TRUTHS", "ShardStatistics", "VoteShard", "advance", "class_priors",
-           "e_step_statistics", "history_pseudo_counts", "initial_state", "m_step", "majority_posteriors",
+           "e_step_statistics", "held_truth_statistics", "history_pseudo_counts", "initial_state", "m_step", "majority_posteriors",
            "max_change", "posteriors", "shard_statistics", "smoothing_pseudo_counts"]
