@@ -125,6 +125,7 @@ def test_reaudit_refuses_when_earlier_votes_are_gone(real_slice, tmp_path, capsy
 def test_a_corrected_vote_file_wins_over_the_carried_vote(real_slice, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["run", str(real_slice / "audit.yaml"), "--out", str(out)]) == 0
+    first_run = set((out / "store" / "votes").iterdir())
     votes = pd.read_csv(real_slice / "votes_first.csv")
     # A rater's "yes" on a question becomes "no" in the re-exported file.
     row = votes.index[votes["answer"] == "yes"][0]
@@ -134,8 +135,10 @@ def test_a_corrected_vote_file_wins_over_the_carried_vote(real_slice, tmp_path):
         "paths: [votes_first.csv]", "paths: [votes_corrected.csv]").replace(
         "labels.tsv", f"{real_slice}/labels.tsv"))
     assert cli.main(["reaudit", str(tmp_path / "fixed.yaml"), "--out", str(out)]) == 0
-    store_votes = [pd.read_parquet(p) for p in (out / "store" / "votes").glob("*/votes.parquet")]
-    newest = max(store_votes, key=len)
+    # The re-audit's votes: the stored output the first run did not make (both hold as
+    # many votes, the corrected one replacing the carried one).
+    (reaudited,) = set((out / "store" / "votes").iterdir()) - first_run
+    newest = pd.read_parquet(reaudited / "votes.parquet")
     key = votes.loc[row, ["file_name", "label", "rater_id"]]
     used = newest[(newest["file_name"] == key["file_name"]) & (newest["label"] == key["label"])
                   & (newest["rater_id"].astype(str) == str(key["rater_id"]))]
