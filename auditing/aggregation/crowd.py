@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENCE_OF_ANSWER, PRESENT
+from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT
 from auditing.votes import ANSWERS, REQUIRED_COLUMNS
 
 
