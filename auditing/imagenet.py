@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections import defaultdict, deque
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 import importlib.util
 from pathlib import Path
 
@@ -92,13 +93,26 @@ def load_classes() -> ImageNetClasses:
 class WordNetHierarchy:
     """The WordNet is-a DAG (some synsets have several parents)."""
 
-    def __init__(self, edges: list[tuple[str, str]], names: dict[str, str]):
-        self._parents: dict[str, list[str]] = defaultdict(list)
-        self._children: dict[str, list[str]] = defaultdict(list)
+    def __init__(self, edges: Sequence[tuple[str, str]],
+                 names: Mapping[str, str] | Callable[[], Mapping[str, str]]):
+        self._parents: dict[str, list[str]] = {}
         for parent, child in edges:
-            self._parents[child].append(parent)
-            self._children[parent].append(child)
-        self._names = names
+            self._parents.setdefault(child, []).append(parent)
+        self._edges = edges
+        # Names only serve name(): load_hierarchy reads its 80k-line table when first asked.
+        self._names_or_loader = names
+
+    @functools.cached_property
+    def _children(self) -> dict[str, list[str]]:
+        children: dict[str, list[str]] = {}
+        for parent, child in self._edges:
+            children.setdefault(parent, []).append(child)
+        return children
+
+    @functools.cached_property
+    def _names(self) -> Mapping[str, str]:
+        names = self._names_or_loader
+        return names() if callable(names) else names
 
     def parents(self, wnid: str) -> list[str]:
         return list(self._parents.get(wnid, ()))
@@ -143,14 +157,9 @@ class WordNetHierarchy:
 
 @functools.lru_cache(maxsize=1)
 def load_hierarchy() -> WordNetHierarchy:
-    edges = []
     with open(sources.fetch("wordnet_hierarchy"), encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 2:
-                edges.append((parts[0], parts[1]))
-    names = _read_tab_table(sources.fetch("wordnet_names"))
-    return WordNetHierarchy(edges, names)
+        edges = [(parts[0], parts[1]) for parts in map(str.split, f) if len(parts) == 2]
+    return WordNetHierarchy(edges, lambda: _read_tab_table(sources.fetch("wordnet_names")))
 
 
 @functools.lru_cache(maxsize=1)

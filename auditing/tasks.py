@@ -459,13 +459,35 @@ def _csv_rows(rows: Iterable[Sequence[Any]]) -> list[str]:
 def task_questions(tasks: TaskSet, image_uri_template: str = "{file_name}") -> pd.DataFrame:
     """The tasks in ``read_tasks_jsonl``'s long shape (task_id, file_name, image_uri,
     label, position), in task-file order: what reading back the JSONL gives."""
+    return task_questions_table(tasks, image_uri_template).to_pandas()
+
+
+def task_questions_table(tasks: TaskSet, image_uri_template: str = "{file_name}") -> pa.Table:
+    """``task_questions`` as the Arrow table ``Table.from_pandas`` makes of it (same
+    schema and pandas metadata), built without converting 185k Python strings a
+    column: each distinct file name, URI and task id becomes Arrow once and the rows
+    take from those."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     q, bounds = tasks.in_file_order
-    names = q["file_name"].to_numpy(dtype=object)
-    uris = _image_texts(names, lambda name: image_uri_template.format(file_name=name))
-    starts = bounds[:-1]
-    return pd.DataFrame({"task_id": q["task_id"].to_numpy(dtype=object), "file_name": names,
-                         "image_uri": np.asarray(uris, dtype=object), "label": q["label"].to_numpy(np.int64),
-                         "position": np.arange(len(q)) - np.repeat(starts, np.diff(bounds))})
+    name_codes, names = pd.factorize(q["file_name"].to_numpy(dtype=object))
+    id_codes, ids = pd.factorize(q["task_id"].to_numpy(dtype=object))
+    uris = [image_uri_template.format(file_name=name) for name in names]
+
+    labels = q["label"].to_numpy(np.int64)
+    positions = np.arange(len(q)) - np.repeat(bounds[:-1], np.diff(bounds))
+    head = pd.DataFrame({"task_id": pd.Series(ids[:1], dtype=object), "file_name": pd.Series(names[:1], dtype=object),
+                         "image_uri": pd.Series(uris[:1], dtype=object), "label": labels[:1],
+                         "position": positions[:1]})
+    schema = pa.Schema.from_pandas(head, preserve_index=False)
+
+    def taken(column: str, distinct, codes: np.ndarray) -> pa.Array:  # no tasks: null columns, as from_pandas
+        return pc.take(pa.array(distinct, schema.field(column).type), pa.array(codes))
+
+    return pa.Table.from_arrays([taken("task_id", ids, id_codes), taken("file_name", names, name_codes),
+                                 taken("image_uri", uris, name_codes),
+                                 pa.array(labels), pa.array(positions)], schema=schema)
 
 
 def task_record(path: str | os.PathLike, number: int, line: str) -> dict[str, Any]:

@@ -374,13 +374,15 @@ def read_real_raters_raw(path: str | os.PathLike | IO[bytes] | None = None) -> p
         labels = labels.astype(np.int64)  # the usual case: parse 185k strings, not 925k
     else:
         labels = info[:, 1].astype(object)  # left to the validator, which names the rows
+    # copy=False: the columns are fresh arrays, and not consolidating label and row into
+    # one block saves copying 15 MB into memory first touched here (~0.3 s cold).
     return pd.DataFrame({
         "file_name": _categorical(info[:, 0], question_index),
         "label": labels[question_index],
         "rater_id": _categorical(ids.astype(str), rater_index),
         "answer": answers,
         "row": question_index + 1,
-    })
+    }, copy=False)
 
 
 def read_real_questions(path: str | os.PathLike | IO[bytes] | None = None) -> pd.DataFrame:

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from auditing.aggregation.dawid_skene import ABSENT, PRESENCE_OF_ANSWER, PRESENT
+from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT
 from auditing.votes import ANSWERS, REQUIRED_COLUMNS
 
 
@@ -46,9 +46,10 @@ class CrowdData:
         # Task codes in order of first appearance, matching drop_duplicates' order.
         task, first = question_codes(votes)
         questions = votes.iloc[first]
-        worker, raters = pd.factorize(votes["rater_id"].astype(str).to_numpy())
-        answers = votes["answer"].astype(object).to_numpy()
-        if not np.isin(answers, ANSWERS).all():
+        worker, raters = _factorized_text(votes["rater_id"])
+        answer_codes, answer_table = _factorized_text(votes["answer"])
+        answers = answer_table[answer_codes]
+        if not np.isin(answer_table, ANSWERS).all():
             raise ValueError(f"votes.answer has values outside {ANSWERS}; validate the votes first")
         data = pd.DataFrame({"task": task, "worker": worker, "label": answers})
         question_frame = pd.DataFrame({"file_name": questions["file_name"].to_numpy(dtype=object),
@@ -68,10 +69,26 @@ class CrowdData:
         """Codes of ``rater_ids``; raters not in the votes get new codes (after all
         others), returned with the extended ``raters`` map."""
         ids = rater_ids.astype(str).to_numpy()
-        new = pd.unique(ids[~np.isin(ids, self.raters)])
-        raters = np.concatenate([self.raters, np.asarray(new, dtype=object)]) if len(new) else self.raters
-        code_of = pd.Series(np.arange(len(raters)), index=pd.Index(raters))
-        return code_of.reindex(ids).to_numpy(np.int64), dataclasses.replace(self, raters=raters)
+        # A hash lookup: np.isin on strings sorts both arrays.
+        codes = pd.Index(self.raters).get_indexer(ids)
+        new = pd.unique(ids[codes < 0])
+        raters = self.raters
+        if len(new):
+            raters = np.concatenate([raters, np.asarray(new, dtype=object)])
+            codes = pd.Index(raters).get_indexer(ids)
+        return codes.astype(np.int64), dataclasses.replace(self, raters=raters)
+
+
+def _factorized_text(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in order of first appearance, distinct values as str objects) of
+    ``values.astype(str)``; a Categorical of strings is factorized on its codes,
+    without a Python string per row."""
+    if isinstance(values.dtype, pd.CategoricalDtype) and pd.api.types.is_string_dtype(values.cat.categories) \
+            and not values.isna().any():
+        codes, uniques = pd.factorize(values)
+        return codes, np.asarray(uniques.astype(object), dtype=object)
+    codes, uniques = pd.factorize(values.astype(str).to_numpy())
+    return codes, np.asarray(uniques, dtype=object)
 
 
 @dataclasses.dataclass

@@ -31,15 +31,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pydantic
-from crowdkit.aggregation import GLAD, MACE, MajorityVote, OneCoinDawidSkene
 
 from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores, question_codes
-from auditing.aggregation.dawid_skene import (ABSENT, PRESENCE_OF_ANSWER, PRESENT, DawidSkeneParams,
-                                              PresenceDawidSkene)
+from auditing.aggregation.dawid_skene_params import DawidSkeneParams
 from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
 from auditing.aggregation.label_sets import LabelSets, label_sets
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers, resolve
 from auditing.aggregation.priors import original_label_prior_groups, resolve_prior_classes
+from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT
 from auditing.errors import InputError
 from auditing.gold import Gold
 
@@ -218,6 +217,8 @@ def _dawid_skene(crowd: CrowdData, p: DawidSkeneParams, inputs: _Inputs) -> tupl
         code_of = {str(rater): code for code, rater in enumerate(crowd.raters)}
         known = {code_of[str(r)]: m for r, m in inputs.rater_history.items() if str(r) in code_of}
         history = rater_history_counts(known, inputs.rater_history_strength) if known else None
+    from auditing.aggregation.dawid_skene import PresenceDawidSkene  # imports crowd-kit (~2 s)
+
     model = PresenceDawidSkene(n_iter=p.n_iter, tol=p.tol, smoothing=p.smoothing, shrinkage=p.shrinkage,
                                initial_truth=PRESENCE_OF_ANSWER, rater_pseudo_counts=history)
     n = len(crowd.questions)
@@ -239,19 +240,29 @@ def _binary(model: Any) -> Callable[[CrowdData], tuple[np.ndarray, Any, CrowdDat
     return run
 
 
+# crowd-kit is imported where its methods run: importing it (scipy.stats) costs ~2 s,
+# which gold-confusion does not need.
 def _majority_vote(crowd: CrowdData, p: MajorityVoteParams, inputs: _Inputs):
+    from crowdkit.aggregation import MajorityVote
+
     return _binary(MajorityVote())(crowd)
 
 
 def _one_coin(crowd: CrowdData, p: OneCoinParams, inputs: _Inputs):
+    from crowdkit.aggregation import OneCoinDawidSkene
+
     return _binary(OneCoinDawidSkene(n_iter=p.n_iter, tol=p.tol))(crowd)
 
 
 def _glad(crowd: CrowdData, p: GladParams, inputs: _Inputs):
+    from crowdkit.aggregation import GLAD
+
     return _binary(GLAD(**p.model_dump()))(crowd)
 
 
 def _mace(crowd: CrowdData, p: MaceParams, inputs: _Inputs):
+    from crowdkit.aggregation import MACE
+
     return _binary(MACE(**p.model_dump()))(crowd)
 
 

@@ -102,14 +102,11 @@ class TasksStage(Stage):
 def write_questions(built: TaskSet, image_uri_template: str, out: Path) -> None:
     """The tasks of tasks.jsonl in long form, for read_tasks: parsing the JSONL back
     takes a second on the ReaL questions."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from auditing import tasks as tasks_lib
 
-    # to_parquet's table, converted on one thread: its column threads only wait on the GIL.
-    table = pa.Table.from_pandas(tasks_lib.task_questions(built, image_uri_template), preserve_index=False, nthreads=1)
-    pq.write_table(table, out / QUESTIONS_FILE)
+    pq.write_table(tasks_lib.task_questions_table(built, image_uri_template), out / QUESTIONS_FILE)
 
 
 def read_tasks(artifact: Artifact) -> pd.DataFrame:
