@@ -88,8 +88,9 @@ def write_report(out_dir: str | os.PathLike, label_sets: Mapping[str, Collection
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report_json": out / "report.json", "html": out / "index.html"}
-    atomic.write_text(paths["report_json"],
-                  json.dumps(report, indent=1, allow_nan=False, ensure_ascii=False) + "\n")
+    # No indent: json writes indented output with its pure-Python encoder, ~10x slower
+    # on the ~1.5 MB of a full report (``python -m json.tool`` indents it for reading).
+    atomic.write_text(paths["report_json"], json.dumps(report, allow_nan=False, ensure_ascii=False) + "\n")
     atomic.write_text(paths["html"], html)
     return paths
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from auditing import labelsets, rater_quality
 from auditing import gold as gold_lib
@@ -41,11 +42,15 @@ def test_figure_has_one_panel_per_rater_and_png_bytes():
     table = rater_quality.rater_quality(_gold_with({"a": ["yes"] * 20 + ["no"] * 40, "b": ["no"] * 60}))
     figure = rater_quality.plot_rater_matrices(table, columns=4)
     (ax,) = figure.axes  # the panels are blocks of one mosaic
-    titles = [(t.get_text(), t.get_color()) for t in ax.texts if ":" in t.get_text()]
+    texts = [t for t in figure.artists if isinstance(t, Text)]
+    assert all(t.get_transform() is ax.transData for t in texts)  # placed on the mosaic's cells
+    titles = [(t.get_text(), t.get_color()) for t in texts if ":" in t.get_text()]
     assert titles == [("a: 100%", "black"), ("b: 67%", "red")]
     # The counts written in, panel by panel: a's (absent, present) x (no, maybe, yes), then b's.
-    assert [int(t.get_text()) for t in ax.texts if ":" not in t.get_text()] == [40, 0, 0, 0, 0, 20,
-                                                                                40, 0, 0, 20, 0, 0]
+    assert [int(t.get_text()) for t in texts if t.get_text().isdigit()] == [40, 0, 0, 0, 0, 20,
+                                                                             40, 0, 0, 20, 0, 0]
+    # Answer initials under each of the 2 columns, truths beside the one row.
+    assert [t.get_text() for t in texts if t.get_text().isalpha()] == ["n", "m", "y"] * 2 + ["abs", "pres"]
     shares = ax.images[0].get_array()
     assert shares.count() == 2 * 6  # two panels of 2 x 3 cells, the rest left blank
     assert shares[1:3, 0:3].tolist() == [[1, 0, 0], [0, 0, 1]]  # a: P(answer | truth)
