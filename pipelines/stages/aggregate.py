@@ -6,6 +6,7 @@ their original label). Label sets can instead be given as a file
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,22 @@ def read_label_sets(artifact: Artifact) -> dict[str, frozenset[int]]:
 
 
 def score_shard_paths(folder: Path) -> list[Path]:
-    return sorted(folder.glob("scores-*-of-*.parquet"))
+    """The score shards ``scores-SSSSS-of-NNNNN.parquet`` in ``folder``, in order. A set
+    with a shard missing is refused: its images would silently have no scores."""
+    found = sorted(folder.glob("scores-*-of-*.parquet"))
+    numbered = [re.fullmatch(r"scores-(\d+)-of-(\d+)\.parquet", p.name) for p in found]
+    totals = {int(m[2]) for m in numbered if m}
+    if found and (None in numbered or len(totals) != 1
+                  or sorted(int(m[1]) for m in numbered) != list(range(max(totals)))):
+        raise StageError(f"{folder}: not a complete set of score shards scores-SSSSS-of-NNNNN.parquet: "
+                         f"{', '.join(p.name for p in found[:4])}{', ...' if len(found) > 4 else ''}")
+    return found
+
+
+def score_shards(artifact: Artifact) -> list[Path] | None:
+    """The label_sets artifact's score shards (its Beam engine's), in order; None where
+    it has none (its scores are one scores.parquet, or there are no scores)."""
+    return score_shard_paths(artifact.file(SCORE_SHARDS)) or None
 
 
 def read_scores(artifact: Artifact) -> pd.DataFrame | None:
@@ -191,7 +207,7 @@ def read_scores(artifact: Artifact) -> pd.DataFrame | None:
     path = artifact.file("scores.parquet")
     if path.is_file():
         return pd.read_parquet(path)
-    paths = score_shard_paths(artifact.file(SCORE_SHARDS))
+    paths = score_shards(artifact)
     if not paths:
         return None
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)

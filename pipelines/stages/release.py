@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +21,11 @@ import pandas as pd
 from auditing.release_diff import diff_label_sets
 from auditing.versions import next_version, version_change
 from pipelines.config import file_refs
-from pipelines.stages.aggregate import images_awaiting_votes, read_scores
+from pipelines.stages.aggregate import images_awaiting_votes, read_scores, score_shards
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import image_source, original_labels
 from pipelines.stages.predict import prediction_paths
 from pipelines.store import content_key, file_digest
-
-
-# The aggregate's scores as shards (an image's scores all in one, images sharded by
-# hash), from its Beam engine; else one scores.parquet (read_scores).
-SCORE_SHARDS = "scores/scores-*-of-*.parquet"
-
-
-def score_shards(artifact: Artifact) -> list[Path] | None:
-    """The label_sets artifact's score shards, in order; None where it has none (its
-    scores are one scores.parquet, or there are no scores). A set with a shard missing
-    is refused: its images' records would silently have no scores."""
-    found = sorted(artifact.folder.glob(SCORE_SHARDS))
-    if not found:
-        return None
-    numbered = [re.fullmatch(r"scores-(\d+)-of-(\d+)\.parquet", p.name) for p in found]
-    totals = {int(m[2]) for m in numbered if m}
-    if None in numbered or len(totals) != 1 or sorted(int(m[1]) for m in numbered) != list(range(max(totals))):
-        raise StageError(f"{artifact.folder / 'scores'}: not a complete set of score shards "
-                         f"scores-SSSSS-of-NNNNN.parquet: {', '.join(p.name for p in found[:4])}"
-                         f"{', ...' if len(found) > 4 else ''}")
-    return found
 
 
 def image_rows(ctx: Context, inputs: Inputs) -> pd.DataFrame:
@@ -70,9 +48,6 @@ def read_all_scores(artifact: Artifact) -> pd.DataFrame:
     """Every rated question (file_name, label, score): the shards', or scores.parquet's."""
     from pipelines import release as release_lib
 
-    shards = score_shards(artifact)
-    if shards is not None:
-        return release_lib.read_score_shards(shards)
     scores = read_scores(artifact)
     return release_lib.NO_SCORES if scores is None else scores
 
