@@ -456,15 +456,10 @@ def _csv_rows(rows: Iterable[Sequence[Any]]) -> list[str]:
     return texts
 
 
-def task_questions(tasks: TaskSet, image_uri_template: str = "{file_name}") -> pd.DataFrame:
-    """The tasks in ``read_tasks_jsonl``'s long shape (task_id, file_name, image_uri,
-    label, position), in task-file order: what reading back the JSONL gives."""
-    return task_questions_table(tasks, image_uri_template).to_pandas()
-
-
 def task_questions_table(tasks: TaskSet, image_uri_template: str = "{file_name}") -> pa.Table:
-    """``task_questions`` as the Arrow table ``Table.from_pandas`` makes of it (same
-    schema and pandas metadata), built without converting 185k Python strings a
+    """The tasks in ``read_tasks_jsonl``'s long shape (task_id, file_name, image_uri,
+    label, position), in task-file order, as the Arrow table ``Table.from_pandas`` makes
+    of that frame (same schema and pandas metadata), built without converting 185k Python strings a
     column: each distinct file name, URI and task id becomes Arrow once and the rows
     take from those."""
     import pyarrow as pa

@@ -404,9 +404,9 @@ class ShardPlan:
 
 class ShardVotes(beam.PTransform):
     """Validated chunks (+ optional original-label chunks) -> ``NamedShard``s, and tagged
-    ``quarantine`` (name, frame) of the duplicates found across chunks, and ``raters`` (one sorted array
-    of rater ids: the codes), ``appearance`` (the rater ids in order of first appearance
-    in the files) and ``kept`` (votes before the duplicate check)."""
+    ``quarantine`` (name, frame) of the duplicates found across chunks, ``raters`` (one sorted array
+    of rater ids: the codes) and ``plan`` (the shard plan: vote count, vocabulary, rater
+    ids in order of first appearance)."""
 
     def __init__(self, paths: Sequence[str], votes_per_shard: int = DEFAULT_VOTES_PER_SHARD,
                  prior: PriorSpec = PriorSpec(), pseudo: PseudoRater | None = None):
@@ -471,9 +471,7 @@ class ShardVotes(beam.PTransform):
         shards = (by_bucket
                   | "BuildShards" >> beam.FlatMap(shard_of, beam.pvalue.AsSingleton(plan))
                   .with_outputs("quarantine", main="shards"))
-        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "plan": plan,
-                "kept": plan | "Kept" >> beam.Map(lambda p: p.n_votes),
-                "appearance": plan | "Appearance" >> beam.Map(lambda p: p.appearance)}
+        return {"shards": shards.shards, "quarantine": shards.quarantine, "raters": raters, "plan": plan}
 
 
 # ---------------------------------------------------------------- step 3: EM and fixed matrices

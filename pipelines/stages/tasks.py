@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from auditing.tasks import TaskSet
 
 log = logging.getLogger(__name__)
-QUESTIONS_FILE = "questions.parquet"  # tasks.jsonl in long form (auditing.tasks.task_questions)
+QUESTIONS_FILE = "questions.parquet"  # tasks.jsonl in long form (auditing.tasks.task_questions_table)
 
 
 def top1_by_model(paths: dict[str, str]) -> dict[str, pd.DataFrame]:
