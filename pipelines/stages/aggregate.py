@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
@@ -146,14 +145,13 @@ def read_votes_shared_strings(artifact: Artifact) -> pd.DataFrame:
 
 
 def unasked_in(questions: pd.DataFrame, score_parts) -> pd.DataFrame:
-    """The (file_name, label) ``questions`` that no part of the scores has (an anti-join
-    done one part at a time)."""
-    index = pd.MultiIndex.from_frame(questions[["file_name", "label"]])
-    asked = np.zeros(len(questions), bool)
+    """The (file_name, label) ``questions`` that no part of the scores has
+    (``reaudit.unasked`` one part at a time)."""
+    from auditing.reaudit import unasked
+
     for part in score_parts:
-        found = index.get_indexer(pd.MultiIndex.from_frame(part[["file_name", "label"]]))
-        asked[found[found >= 0]] = True
-    return questions[~asked]
+        questions = unasked(questions, part)
+    return questions
 
 
 def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.DataFrame,
