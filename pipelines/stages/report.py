@@ -169,11 +169,9 @@ def publish_folder(source: Path, target: str, key: str, names: tuple[str, ...] |
     Each file is written whole (write-then-rename locally; an object appears whole)."""
     from pipelines import commit
 
-    from auditing.sources import sha256_file
-
     files = [source / n for n in names] if names else sorted(p for p in source.rglob("*") if p.is_file())
     # The key and the bytes: an output recomputed under the same key is published again.
-    key = key + ":" + hashlib.sha256("".join(sha256_file(p) for p in files).encode()).hexdigest()
+    key = key + ":" + hashlib.sha256("".join(file_digest(p) for p in files).encode()).hexdigest()
     marker = commit.join(target, ".key")
     if commit.exists(marker) and commit.read_text(marker) == key:
         return
