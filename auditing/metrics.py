@@ -287,10 +287,11 @@ def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[
     rated = pd.unique(image)
     extra = {}
     if original_labels is not None:
-        # ReaL accuracy of the original labels under each label set (empty sets excluded).
-        original = np.fromiter((original_labels[f] for f in names), np.int64, len(names))
+        # ReaL accuracy of the original labels under each label set (empty sets excluded;
+        # so are images without an original label, -1 here: align_inputs allows them).
+        original = np.fromiter((original_labels.get(f, -1) for f in names), np.int64, len(names))
         for which, array in arrays.items():
-            hits = array.contains(original)[array.sizes > 0]
+            hits = array.contains(original)[(array.sizes > 0) & (original >= 0)]
             extra[f"original_labels_real_accuracy_{which}"] = float(np.mean(hits)) if len(hits) else float("nan")
     return extra | {"questions": int(len(questions)), "question_agreement": float((in_ours == in_published).mean()),
             "rated_images": int(len(rated)), "image_exact_match": float(same_set[rated].mean()),
