@@ -187,6 +187,11 @@ def test_agreement_with_published_by_hand():
     assert got["all_images_exact_match"] == pytest.approx(1 / 3)
     assert got["original_labels_real_accuracy_ours"] == pytest.approx(2 / 3)  # a misses, b and c hit
     assert got["original_labels_real_accuracy_published"] == pytest.approx(1.0)  # c excluded (empty)
+    # An image without an original label (allowed by the report's align_inputs) is left
+    # out of the original labels' accuracy; the agreement figures still count it.
+    without_c = agreement_with_published(scores, ours, published, {"a": 2, "b": 3})
+    assert without_c["original_labels_real_accuracy_ours"] == pytest.approx(1 / 2)  # a misses, b hits
+    assert without_c["all_images_exact_match"] == pytest.approx(1 / 3)
 
 
 def test_proposal_quality_leaves_out_empty_reference_sets():
