@@ -302,3 +302,16 @@ def test_report_shows_example_images_stored_in_a_release(tmp_path, shared_data):
                                           "--no-model-zoo"])) == 0
     html = (tmp_path / "rep" / "index.html").read_text()
     assert "coffee.png" in html and html.count("data:image/jpeg") >= 2
+
+
+@pytest.mark.parametrize("value", [
+    {"nested": {"a": [np.int64(3), np.float32(0.5), np.inf, float("nan")]}, "p": Path("x/y"),
+     "flag": np.bool_(True), "array": np.arange(3), "set_like": (1, 2)},
+    # Keys the C encoder refuses or spells unlike str(): these take the Python walk.
+    {True: 1, None: np.float32("nan"), (1, 2): [np.int64(3)], 1.5: "x", float("inf"): [np.inf]},
+], ids=["encoder", "walk"])
+def test_jsonable_gives_what_the_python_walk_gives(value):
+    from auditing.report import _jsonable_walk, jsonable
+
+    assert jsonable(value) == _jsonable_walk(value)
+    json.dumps(jsonable(value), allow_nan=False)  # strictly JSON
