@@ -53,36 +53,35 @@ shards (written once, by the first run) are files under ``out_prefix``.
 """
 from __future__ import annotations
 
-from auditing.errors import InputError
 import dataclasses
 import io
 import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from auditing import votes as votes_lib
+from auditing.errors import InputError
 from auditing.aggregation import sharded
-from auditing.aggregation.gold_confusion import GoldConfusion
+from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
+from auditing.aggregation.methods import GoldAnswers, gold_answers
 from auditing.aggregation.original_label_rater import DEFAULT_RATER_ID as DEFAULT_PSEUDO_RATER_ID
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import (ORIGINAL, PROPOSED, SHARED, original_label_prior_groups,
                                          resolve_prior_classes)
 from auditing.aggregation.sharded import EMState, ShardStatistics, VoteShard
-
-if TYPE_CHECKING:  # methods imports crowd-kit (~1.5 s), which the sharded path does without
-    from auditing.aggregation.methods import GoldAnswers
-    from auditing.gold import Gold
+from auditing.gold import Gold
 
 CHUNK_ROWS = 100_000  # raw rows read and validated per element
 DEFAULT_VOTES_PER_SHARD = 100_000
@@ -95,7 +94,7 @@ ORIGINAL_LABEL_GROUPS = (ORIGINAL, PROPOSED, SHARED)
 SHARDED_METHODS = ("dawid-skene", "gold-confusion", "fixed-matrices")
 DS_PARAMS = ("n_iter", "tol", "smoothing", "shrinkage", "prior", "prior_classes", "rater_history",
              "rater_history_strength", "original_label_rater", "use_gold", "gold_smoothing")
-GOLD_CONFUSION_PARAMS = ("smoothing", "raters_without_gold", "prior", "original_label_rater")
+GOLD_CONFUSION_PARAMS = tuple(GoldConfusionParams.model_fields)
 FIXED_PARAMS = ("rater_matrices", "class_prior", "prior", "prior_classes", "default_matrix", "original_label_rater")
 DUPLICATE_DETAIL = "a vote of this rater on this (file_name, label) came earlier"
 
@@ -531,12 +530,26 @@ class GoldConfusionModel:
         return self.matrices[self.rank].transpose(0, 2, 1)
 
 
-def gold_confusion_model(coding: RaterCoding, gold: GoldAnswers, smoothing: float = 1.0,
-                         raters_without_gold: str = "mean", prior: float | None = None) -> GoldConfusionModel:
+def gold_confusion(params: GoldConfusionParams, gold: GoldAnswers) -> GoldConfusion:
+    """The in-memory aggregator ``params`` configure, for the answers of ``gold``: its
+    rules count the matrices here too (the same floats)."""
+    return GoldConfusion(smoothing=params.smoothing, raters_without_gold=params.raters_without_gold,
+                         prior=gold.present_share if params.prior is None else params.prior,
+                         default_excludes=[] if gold.pseudo_rater is None else [gold.pseudo_rater])
+
+
+def gold_confusion_params(params: Mapping[str, Any]) -> GoldConfusionParams:
+    try:
+        return GoldConfusionParams.model_validate(dict(params))
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        raise ShardedAggregationError(f"params.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+
+
+def gold_confusion_model(coding: RaterCoding, gold: GoldAnswers,
+                         params: GoldConfusionParams = GoldConfusionParams()) -> GoldConfusionModel:
     """The matrices counted on ``gold`` for every coded rater (``GoldConfusion``'s rule)."""
-    model = GoldConfusion(smoothing=smoothing, raters_without_gold=raters_without_gold,
-                          prior=gold.present_share if prior is None else prior,
-                          default_excludes=[] if gold.pseudo_rater is None else [gold.pseudo_rater])
+    model = gold_confusion(params, gold)
     try:
         matrices, _ = model.rater_matrices(gold.answers, gold.true_labels, coding.in_appearance_order)
         present = model.present_prior(gold.true_labels)
@@ -829,7 +842,8 @@ def _em_model(coding: RaterCoding, params: Mapping[str, Any], n_groups: int,
     held = seed = None
     if gold is not None:
         held = held_gold_statistics(coding, gold, n_groups)
-        seed = gold_confusion_model(coding, gold, float(params.get("gold_smoothing", 1.0))).errors
+        seeding = GoldConfusionParams(smoothing=float(params.get("gold_smoothing", 1.0)))
+        seed = gold_confusion_model(coding, gold, seeding).errors
     return EMModel(len(raters), n_groups,
                    sharded.smoothing_pseudo_counts(len(raters), float(params.get("smoothing", 1.0)), history),
                    float(params.get("shrinkage", 0.0)), float(params.get("tol", 1e-5)),
@@ -849,8 +863,6 @@ def _gold_answers(method: str, params: Mapping[str, Any], gold: Gold | None,
         raise ShardedAggregationError("gold-confusion needs gold questions (stages.votes.gold)")
     if gold is None or method == "fixed-matrices" or not params.get("use_gold", True):
         return None
-    from auditing.aggregation.methods import gold_answers
-
     if isinstance(original_labels, str):
         with _open(original_labels) as f:
             original_labels = pd.read_parquet(io.BytesIO(f.read()), columns=["file_name", "label"])
@@ -860,10 +872,7 @@ def _gold_answers(method: str, params: Mapping[str, Any], gold: Gold | None,
     try:
         answers = gold_answers(gold, original_labels, pseudo)
         if method == "gold-confusion":  # a bad gold set fails here, before any pipeline runs
-            GoldConfusion(smoothing=float(params.get("smoothing", 1.0)),
-                          raters_without_gold=params.get("raters_without_gold", "mean"),
-                          default_excludes=[] if pseudo is None else [pseudo.rater_id],
-                          prior=params.get("prior") or answers.present_share).rater_matrices(
+            gold_confusion(gold_confusion_params(params), answers).rater_matrices(
                 answers.answers, answers.true_labels, answers.raters)
     except ValueError as e:
         raise ShardedAggregationError(f"gold questions: {e}") from e
@@ -999,9 +1008,7 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
                 lambda s, e: write_scores(scores_prefix, s, sharded.posteriors(s.votes, e, priors)[:, 1]),
                 beam.pvalue.AsSingleton(errors))
         elif method == "gold-confusion":
-            model = coding | "GoldMatrices" >> beam.Map(
-                gold_confusion_model, gold_tasks, float(params.get("smoothing", 1.0)),
-                params.get("raters_without_gold", "mean"), params.get("prior"))
+            model = coding | "GoldMatrices" >> beam.Map(gold_confusion_model, gold_tasks, gold_confusion_params(params))
             shards | "PosteriorScores" >> beam.Map(lambda s, m: write_scores(scores_prefix, s, m.scores(s.votes)),
                                                    beam.pvalue.AsSingleton(model))
         else:
@@ -1023,8 +1030,7 @@ def aggregate_sharded(vote_paths: Sequence[str], method: str = "dawid-skene", pa
         return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids, errors,
                                   _fixed_priors(params, prior.groups), prior.groups)
     if method == "gold-confusion":
-        fitted = gold_confusion_model(coding_, gold_tasks, float(params.get("smoothing", 1.0)),
-                                      params.get("raters_without_gold", "mean"), params.get("prior"))
+        fitted = gold_confusion_model(coding_, gold_tasks, gold_confusion_params(params))
         return ShardedAggregation(method, out_prefix, _score_paths(scores_prefix), counts, coding_.rater_ids,
                                   fitted.errors, np.array([[1 - fitted.prior, fitted.prior]]), prior.groups)
     runs = 1

@@ -15,9 +15,10 @@ One algorithm per module, crowd-kit style:
 """
 import importlib
 
-# Light modules load with the package; those that import crowd-kit (~1.5 s: scipy.stats)
-# load on first use of one of their names, so that the sharded kernels and the Beam
-# engine (pipelines/beam_aggregation.py), which need none of crowd-kit, start fast.
+# Light modules load with the package. dawid_skene imports crowd-kit (~1.5 s: scipy.stats)
+# and loads on first use of one of its names; so do crowd, gold_confusion and methods
+# (pydantic models, auditing.gold), which only the in-memory engine and the gold-confusion
+# kernels need: the sharded kernels (auditing/aggregation/sharded.py) start fast.
 from auditing.aggregation.label_sets import LabelSets, label_sets, label_sets_of_shards
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import ANIMAL_WNID, original_label_prior_groups, resolve_prior_classes
@@ -25,7 +26,8 @@ from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT
 
 _LAZY = {
     "crowd": ("CrowdData", "GoldTasks", "present_scores"),
-    "dawid_skene": ("DawidSkeneParams", "PresenceDawidSkene"),
+    "dawid_skene": ("PresenceDawidSkene",),
+    "dawid_skene_params": ("DawidSkeneParams",),
     "gold_confusion": ("GoldConfusion", "GoldConfusionParams"),
     "methods": ("DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "PARAMS", "PRIORS", "AggregationParamsError",
                 "AggregationResult", "aggregate", "validate_params"),
