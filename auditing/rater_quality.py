@@ -5,11 +5,14 @@ Per rater (``rater_quality``): answers on gold, accuracy, the 2 x 3 count matrix
 rater when it cannot reject "no better than":
 
 - chance: the answers are independent of the truth (likelihood-ratio G-test of
-  independence on the 2 x 3 table, ``scipy.stats.chi2_contingency`` with
-  ``lambda_="log-likelihood"``; a rater who gives one answer only is independent by
-  construction, p = 1);
+  independence on the 2 x 3 table, what ``scipy.stats.chi2_contingency`` with
+  ``lambda_="log-likelihood"`` gives; a rater who gives one answer only is independent
+  by construction, p = 1);
 - always "no": accuracy is not above that of answering "no" to every gold question
-  the rater saw (one-sided exact binomial test, ``scipy.stats.binomtest``).
+  the rater saw (one-sided exact binomial test, what ``scipy.stats.binomtest`` gives).
+
+Both p-values come from ``scipy.special`` (``chdtrc``, ``betainc``): scipy.stats would
+cost the report ~1 s of import for two survival functions.
 
 Accuracy counts an answer as correct when its presence (``PRESENCE_OF_ANSWER``: no ->
 absent; maybe, yes -> present, as the aggregation reads them) is the truth: in the
@@ -33,7 +36,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+# scipy.special, not scipy.stats: the two p-values rest on special functions, and
+# importing scipy.stats costs ~1 s (it builds every distribution's docstring), most of
+# the report stage's import time.
+from scipy import special
 
 from auditing.aggregation import PRESENCE_OF_ANSWER, PRESENT, aggregate
 from auditing.gold import Gold, PresenceRule
@@ -65,8 +71,8 @@ def rater_quality(gold: Gold, *, alpha: float = 0.01, rule: PresenceRule | None 
     correct = counts[:, 0, ~says_present].sum(axis=1) + counts[:, 1, says_present].sum(axis=1)
     absent = counts[:, 0].sum(axis=1)
     chance_p = np.array([_independence_p(c) for c in counts])
-    always_no_p = np.array([stats.binomtest(int(k), int(m), float(a / m), alternative="greater").pvalue
-                            if 0 < a < m else 1.0 for k, m, a in zip(correct, n, absent)])
+    always_no_p = np.array([_above_p(int(k), int(m), float(a / m)) if 0 < a < m else 1.0
+                            for k, m, a in zip(correct, n, absent)])
     table = pd.DataFrame({"rater_id": raters, "answers": n, "correct": correct, "accuracy": correct / n,
                           "always_no_accuracy": absent / n,
                           **{name: counts.reshape(len(raters), -1)[:, i] for i, name in enumerate(COUNT_COLUMNS)},
@@ -77,12 +83,26 @@ def rater_quality(gold: Gold, *, alpha: float = 0.01, rule: PresenceRule | None 
     return table.sort_values(["accuracy", "rater_id"], ascending=[False, True], ignore_index=True)
 
 
+def _above_p(k: int, n: int, p: float) -> float:
+    """One-sided exact binomial p-value of k or more successes in n trials at rate p:
+    ``scipy.stats.binomtest(k, n, p, alternative="greater").pvalue``, which is
+    ``binom.sf(k - 1, n, p)`` (1 for k = 0). scipy.stats computes that sf as the
+    regularized incomplete beta I_p(k, n - k + 1) (Boost's), as ``betainc`` does;
+    ``bdtrc`` (Cephes) differs in the 12th digit."""
+    return min(1.0, float(special.betainc(k, n - k + 1, p))) if k > 0 else 1.0
+
+
 def _independence_p(counts: np.ndarray) -> float:
-    """G-test p-value that answer and truth are independent (1 when untestable)."""
-    table = counts[:, counts.sum(axis=0) > 0]
+    """G-test p-value that answer and truth are independent (1 when untestable):
+    ``scipy.stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")``,
+    i.e. G = 2 sum obs log(obs / expected), expected from the margins, against chi^2
+    with (rows - 1)(columns - 1) degrees of freedom."""
+    table = counts[:, counts.sum(axis=0) > 0].astype(np.float64)
     if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
         return 1.0
-    return float(stats.chi2_contingency(table, correction=False, lambda_="log-likelihood").pvalue)
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / table.sum()
+    g = 2.0 * special.xlogy(table, table / expected).sum()
+    return float(special.chdtrc((table.shape[0] - 1) * (table.shape[1] - 1), g))
 
 
 def matrices(table: pd.DataFrame) -> np.ndarray:

@@ -58,6 +58,39 @@ def test_figure_has_one_panel_per_rater_and_png_bytes():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _scipy_stats_p_values(table: pd.DataFrame) -> tuple[list[float], list[float]]:
+    """Both p-values of each row of a ``rater_quality`` table, by scipy.stats itself."""
+    from scipy import stats
+
+    chance, always_no = [], []
+    for counts, row in zip(rater_quality.matrices(table), table.itertuples()):
+        kept = counts[:, counts.sum(axis=0) > 0]
+        untestable = kept.shape[1] < 2 or (kept.sum(axis=1) == 0).any()
+        chance.append(1.0 if untestable else
+                      stats.chi2_contingency(kept, correction=False, lambda_="log-likelihood").pvalue)
+        absent = row.answers - counts[1].sum()
+        always_no.append(stats.binomtest(int(row.correct), int(row.answers), absent / row.answers,
+                                         alternative="greater").pvalue if 0 < absent < row.answers else 1.0)
+    return chance, always_no
+
+
+def test_p_values_are_scipy_stats_on_edge_cases():
+    table = rater_quality.rater_quality(_gold_with({
+        "all_wrong": ["no"] * 20 + ["yes"] * 40,     # k = 0 correct
+        "all_right": ["yes"] * 20 + ["no"] * 40,     # k = n correct
+        "no_maybe": ["yes"] * 15 + ["no"] * 45,      # a column with zero total: 2 x 2 test
+        "maybe_only_present": ["maybe"] * 10 + ["no"] * 10 + ["no"] * 38 + ["yes"] * 2,
+        "one_answer": ["maybe"] * 60,                # one column: independent by construction
+        "all_three": ["yes"] * 12 + ["maybe"] * 5 + ["no"] * 3 + ["no"] * 30 + ["maybe"] * 6 + ["yes"] * 4}))
+    chance, always_no = _scipy_stats_p_values(table)
+    np.testing.assert_allclose(table["chance_p"], chance, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(table["always_no_p"], always_no, rtol=1e-12, atol=0)
+    by_rater = table.set_index("rater_id")
+    assert by_rater.loc["all_wrong", "always_no_p"] == 1.0 and by_rater.loc["one_answer", "chance_p"] == 1.0
+    assert by_rater.loc["all_right", "always_no_p"] == pytest.approx((40 / 60) ** 60, rel=1e-12)
+    assert by_rater.loc["all_right", "chance_p"] < 1e-10 < by_rater.loc["all_three", "chance_p"] < 0.01
+
+
 def test_drop_effect_counts_changes_in_label_sets():
     crowd = _hand_built_crowd()
     original = pd.DataFrame({"file_name": [f"img{q}" for q in range(20)], "label": range(20)})
@@ -79,6 +112,10 @@ def test_real_golden_answers(real_gold):
     # above always-"no" (measured at alpha 0.01).
     assert table.loc[table["flagged"], "rater_id"].tolist() == ["116", "157", "142", "145"]
     assert table.loc[table["no_better_than_chance"], "rater_id"].tolist() == ["145"]
+    chance, always_no = _scipy_stats_p_values(table)
+    np.testing.assert_allclose(table["chance_p"], chance, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(table["always_no_p"], always_no, rtol=1e-12, atol=0)
+    assert table["chance_p"].min() < 1e-100  # the tails, not only p near 1, agree
 
 
 @pytest.mark.slow
