@@ -16,6 +16,8 @@ as data, in ``report["sections"]`` (so it is in report.json too), a list of dict
      "cards": [{"label": ..., "value": ..., "note": ...}],          # optional
      "tables": [{"columns": [...], "rows": [[...], ...],            # optional
                  "formats": ["text", "count", "pct", "pct1", "fixed"], "caption": ...}],
+     "matrices": [{"title": ..., "flagged": False, "rows": [...], "columns": [...],  # optional:
+                   "counts": [[...], ...], "shares": [[...], ...]}],  # cells shaded by share in [0, 1]
      "images": [{"uri": "data:image/png;base64,...", "alt": "what it shows"}]}  # optional
 
 Built-in section ids, in page order: summary, models, oracle_comparison, plots,
@@ -361,7 +363,7 @@ def _generic(section: Mapping[str, Any]) -> dict[str, Any]:
         formats = list(table.get("formats") or [])
         tables.append({"caption": None, **table,
                        "formats": formats + ["text"] * (len(table["columns"]) - len(formats))})
-    return {"id": None, "text": None, "cards": [], "images": [], **section, "tables": tables,
+    return {"id": None, "text": None, "cards": [], "images": [], "matrices": [], **section, "tables": tables,
             "template": "report/generic.html.j2"}
 
 
