@@ -50,7 +50,6 @@ REQUIRED_KEYS = ("file_names",)
 OPTIONAL_KEYS = ("logits", "top1", "features", "image_index", "labels", "quarantined_file_names",
                  "quarantine_reasons")
 CSV_COLUMNS = ("file_name", "predicted_class", "predicted_probability")
-CSV_DTYPES = {"file_name": str, "predicted_class": np.int64, "predicted_probability": np.float64}
 # float16 keeps ~3 significant digits: plenty for cosine distances between class centroids,
 # and half the bytes of float32 (1280 features per image for Lite, 2048 for ResNet-50).
 FEATURES_DTYPE = np.float16
@@ -223,19 +222,27 @@ def read_top1_csv(path: str | os.PathLike, num_classes: int = 1000) -> Predictio
     as ``Predictions`` with ``top1``. A bad row raises ``PredictionsFormatError`` naming
     the file, its line number (the header is line 1) and the field."""
     path = Path(path)
-    # Numbers parsed by the CSV reader itself: several times faster than text then
-    # to_numeric. Anything off (or written oddly, e.g. a class "7.0") is read again as
-    # text below, which accepts what it can and names the first bad line.
+    # Numbers parsed by Arrow's CSV reader itself: ~4x faster than pandas' reader (the
+    # report reads five such files), which is several times faster than text then
+    # to_numeric. Anything off (a missing value, or written oddly, e.g. a class "7.0")
+    # is read again as text below, which accepts what it can and names the first bad line.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv
+
     try:
-        typed = pd.read_csv(path, dtype=CSV_DTYPES, keep_default_na=False)
-    except (OSError, ValueError):  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
+        typed = pyarrow.csv.read_csv(path, convert_options=pyarrow.csv.ConvertOptions(column_types={
+            "file_name": pa.string(), "predicted_class": pa.int64(), "predicted_probability": pa.float64()}))
+    except (OSError, pa.ArrowInvalid):  # unreadable, unparsable: the text reader says what
         typed = None
-    if typed is not None and tuple(typed.columns) == CSV_COLUMNS:
-        names = typed["file_name"].str.strip()
-        if ((names != "").all() and typed["predicted_class"].between(0, num_classes - 1).all()
-                and typed["predicted_probability"].between(0.0, 1.0).all() and pd.Index(names).is_unique):
-            return Predictions(file_names=names.to_numpy().astype(str),
-                               top1=typed["predicted_class"].to_numpy(np.int64), source=str(path))
+    if (typed is not None and tuple(typed.column_names) == CSV_COLUMNS
+            and not any(column.null_count for column in typed.columns)):
+        names = pc.utf8_trim_whitespace(typed["file_name"]).to_numpy().astype(str)
+        classes = typed["predicted_class"].to_numpy()
+        probability = typed["predicted_probability"].to_numpy()
+        if ((names != "").all() and ((classes >= 0) & (classes < num_classes)).all()
+                and ((probability >= 0.0) & (probability <= 1.0)).all() and pd.Index(names).is_unique):
+            return Predictions(file_names=names, top1=classes.astype(np.int64), source=str(path))
     return _read_top1_csv_text(path, num_classes)
 
 

@@ -1,15 +1,18 @@
-"""Rater quality measured on gold questions: per-rater counts, tests, flags, a figure.
+"""Rater quality measured on gold questions: per-rater counts, tests, flags, matrices.
 
 Per rater (``rater_quality``): answers on gold, accuracy, the 2 x 3 count matrix
 (truth absent / present x answer no / maybe / yes) and two tests, each flagging the
 rater when it cannot reject "no better than":
 
 - chance: the answers are independent of the truth (likelihood-ratio G-test of
-  independence on the 2 x 3 table, ``scipy.stats.chi2_contingency`` with
-  ``lambda_="log-likelihood"``; a rater who gives one answer only is independent by
-  construction, p = 1);
+  independence on the 2 x 3 table, what ``scipy.stats.chi2_contingency`` with
+  ``lambda_="log-likelihood"`` gives; a rater who gives one answer only is independent
+  by construction, p = 1);
 - always "no": accuracy is not above that of answering "no" to every gold question
-  the rater saw (one-sided exact binomial test, ``scipy.stats.binomtest``).
+  the rater saw (one-sided exact binomial test, what ``scipy.stats.binomtest`` gives).
+
+Both p-values come from ``scipy.special`` (``chdtrc``, ``betainc``): scipy.stats would
+cost the report ~1 s of import for two survival functions.
 
 Accuracy counts an answer as correct when its presence (``PRESENCE_OF_ANSWER``: no ->
 absent; maybe, yes -> present, as the aggregation reads them) is the truth: in the
@@ -20,20 +23,23 @@ counted wrong). The tests are per rater at level
 not "this rater is a spammer".
 
 ``drop_flagged_effect`` re-aggregates without the flagged raters (their votes and
-gold answers) and counts what changes in the label sets. ``plot_rater_matrices``
-draws one small panel per rater, sorted by accuracy, and returns a matplotlib
-``Figure`` (``figure_png`` turns it into PNG bytes); nothing is written to disk.
+gold answers) and counts what changes in the label sets. ``matrices_for_report``
+gives each rater's matrix, sorted by accuracy, as data for the report page (an HTML
+table per rater, its cells shaded by P(answer | truth): no figure to draw); nothing
+is written to disk.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+# scipy.special, not scipy.stats: the two p-values rest on special functions, and
+# importing scipy.stats costs ~1 s (it builds every distribution's docstring), most of
+# the report stage's import time.
+from scipy import special
 
 from auditing.aggregation import PRESENCE_OF_ANSWER, PRESENT, aggregate
 from auditing.gold import Gold, PresenceRule
@@ -65,8 +71,8 @@ def rater_quality(gold: Gold, *, alpha: float = 0.01, rule: PresenceRule | None 
     correct = counts[:, 0, ~says_present].sum(axis=1) + counts[:, 1, says_present].sum(axis=1)
     absent = counts[:, 0].sum(axis=1)
     chance_p = np.array([_independence_p(c) for c in counts])
-    always_no_p = np.array([stats.binomtest(int(k), int(m), float(a / m), alternative="greater").pvalue
-                            if 0 < a < m else 1.0 for k, m, a in zip(correct, n, absent)])
+    always_no_p = np.array([_above_p(int(k), int(m), float(a / m)) if 0 < a < m else 1.0
+                            for k, m, a in zip(correct, n, absent)])
     table = pd.DataFrame({"rater_id": raters, "answers": n, "correct": correct, "accuracy": correct / n,
                           "always_no_accuracy": absent / n,
                           **{name: counts.reshape(len(raters), -1)[:, i] for i, name in enumerate(COUNT_COLUMNS)},
@@ -77,12 +83,26 @@ def rater_quality(gold: Gold, *, alpha: float = 0.01, rule: PresenceRule | None 
     return table.sort_values(["accuracy", "rater_id"], ascending=[False, True], ignore_index=True)
 
 
+def _above_p(k: int, n: int, p: float) -> float:
+    """One-sided exact binomial p-value of k or more successes in n trials at rate p:
+    ``scipy.stats.binomtest(k, n, p, alternative="greater").pvalue``, which is
+    ``binom.sf(k - 1, n, p)`` (1 for k = 0). scipy.stats computes that sf as the
+    regularized incomplete beta I_p(k, n - k + 1) (Boost's), as ``betainc`` does;
+    ``bdtrc`` (Cephes) differs in the 12th digit."""
+    return min(1.0, float(special.betainc(k, n - k + 1, p))) if k > 0 else 1.0
+
+
 def _independence_p(counts: np.ndarray) -> float:
-    """G-test p-value that answer and truth are independent (1 when untestable)."""
-    table = counts[:, counts.sum(axis=0) > 0]
+    """G-test p-value that answer and truth are independent (1 when untestable):
+    ``scipy.stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")``,
+    i.e. G = 2 sum obs log(obs / expected), expected from the margins, against chi^2
+    with (rows - 1)(columns - 1) degrees of freedom."""
+    table = counts[:, counts.sum(axis=0) > 0].astype(np.float64)
     if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
         return 1.0
-    return float(stats.chi2_contingency(table, correction=False, lambda_="log-likelihood").pvalue)
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / table.sum()
+    g = 2.0 * special.xlogy(table, table / expected).sum()
+    return float(special.chdtrc((table.shape[0] - 1) * (table.shape[1] - 1), g))
 
 
 def matrices(table: pd.DataFrame) -> np.ndarray:
@@ -149,80 +169,19 @@ def drop_flagged_effect(votes: pd.DataFrame, flagged: Collection[str], *, origin
                       empty_sets_after=sum(1 for s in after.values() if not s))
 
 
-def plot_rater_matrices(table: pd.DataFrame, *, columns: int = 8, panel_inches: float = 1.5):
-    """One small panel per rater of a ``rater_quality`` table (its order: best accuracy
-    first): P(answer | truth) as a heatmap with the counts written in, titled with the
-    rater id and accuracy; flagged raters' titles in red. Returns a matplotlib Figure.
-
-    The panels are blocks of one image on one Axes (a mosaic), not one Axes each: with
-    ~80 raters, per-panel Axes, ticks and layout cost seconds to draw, the mosaic a
-    fraction of that. Answer and truth names label the bottom row and left column.
-    Every text is the Figure's (``figure.artists``), placed in the Axes' data coordinates:
-    Axes texts each get a clip path and ticks each a line, marker and label, ~0.5 s for
-    the ~550 texts of the ReaL raters; the Figure's texts need neither (nothing to clip:
-    all lie inside their blocks or in the margins)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
-    from matplotlib.text import Text
-
-    if not len(table):
-        raise ValueError("no raters with gold answers to plot")
+def matrices_for_report(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Each rater's count matrix of a ``rater_quality`` table (its order: best accuracy
+    first) as the report shows it, JSON-ready: titled "rater: accuracy", ``flagged``,
+    rows truth absent / present, columns the answers, the counts and P(answer | truth)
+    (0 in a row without answers)."""
     counts = matrices(table)
-    truths, answers = counts.shape[1:]
-    columns = min(columns, len(table))
-    rows = -(-len(table) // columns)
-    # A block is a rater's matrix plus one empty cell column right of it and one cell row
-    # above it for the title.
-    block_w, block_h = answers + 1, truths + 1
-    with np.errstate(invalid="ignore"):
-        share = np.nan_to_num(counts / counts.sum(axis=2, keepdims=True))
-    mosaic = np.full((rows * block_h, columns * block_w), np.nan)
-    top = [(i // columns) * block_h + 1 for i in range(len(table))]  # first cell row of each block
-    left = [(i % columns) * block_w for i in range(len(table))]
-    for r, (y, x) in enumerate(zip(top, left)):
-        mosaic[y:y + truths, x:x + answers] = share[r]
-    cell = panel_inches / block_w
-    figure = Figure(figsize=(columns * panel_inches + 0.6, rows * block_h * cell + 0.8))
-    # Fixed margins (inches) for the tick labels and the title: no layout engine to run.
-    width, height = figure.get_size_inches()
-    ax = figure.add_axes((0.45 / width, 0.3 / height, (width - 0.55) / width, (height - 0.8) / height))
-    cmap = colormaps["Blues"].with_extremes(bad="white")
-    ax.imshow(np.ma.masked_invalid(mosaic), vmin=0, vmax=1, cmap=cmap, interpolation="nearest",
-              extent=(-0.5, columns * block_w - 0.5, rows * block_h - 0.5, -0.5))
-    ax.set_xlim(-0.5, columns * block_w - 0.5)
-    ax.set_ylim(rows * block_h - 0.5, -0.5)
-    texts = []
-    for r, (y, x, rater) in enumerate(zip(top, left, table.itertuples())):
-        for (t, a), n in np.ndenumerate(counts[r]):
-            texts.append(Text(x + a, y + t, str(n), ha="center", va="center", fontsize=6,
-                              color="white" if share[r, t, a] > 0.6 else "black"))
-        texts.append(Text(x + (answers - 1) / 2, y - 1, f"{rater.rater_id}: {rater.accuracy:.0%}", ha="center",
-                          va="center", fontsize=7, color="red" if rater.flagged else "black"))
-    ax.add_collection(PatchCollection([Rectangle((x - 0.5, y - 0.5), answers, truths) for y, x in zip(top, left)],
-                                      facecolor="none", edgecolor="black", linewidth=0.6))
-    # Where ticks were: answer initials under the bottom row, truths left of the first column.
-    below, beside = rows * block_h - 0.5 + 0.1 / cell, -0.5 - 0.03 / cell
-    texts += [Text(c * block_w + a, below, answer[0], ha="center", va="top", fontsize=6)
-              for c in range(columns) for a, answer in enumerate(ANSWERS)]
-    texts += [Text(beside, r * block_h + 1 + t, name, ha="right", va="center", fontsize=6)
-              for r in range(rows) for t, name in enumerate(("abs", "pres"))]
-    for text in texts:
-        text.set_transform(ax.transData)
-        figure.add_artist(text)
-    ax.set_axis_off()
-    figure.suptitle("Raters on gold questions: P(answer | truth), counts written in; red = flagged", fontsize=9,
-                    y=1 - 0.12 / height, va="top")
-    return figure
+    totals = counts.sum(axis=2, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    return [{"title": f"{rater.rater_id}: {rater.accuracy:.0%}", "flagged": bool(rater.flagged),
+             "rows": ["absent", "present"], "columns": list(ANSWERS),
+             "counts": counts[r].tolist(), "shares": shares[r].tolist()}
+            for r, rater in enumerate(table.itertuples())]
 
 
-def figure_png(figure, dpi: int = 100) -> bytes:
-    """A matplotlib Figure as PNG bytes."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
-
-
-__all__ = ["COUNT_COLUMNS", "DropEffect", "QUALITY_COLUMNS", "drop_flagged_effect", "figure_png", "matrices",
-           "plot_rater_matrices", "rater_quality"]
+__all__ = ["COUNT_COLUMNS", "DropEffect", "QUALITY_COLUMNS", "drop_flagged_effect", "matrices",
+           "matrices_for_report", "rater_quality"]

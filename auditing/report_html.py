@@ -16,6 +16,8 @@ as data, in ``report["sections"]`` (so it is in report.json too), a list of dict
      "cards": [{"label": ..., "value": ..., "note": ...}],          # optional
      "tables": [{"columns": [...], "rows": [[...], ...],            # optional
                  "formats": ["text", "count", "pct", "pct1", "fixed"], "caption": ...}],
+     "matrices": [{"title": ..., "flagged": False, "rows": [...], "columns": [...],  # optional:
+                   "counts": [[...], ...], "shares": [[...], ...]}],  # cells shaded by share in [0, 1]
      "images": [{"uri": "data:image/png;base64,...", "alt": "what it shows"}]}  # optional
 
 Built-in section ids, in page order: summary, models, oracle_comparison, plots,
@@ -96,9 +98,25 @@ def _figure_uri(fig: Figure) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _new_figure(width: float, height: float) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    ax = fig.subplots()
+# Margins (inches: left, bottom, right, top) around the axes of the report's plots: what
+# constrained layout gives them (tick labels and axis labels, plus a 3/72 in pad), fixed.
+# Constrained layout measures every text on each save (~0.1 s a plot); the page's plots
+# have the same labels every run, and the tight crop on saving still takes in anything
+# that reaches past these margins (wider tick labels, a longer legend).
+MARGINS = (0.73, 0.47, 0.042, 0.042)
+
+
+def _new_figure(width: float, height: float,
+                margins: tuple[float, float, float, float] | None = None) -> tuple[Figure, Any]:
+    """A Figure with one Axes: placed at ``margins`` (inches) if given, else by
+    constrained layout."""
+    if margins is None:
+        fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+        ax = fig.subplots()
+    else:
+        left, bottom, right, top = margins
+        fig = Figure(figsize=(width, height), dpi=100)
+        ax = fig.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (bottom + top) / height))
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
     ax.set_axisbelow(True)
@@ -125,7 +143,7 @@ def _class_values(report: Mapping[str, Any], pick) -> np.ndarray:
 
 def plot_class_curves(report: Mapping[str, Any]) -> str:
     """Sorted per-class accuracy of each model against the unbiased oracle's curve."""
-    fig, ax = _new_figure(11.0, 4.4)
+    fig, ax = _new_figure(11.0, 4.4, MARGINS)
     oracle = np.sort(_class_values(report, lambda e: e["oracle_accuracy"]))[::-1]
     for name, color in _model_colors(report).items():
         curve = np.sort(_class_values(
@@ -152,7 +170,8 @@ def plot_subsets(report: Mapping[str, Any]) -> str:
         for key, label, alpha in (("real_accuracy", "ReaL", 1.0), ("original_accuracy", "original", 0.45)):
             series.append((f"{name}, {label}", [model[key]] +
                            [model["subsets"][g][key] for g in groups[1:]], color, alpha))
-    fig, ax = _new_figure(11.0, 3.8)
+    # Room below for the legend's rows, above for the half of the top tick label.
+    fig, ax = _new_figure(11.0, 3.8, (MARGINS[0], 1.144, MARGINS[2], 0.094))
     width = 0.8 / len(series)
     for i, (label, values, color, alpha) in enumerate(series):
         x = np.arange(len(groups)) - 0.4 + width * (i + 0.5)
@@ -172,7 +191,7 @@ def plot_set_sizes(report: Mapping[str, Any]) -> str:
     histogram = {int(k): v for k, v in report["summary"]["set_size_histogram"].items()}
     sizes = np.arange(0, max(histogram, default=0) + 1)
     counts = np.array([histogram.get(int(s), 0) for s in sizes])
-    fig, ax = _new_figure(7.0, 3.4)
+    fig, ax = _new_figure(7.0, 3.4, (0.775, *MARGINS[1:]))  # image counts: wider tick labels
     bars = ax.bar(sizes, counts, color=[ORIGINAL_COLOR] + [PALETTE[0]] * (len(sizes) - 1))
     ax.bar_label(bars, labels=[f"{c:,}" if c else "" for c in counts], fontsize=7, padding=2)
     ax.set_xticks(sizes)
@@ -183,7 +202,7 @@ def plot_set_sizes(report: Mapping[str, Any]) -> str:
 
 def plot_model_zoo(zoo: Mapping[str, Any]) -> str:
     points = np.asarray(zoo["points"], dtype=np.float64)
-    fig, ax = _new_figure(8.0, 4.6)
+    fig, ax = _new_figure(8.0, 4.6, (0.642, *MARGINS[1:]))
     ax.scatter(points[:, 0], points[:, 1], s=6, color=PALETTE[0], alpha=0.45, linewidths=0,
                label=f"{zoo['n_models']} models")
     styles = {"lower_half": (PALETTE[1], "lower half"), "upper_half": (PALETTE[3], "upper half")}
@@ -361,7 +380,7 @@ def _generic(section: Mapping[str, Any]) -> dict[str, Any]:
         formats = list(table.get("formats") or [])
         tables.append({"caption": None, **table,
                        "formats": formats + ["text"] * (len(table["columns"]) - len(formats))})
-    return {"id": None, "text": None, "cards": [], "images": [], **section, "tables": tables,
+    return {"id": None, "text": None, "cards": [], "images": [], "matrices": [], **section, "tables": tables,
             "template": "report/generic.html.j2"}
 
 

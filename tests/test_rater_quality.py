@@ -1,13 +1,15 @@
-"""Rater quality on gold: counts and flags by hand, the tests' edge cases, the figure,
-and the real golden answers."""
+"""Rater quality on gold: counts and flags by hand, the p-values against scipy.stats, the
+matrices the report shows (data and HTML), and the real golden answers."""
 from __future__ import annotations
+
+import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.text import Text
 
-from auditing import labelsets, rater_quality
+from auditing import labelsets, rater_quality, report_html, templating
 from auditing import gold as gold_lib
 from tests.test_aggregation import _hand_built_crowd, _votes
 from tests.test_gold import real_gold, real_gold_paths, real_kept  # noqa: F401  (fixtures)
@@ -38,24 +40,66 @@ def test_counts_accuracy_and_flags():
     assert list(table.index[:2]) == ["h", "t"]  # best accuracy first (ties by id)
 
 
-def test_figure_has_one_panel_per_rater_and_png_bytes():
-    table = rater_quality.rater_quality(_gold_with({"a": ["yes"] * 20 + ["no"] * 40, "b": ["no"] * 60}))
-    figure = rater_quality.plot_rater_matrices(table, columns=4)
-    (ax,) = figure.axes  # the panels are blocks of one mosaic
-    texts = [t for t in figure.artists if isinstance(t, Text)]
-    assert all(t.get_transform() is ax.transData for t in texts)  # placed on the mosaic's cells
-    titles = [(t.get_text(), t.get_color()) for t in texts if ":" in t.get_text()]
-    assert titles == [("a: 100%", "black"), ("b: 67%", "red")]
-    # The counts written in, panel by panel: a's (absent, present) x (no, maybe, yes), then b's.
-    assert [int(t.get_text()) for t in texts if t.get_text().isdigit()] == [40, 0, 0, 0, 0, 20,
-                                                                             40, 0, 0, 20, 0, 0]
-    # Answer initials under each of the 2 columns, truths beside the one row.
-    assert [t.get_text() for t in texts if t.get_text().isalpha()] == ["n", "m", "y"] * 2 + ["abs", "pres"]
-    shares = ax.images[0].get_array()
-    assert shares.count() == 2 * 6  # two panels of 2 x 3 cells, the rest left blank
-    assert shares[1:3, 0:3].tolist() == [[1, 0, 0], [0, 0, 1]]  # a: P(answer | truth)
-    png = rater_quality.figure_png(figure)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+def test_matrices_for_report_and_their_html():
+    table = rater_quality.rater_quality(_gold_with({
+        "a": ["yes"] * 20 + ["no"] * 40, "b": ["no"] * 60,
+        "c": ["yes"] * 15 + ["maybe"] * 5 + ["no"] * 30 + ["maybe"] * 10}))
+    matrices = rater_quality.matrices_for_report(table)
+    assert json.loads(json.dumps(matrices)) == matrices  # JSON-ready: report.json holds it
+    assert [(m["title"], m["flagged"]) for m in matrices] == [("a: 100%", False), ("c: 83%", False),
+                                                              ("b: 67%", True)]  # best accuracy first
+    a, c, b = matrices
+    assert a["rows"] == ["absent", "present"] and a["columns"] == ["no", "maybe", "yes"]
+    assert c["counts"] == [[30, 10, 0], [0, 5, 15]] and b["counts"] == [[40, 0, 0], [20, 0, 0]]
+    assert c["shares"] == [[0.75, 0.25, 0.0], [0.0, 0.25, 0.75]]  # P(answer | truth)
+
+    section = {"id": "rater-quality", "title": "Raters", "matrices": matrices}
+    html = templating.render("report/generic.html.j2", section=report_html._generic(section))
+    tables = re.findall(r'<table class="matrix">\s*<caption( class="flagged")?>(.*?)</caption>(.*?)</table>',
+                        html, re.S)
+    assert [(title, bool(flagged)) for flagged, title, _ in tables] == [(m["title"], m["flagged"]) for m in matrices]
+    for (_, _, body), m in zip(tables, matrices):
+        assert re.findall(r"<th>(\w+)</th>", body) == m["columns"] + m["rows"]
+        cells = re.findall(r'<td style="background:hsl\(212,80%,(\d+)%\)(;color:#fff)?">(\d+)</td>', body)
+        assert [int(n) for _, _, n in cells] == [n for row in m["counts"] for n in row]
+        shares = [s for row in m["shares"] for s in row]
+        lightness = [int(light) for light, _, _ in cells]
+        assert all((s1 > s2) == (l1 < l2) for s1, l1 in zip(shares, lightness) for s2, l2 in zip(shares, lightness))
+        assert [bool(white) for _, white, _ in cells] == [s > 0.6 for s in shares]  # white on dark cells
+    assert "caption.flagged { color:" in templating.render("report/style.css")
+
+
+def _scipy_stats_p_values(table: pd.DataFrame) -> tuple[list[float], list[float]]:
+    """Both p-values of each row of a ``rater_quality`` table, by scipy.stats itself."""
+    from scipy import stats
+
+    chance, always_no = [], []
+    for counts, row in zip(rater_quality.matrices(table), table.itertuples()):
+        kept = counts[:, counts.sum(axis=0) > 0]
+        untestable = kept.shape[1] < 2 or (kept.sum(axis=1) == 0).any()
+        chance.append(1.0 if untestable else
+                      stats.chi2_contingency(kept, correction=False, lambda_="log-likelihood").pvalue)
+        absent = row.answers - counts[1].sum()
+        always_no.append(stats.binomtest(int(row.correct), int(row.answers), absent / row.answers,
+                                         alternative="greater").pvalue if 0 < absent < row.answers else 1.0)
+    return chance, always_no
+
+
+def test_p_values_are_scipy_stats_on_edge_cases():
+    table = rater_quality.rater_quality(_gold_with({
+        "all_wrong": ["no"] * 20 + ["yes"] * 40,     # k = 0 correct
+        "all_right": ["yes"] * 20 + ["no"] * 40,     # k = n correct
+        "no_maybe": ["yes"] * 15 + ["no"] * 45,      # a column with zero total: 2 x 2 test
+        "maybe_only_present": ["maybe"] * 10 + ["no"] * 10 + ["no"] * 38 + ["yes"] * 2,
+        "one_answer": ["maybe"] * 60,                # one column: independent by construction
+        "all_three": ["yes"] * 12 + ["maybe"] * 5 + ["no"] * 3 + ["no"] * 30 + ["maybe"] * 6 + ["yes"] * 4}))
+    chance, always_no = _scipy_stats_p_values(table)
+    np.testing.assert_allclose(table["chance_p"], chance, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(table["always_no_p"], always_no, rtol=1e-12, atol=0)
+    by_rater = table.set_index("rater_id")
+    assert by_rater.loc["all_wrong", "always_no_p"] == 1.0 and by_rater.loc["one_answer", "chance_p"] == 1.0
+    assert by_rater.loc["all_right", "always_no_p"] == pytest.approx((40 / 60) ** 60, rel=1e-12)
+    assert by_rater.loc["all_right", "chance_p"] < 1e-10 < by_rater.loc["all_three", "chance_p"] < 0.01
 
 
 def test_drop_effect_counts_changes_in_label_sets():
@@ -79,6 +123,14 @@ def test_real_golden_answers(real_gold):
     # above always-"no" (measured at alpha 0.01).
     assert table.loc[table["flagged"], "rater_id"].tolist() == ["116", "157", "142", "145"]
     assert table.loc[table["no_better_than_chance"], "rater_id"].tolist() == ["145"]
+    chance, always_no = _scipy_stats_p_values(table)
+    np.testing.assert_allclose(table["chance_p"], chance, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(table["always_no_p"], always_no, rtol=1e-12, atol=0)
+    assert table["chance_p"].min() < 1e-100  # the tails, not only p near 1, agree
+    matrices = rater_quality.matrices_for_report(table)
+    assert [m["title"].split(":")[0] for m in matrices] == table["rater_id"].tolist()
+    assert sum(sum(map(sum, m["counts"])) for m in matrices) == 78 * 1135
+    assert [m["title"].split(":")[0] for m in matrices if m["flagged"]] == ["116", "157", "142", "145"]
 
 
 @pytest.mark.slow

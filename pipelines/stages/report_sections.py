@@ -3,7 +3,6 @@
 accuracy and proposal figures beside the published ones, votes still awaited."""
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +14,7 @@ from pipelines.stages.base import Context, Inputs
 
 
 def rater_quality_sections(ctx: Context, inputs: Inputs, sets: Mapping[str, frozenset[int]]) -> list[dict[str, Any]]:
-    """Per rater on the gold questions (accuracy, flags), the matrices' panel figure,
-    and the released label sets against the experts (in-sample; k-fold when the method
+    """Per rater on the gold questions (accuracy, flags, count matrix), and the released label sets against the experts (in-sample; k-fold when the method
     fits on gold cheaply)."""
     from auditing import expert_evaluation, rater_quality
     from pipelines.stages.votes import read_gold
@@ -26,7 +24,6 @@ def rater_quality_sections(ctx: Context, inputs: Inputs, sets: Mapping[str, froz
         return []
     table = rater_quality.rater_quality(gold)
     flagged = table.loc[table["flagged"], "rater_id"].astype(str).tolist()
-    figure = rater_quality.figure_png(rater_quality.plot_rater_matrices(table))
     rows = [[r.rater_id, int(r.answers), float(r.accuracy), float(r.always_no_accuracy), float(r.chance_p),
              "yes" if r.flagged else ""] for r in table.itertuples()]
     section = table_section(
@@ -35,9 +32,10 @@ def rater_quality_sections(ctx: Context, inputs: Inputs, sets: Mapping[str, froz
         ["text", "count", "pct1", "pct1", "fixed", "text"], after="models",
         text=(f"{len(table)} raters answered {len(gold.questions):,} gold questions ({int(gold.questions['truth'].sum()):,} "
               f"present under '{gold.rule}'). {len(flagged)} flagged (no better than chance or than always "
-              f"answering no): {', '.join(flagged) or 'none'}. 'maybe' counts as saying present."))
-    section["images"] = [{"uri": "data:image/png;base64," + base64.b64encode(figure).decode(),
-                          "alt": "P(answer | truth) per rater on the gold questions, best accuracy first"}]
+              f"answering no): {', '.join(flagged) or 'none'}. 'maybe' counts as saying present. Below, each "
+              "rater's answers on gold (rows: truth; columns: answer), best accuracy first, each cell "
+              "shaded by P(answer | truth); flagged raters' titles in red."))
+    section["matrices"] = rater_quality.matrices_for_report(table)
     cfg = ctx.config.stages.aggregate
     # The experts judge the released sets of the audited images they cover.
     covered = gold.subset(set(sets))
