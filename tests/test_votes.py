@@ -239,3 +239,22 @@ def test_votes_table_of_no_votes_is_that_of_empty_string_columns():
     plain = votes.empty_votes()
     coded = plain.astype({"file_name": "category", "rater_id": "category"})
     assert votes_table(coded).schema.equals(votes_table(plain).schema, check_metadata=True)
+
+
+def test_stage_read_votes_gives_strings_or_categoricals_of_the_same_votes(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.stages.base import Artifact
+    from pipelines.stages.votes import read_votes, votes_table
+
+    kept = votes.validate_votes(_messy_votes(tmp_path), source="s", categorical=True).kept
+    pq.write_table(votes_table(kept), tmp_path / "votes.parquet")
+    artifact = Artifact("votes", "k", tmp_path)
+    plain = read_votes(artifact)
+    assert plain["file_name"].dtype == object and plain["rater_id"].dtype == object
+    coded = read_votes(artifact, categorical=True)
+    assert isinstance(coded["file_name"].dtype, pd.CategoricalDtype)
+    pd.testing.assert_frame_equal(coded.astype({"file_name": object, "rater_id": object}), plain)
+    pd.testing.assert_frame_equal(plain, kept.astype({"file_name": object, "rater_id": object}))
+    only_b = read_votes(artifact, file_names={"b.JPEG"}, categorical=True)
+    assert set(only_b["file_name"]) == {"b.JPEG"}
