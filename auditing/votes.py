@@ -581,7 +581,10 @@ def read_and_validate(paths: str | os.PathLike | Sequence[str | os.PathLike],
     ``validate_votes``'."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     frames = [read_votes(p, format=format).assign(source=str(p)) for p in paths]
-    raw = pd.concat(frames, ignore_index=True) if frames else empty_votes().assign(row=[], source=[])
+    if len(frames) == 1:
+        raw = frames[0]  # not copied again by a concat of one
+    else:
+        raw = pd.concat(frames, ignore_index=True) if frames else empty_votes().assign(row=[], source=[])
     return validate_votes(raw, num_classes=num_classes, categorical=categorical)
 
 
