@@ -417,6 +417,26 @@ def _text_codes(values: pd.Series, lower: bool = False) -> tuple[np.ndarray, np.
     return distinct[codes], np.asarray(table, dtype=object)
 
 
+def _used_categories(codes: np.ndarray, table: np.ndarray) -> pd.Categorical:
+    """``table[codes]`` as a Categorical whose categories are the entries of ``table``
+    that ``codes`` use, in table order."""
+    used = np.bincount(codes, minlength=len(table)) > 0
+    recode = np.cumsum(used) - 1
+    return pd.Categorical.from_codes(recode[codes], categories=pd.Index(table[used], dtype=object))
+
+
+def combined_key(codes: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray | None:
+    """One int64 per row for the tuple of code columns ``codes`` (column i in
+    [0, sizes[i])): equal exactly where the tuples are. None where the product of the
+    sizes does not fit in an int64."""
+    if int(np.prod([max(int(size), 1) for size in sizes], dtype=object)) > np.iinfo(np.int64).max:
+        return None
+    key = np.zeros(len(codes[0]) if len(codes) else 0, np.int64)
+    for column, size in zip(codes, sizes):
+        key = key * max(int(size), 1) + column
+    return key
+
+
 def _clean_text(values: pd.Series, lower: bool = False) -> np.ndarray:
     """Raw field -> stripped strings (object array), "" where missing."""
     codes, table = _text_codes(values, lower)
@@ -439,7 +459,8 @@ def _parse_labels(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
-                   source: str | os.PathLike | None = None, provenance: bool = False) -> ValidatedVotes:
+                   source: str | os.PathLike | None = None, provenance: bool = False,
+                   categorical: bool = False) -> ValidatedVotes:
     """Split raw vote rows (``read_votes``) into kept votes (the schema) and a counted
     quarantine (``QUARANTINE_COLUMNS``: source, row, reason, detail, raw fields).
 
@@ -448,7 +469,9 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
     ``duplicate_vote``. ``source`` names the file (defaults to a ``source`` column of
     ``raw`` if any, e.g. after concatenating files). ``provenance=True`` keeps
     ``source`` and ``row`` in the kept votes too (for checks made after this one that
-    quarantine more rows, e.g. ``auditing.gold``).
+    quarantine more rows, e.g. ``auditing.gold``). ``categorical=True`` gives the kept
+    ``file_name`` and ``rater_id`` as Categoricals of their distinct stripped strings
+    (for a writer that encodes them: no Python string per vote).
     """
     n = len(raw)
     rows = raw["row"].to_numpy() if "row" in raw.columns else np.arange(1, n + 1)
@@ -510,8 +533,11 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
 
     valid = reason == 0
     duplicate = np.zeros(n, dtype=bool)
-    duplicate[valid] = pd.DataFrame({"rater_id": text["rater_id"][0][valid], "file_name": text["file_name"][0][valid],
-                                     "label": labels[valid]}).duplicated(keep="first").to_numpy()
+    vote = [text["rater_id"][0][valid], text["file_name"][0][valid], labels[valid]]
+    key = combined_key(vote, [len(text["rater_id"][1]), len(text["file_name"][1]), num_classes])
+    # One integer per (rater, file, label): hashing it is ~10x faster than a duplicated() on three columns.
+    duplicate[valid] = (pd.Index(key).duplicated(keep="first") if key is not None
+                        else pd.DataFrame(dict(enumerate(vote))).duplicated(keep="first").to_numpy())
     mark(duplicate, DUPLICATE_VOTE, "a vote of this rater on this (file_name, label) came earlier")
 
     keep = reason == 0
@@ -521,12 +547,17 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
     def kept_rows(values: np.ndarray) -> np.ndarray:
         return values if everything else values[kept_index]
 
+    def kept_text(field: str) -> np.ndarray | pd.Categorical:
+        codes, table = text[field]
+        return _used_categories(kept_rows(codes), table) if categorical else kept_rows(table[codes])
+
+    # copy=False: the columns are fresh arrays, not to be copied into one block per dtype.
     kept = pd.DataFrame({
-        "file_name": kept_rows(text["file_name"][1][text["file_name"][0]]),
+        "file_name": kept_text("file_name"),
         "label": kept_rows(labels),
-        "rater_id": kept_rows(text["rater_id"][1][text["rater_id"][0]]),
+        "rater_id": kept_text("rater_id"),
         "answer": pd.Categorical.from_codes(kept_rows(answer_index), dtype=ANSWER_DTYPE),
-    })
+    }, copy=False)
     for optional in OPTIONAL_COLUMNS:
         if optional in raw.columns:
             values = raw[optional].iloc[kept_index].reset_index(drop=True)
@@ -543,13 +574,18 @@ def validate_votes(raw: pd.DataFrame, num_classes: int = DEFAULT_NUM_CLASSES,
 
 
 def read_and_validate(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                      num_classes: int = DEFAULT_NUM_CLASSES, format: str | None = None) -> ValidatedVotes:
+                      num_classes: int = DEFAULT_NUM_CLASSES, format: str | None = None,
+                      categorical: bool = False) -> ValidatedVotes:
     """Read and validate one or several vote files as one batch: duplicates are found
-    across files too, and each quarantined row names its file."""
+    across files too, and each quarantined row names its file. ``categorical``: as
+    ``validate_votes``'."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     frames = [read_votes(p, format=format).assign(source=str(p)) for p in paths]
-    raw = pd.concat(frames, ignore_index=True) if frames else empty_votes().assign(row=[], source=[])
-    return validate_votes(raw, num_classes=num_classes)
+    if len(frames) == 1:
+        raw = frames[0]  # not copied again by a concat of one
+    else:
+        raw = pd.concat(frames, ignore_index=True) if frames else empty_votes().assign(row=[], source=[])
+    return validate_votes(raw, num_classes=num_classes, categorical=categorical)
 
 
 def read_real_votes(path: str | os.PathLike | None = None,

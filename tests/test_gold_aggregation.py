@@ -198,3 +198,37 @@ def test_gold_confusion_falls_back_to_log_space_when_both_products_underflow():
     data = pd.DataFrame({"task": 0, "worker": 0, "label": ["yes", "no"] * 1500})
     model = aggregation.GoldConfusion().fit(data, gold, true_labels)
     assert model.probas_.loc[0, aggregation.PRESENT] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_categorical_votes_aggregate_to_the_same_floats_as_string_votes():
+    """read_votes(categorical=True) hands the aggregation Categorical file names and
+    rater ids; the pseudo-rater's votes are appended to them (union of categories)."""
+    crowd = _hand_built_crowd().sample(frac=1.0, random_state=3).reset_index(drop=True)  # any vote order
+    original = pd.DataFrame({"file_name": [f"img{q}" for q in range(20)] + [f"gold{k}" for k in range(10)],
+                             "label": list(range(20)) + [0] * 10})
+    coded = crowd.astype({"file_name": "category", "rater_id": "category"})
+    for params in ({}, {"original_label_rater": {"classes": [0, 1, 2]}}):
+        plain = aggregation.aggregate(crowd, method="gold-confusion", gold=_hand_built_gold(),
+                                      original_labels=original, **params)
+        result = aggregation.aggregate(coded, method="gold-confusion", gold=_hand_built_gold(),
+                                       original_labels=original, **params)
+        pd.testing.assert_frame_equal(result.scores_, plain.scores_, check_exact=True)
+        assert result.rater_ids_.tolist() == plain.rater_ids_.tolist()
+    with pytest.raises(ValueError, match="is also a rater of the votes"):
+        aggregation.aggregate(coded.assign(rater_id=coded["rater_id"].cat.rename_categories({"r0": "original-label"})),
+                              method="gold-confusion", gold=_hand_built_gold(), original_labels=original,
+                              original_label_rater={"classes": [0, 1, 2]})
+
+
+def test_question_codes_number_questions_in_order_of_first_vote():
+    from auditing.aggregation.crowd import question_codes
+
+    rng = np.random.default_rng(0)
+    votes_frame = pd.DataFrame({"file_name": np.array(["b", "a", "c"], dtype=object)[rng.integers(0, 3, 200)],
+                                "label": rng.integers(5, 9, 200)})
+    codes, first = question_codes(votes_frame)
+    expected = votes_frame.groupby(["file_name", "label"], sort=False).ngroup().to_numpy()
+    assert codes.tolist() == expected.tolist()
+    assert first.tolist() == votes_frame.drop_duplicates().index.tolist()
+    coded_codes, coded_first = question_codes(votes_frame.astype({"file_name": "category"}))
+    assert coded_codes.tolist() == codes.tolist() and coded_first.tolist() == first.tolist()

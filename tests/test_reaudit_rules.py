@@ -36,3 +36,21 @@ def test_version_change_follows_tfds_semantics():
     assert versions.version_change(old, changed) == "major"
     assert versions.version_change(old, old.iloc[:1]) == "major"
     assert versions.version_change(old, old.drop(columns=["scores"])) == "major"
+
+
+def test_unasked_is_the_anti_join_a_merge_gives():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    names = np.array(["a", "b", "c", None, "d"], dtype=object)
+    proposals = pd.DataFrame({"file_name": names[rng.integers(0, 5, 300)], "label": rng.integers(0, 4, 300),
+                              "count": np.arange(300)}, index=np.arange(300) * 3)
+    asked = pd.DataFrame({"file_name": names[rng.integers(0, 5, 40)], "label": rng.integers(0, 4, 40)})
+    merged = proposals[["file_name", "label"]].merge(asked.drop_duplicates(), on=["file_name", "label"],
+                                                     how="left", indicator=True)
+    expected = proposals[(merged["_merge"] == "left_only").to_numpy()]
+    assert 0 < len(expected) < len(proposals)
+    pd.testing.assert_frame_equal(reaudit.unasked(proposals, asked), expected)
+    # Categorical file names (the votes' and tasks' readers) give the same pairs.
+    as_categories = proposals.astype({"file_name": "category"})
+    assert reaudit.unasked(as_categories, asked).index.tolist() == expected.index.tolist()

@@ -162,3 +162,99 @@ def test_jsonl_without_optional_fields_has_no_optional_columns_and_provenance_is
     assert list(kept.columns) == [*votes.REQUIRED_COLUMNS, "source", "row"]
     assert kept[["source", "row"]].values.tolist() == [[str(path), 1]]
     assert quarantine["row"].tolist() == [2]
+
+
+def _messy_votes(tmp_path):
+    """A CSV with every kind of bad row, duplicates across raters, padded strings and
+    strings only quarantined rows have."""
+    return votes.read_votes(_csv(tmp_path, "file_name,label,rater_id,answer,task_id\n"
+                                           " a.JPEG,3,r1,yes,t1\n"
+                                           "a.JPEG ,3,r1,no,t1\n"      # duplicate after stripping
+                                           "a.JPEG,3,r2,no,t1\n"       # another rater: kept
+                                           "z.JPEG,1000,r9,yes,t9\n"   # z / r9 only here: quarantined
+                                           "b.JPEG,4, r2,maybe,t2\n"
+                                           ",7,r1,yes,t3\n"
+                                           "b.JPEG,4,r2 ,yes,t2\n"))   # duplicate of row 5
+
+
+def test_categorical_kept_votes_hold_the_values_of_the_plain_ones(tmp_path):
+    raw = _messy_votes(tmp_path)
+    plain = votes.validate_votes(raw, source="s")
+    coded = votes.validate_votes(raw, source="s", categorical=True)
+    for column in ("file_name", "rater_id"):
+        assert isinstance(coded.kept[column].dtype, pd.CategoricalDtype)
+        # Categories are the kept votes' strings only (not z.JPEG / r9 of quarantined rows, nor "").
+        assert sorted(coded.kept[column].cat.categories) == sorted(set(plain.kept[column]))
+    pd.testing.assert_frame_equal(coded.kept.astype({"file_name": object, "rater_id": object}), plain.kept)
+    pd.testing.assert_frame_equal(coded.quarantine, plain.quarantine)
+    assert plain.quarantine["reason"].tolist() == ["duplicate_vote", "unknown_label", "missing_field",
+                                                   "duplicate_vote"]
+
+
+def test_duplicates_without_an_integer_key_are_found_the_same_way(tmp_path):
+    """Code tuples too many for one int64 (here: a huge label range) fall back to
+    DataFrame.duplicated, with the same first-kept rule."""
+    raw = _messy_votes(tmp_path)
+    assert votes.combined_key([np.zeros(1, np.int64)] * 3, [2**40, 2**20, 2**10]) is None
+    huge = votes.validate_votes(raw, num_classes=2**62, source="s")
+    usual = votes.validate_votes(raw, num_classes=10**4, source="s")
+    pd.testing.assert_frame_equal(huge.kept, usual.kept)
+    assert huge.quarantine["reason"].tolist() == ["duplicate_vote", "missing_field", "duplicate_vote"]
+
+
+def test_combined_key_is_equal_exactly_where_the_tuples_are():
+    rng = np.random.default_rng(0)
+    sizes = [7, 1, 13]
+    codes = [rng.integers(0, size, 500) for size in sizes]
+    key = votes.combined_key(codes, sizes)
+    tuples = list(zip(*(c.tolist() for c in codes)))
+    assert len(set(key.tolist())) == len(set(tuples))
+    assert pd.Index(key).duplicated().tolist() == pd.Index(tuples).duplicated().tolist()
+
+
+def test_votes_table_of_categorical_votes_is_the_table_of_string_votes(tmp_path):
+    """votes.parquet is the same file whether the kept votes' text columns are
+    Categoricals or Python strings (read_votes and pd.read_parquet see the same)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.stages.votes import votes_table
+
+    raw = _messy_votes(tmp_path)
+    plain = votes.validate_votes(raw, source="s").kept
+    coded = votes.validate_votes(raw, source="s", categorical=True).kept
+    expected = pa.Table.from_pandas(plain, preserve_index=False)
+    for frame in (coded, plain):
+        table = votes_table(frame)
+        assert table.equals(expected) and table.schema.equals(expected.schema, check_metadata=True)
+    pq.write_table(votes_table(coded), tmp_path / "coded.parquet")
+    pq.write_table(expected, tmp_path / "plain.parquet")
+    assert (tmp_path / "coded.parquet").read_bytes() == (tmp_path / "plain.parquet").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "coded.parquet"), plain)
+
+
+def test_votes_table_of_no_votes_is_that_of_empty_string_columns():
+    from pipelines.stages.votes import votes_table
+
+    plain = votes.empty_votes()
+    coded = plain.astype({"file_name": "category", "rater_id": "category"})
+    assert votes_table(coded).schema.equals(votes_table(plain).schema, check_metadata=True)
+
+
+def test_stage_read_votes_gives_strings_or_categoricals_of_the_same_votes(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.stages.base import Artifact
+    from pipelines.stages.votes import read_votes, votes_table
+
+    kept = votes.validate_votes(_messy_votes(tmp_path), source="s", categorical=True).kept
+    pq.write_table(votes_table(kept), tmp_path / "votes.parquet")
+    artifact = Artifact("votes", "k", tmp_path)
+    plain = read_votes(artifact)
+    assert plain["file_name"].dtype == object and plain["rater_id"].dtype == object
+    coded = read_votes(artifact, categorical=True)
+    assert isinstance(coded["file_name"].dtype, pd.CategoricalDtype)
+    pd.testing.assert_frame_equal(coded.astype({"file_name": object, "rater_id": object}), plain)
+    pd.testing.assert_frame_equal(plain, kept.astype({"file_name": object, "rater_id": object}))
+    only_b = read_votes(artifact, file_names={"b.JPEG"}, categorical=True)
+    assert set(only_b["file_name"]) == {"b.JPEG"}

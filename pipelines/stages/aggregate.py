@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipelines.stages.base import Artifact, Context, Inputs, Stage, StageError
 from pipelines.stages.dataset import original_labels
-from pipelines.stages.tasks import read_tasks
+from pipelines.stages.tasks import QUESTIONS_FILE, read_tasks
 from pipelines.stages.votes import calibrated_confusions, read_gold, read_votes
 from pipelines.store import content_key, file_digest
 
@@ -59,7 +59,7 @@ class AggregateStage(Stage):
             def score_parts():
                 return (pd.read_parquet(path) for path in paths)
         else:
-            scores = aggregation.aggregate(read_votes(inputs["votes"]), method=cfg.method,
+            scores = aggregation.aggregate(read_votes(inputs["votes"], categorical=True), method=cfg.method,
                                            original_labels=all_labels, gold=gold, **params).scores_
             engine = "in-memory"
             scores.to_parquet(out / "scores.parquet", index=False)
@@ -79,8 +79,8 @@ class AggregateStage(Stage):
         if "tasks" in inputs:
             # Proposed pairs nobody has answered yet are awaiting a crowd: they make no
             # label (never a silent "no"), and their images are flagged in the release.
-            questions = read_tasks(inputs["tasks"])[["file_name", "label"]].drop_duplicates()
-            awaiting = unasked_in(questions, score_parts())
+            # Duplicates dropped from the few pairs left, not from all the tasks' pairs.
+            awaiting = unasked_in(task_pairs(inputs["tasks"]), score_parts()).drop_duplicates()
             awaiting = awaiting[awaiting["file_name"].isin(set(labels["file_name"]))]
             awaiting.to_parquet(out / "awaiting.parquet", index=False)
             counts |= {"pairs_awaiting_votes": int(len(awaiting)),
@@ -131,6 +131,15 @@ def beam_score_shards(ctx: Context, inputs: Inputs, params: dict[str, Any], orig
                           original_labels=original, gold=gold, vote_format="parquet",
                           votes_per_shard=cfg.votes_per_shard, scores_prefix=str(scores_prefix).rstrip("/") + "/")
     return score_shard_paths(out / SCORE_SHARDS)
+
+
+def task_pairs(tasks: Artifact) -> pd.DataFrame:
+    """The (file_name, label) pair of each question of the tasks (repeated where
+    several tasks ask it); from the questions file only those two columns are read
+    (its image URIs and task ids are most of its reading time)."""
+    path = tasks.file(QUESTIONS_FILE)
+    return pd.read_parquet(path, columns=["file_name", "label"]) if path.is_file() else \
+        read_tasks(tasks)[["file_name", "label"]]
 
 
 def unasked_in(questions: pd.DataFrame, score_parts) -> pd.DataFrame:

@@ -101,7 +101,6 @@ class VotesStage(Stage):
                 "simulate": simulate, "gold": gold, "previous_votes": file_digest(carried) if carried else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         from auditing import labelsets
@@ -109,7 +108,8 @@ class VotesStage(Stage):
 
         cfg = ctx.config.stages.votes
         validated = votes_lib.read_and_validate(self.vote_files(ctx), num_classes=NUM_CLASSES,
-                                                format=None if cfg.format == "auto" else cfg.format)
+                                                format=None if cfg.format == "auto" else cfg.format,
+                                                categorical=True)
         summary = validated.summary.as_dict()
         frames = [validated.kept]
         if cfg.simulate:
@@ -128,8 +128,7 @@ class VotesStage(Stage):
         # validate_votes keeps one vote per (rater, question): only other sources need merging.
         kept = validated.kept if len(frames) == 1 else reaudit.merge_votes(frames)
         summary["votes_used"] = int(len(kept))
-        # to_parquet's table, converted on one thread: its column threads only wait on the GIL.
-        pq.write_table(pa.Table.from_pandas(kept, preserve_index=False, nthreads=1), out / "votes.parquet")
+        pq.write_table(votes_table(kept), out / "votes.parquet")
         votes_lib.write_quarantine(validated.quarantine, out / "quarantine.csv")
         if cfg.gold:
             summary["gold"] = write_gold(ctx, out, known_raters=set(map(str, kept["rater_id"].unique())))
@@ -151,11 +150,41 @@ class VotesStage(Stage):
         return {"quarantine": str(artifact.file("quarantine.csv"))}
 
 
-def read_votes(artifact: Artifact, file_names: Collection[str] | None = None) -> pd.DataFrame:
+def votes_table(votes: pd.DataFrame):
+    """``votes`` as the Arrow table of votes.parquet: the table ``to_parquet`` writes
+    for the votes with text columns of Python strings, also where ``file_name`` or
+    ``rater_id`` are Categoricals (``validate_votes(categorical=True)``), which Arrow
+    converts on their codes: each distinct string once, not once per vote."""
+    import json
+
+    import pyarrow as pa
+
+    text = [c for c in ("file_name", "rater_id") if c in votes.columns and isinstance(votes[c].dtype, pd.CategoricalDtype)]
+    if not len(votes) or not all(pd.api.types.is_string_dtype(votes[c].cat.categories) for c in text):
+        # As Python strings (empty columns of them are Arrow's null type).
+        votes, text = votes.astype({c: object for c in text}), []
+    # Converted on one thread: the column threads of from_pandas only wait on the GIL.
+    table = pa.Table.from_pandas(votes, preserve_index=False, nthreads=1)
+    if not text:
+        return table
+    schema = pa.schema([pa.field(f.name, pa.string()) if f.name in text else f for f in table.schema])
+    # The pandas metadata of a column of Python strings, as from_pandas writes it for one.
+    pandas_meta = json.loads(table.schema.metadata[b"pandas"])
+    for column in pandas_meta["columns"]:
+        if column["name"] in text:
+            column.update(pandas_type="unicode", numpy_type="object", metadata=None)
+    return table.cast(schema).replace_schema_metadata(
+        table.schema.metadata | {b"pandas": json.dumps(pandas_meta).encode()})
+
+
+def read_votes(artifact: Artifact, file_names: Collection[str] | None = None,
+               categorical: bool = False) -> pd.DataFrame:
     """The kept votes; only those on ``file_names`` if given (filtered while reading).
 
     File names and rater ids are decoded once per distinct value (a Parquet dictionary)
-    and shared, not made once per vote (924,810 of each on the ReaL votes): ~4x faster."""
+    and shared, not made once per vote (924,810 of each on the ReaL votes): ~4x faster.
+    ``categorical=True`` leaves them Categoricals (for code that works on their codes,
+    as the aggregation does)."""
     import pyarrow.parquet as pq
 
     filters = None
@@ -166,6 +195,8 @@ def read_votes(artifact: Artifact, file_names: Collection[str] | None = None) ->
         filters = pc.field("file_name").isin(pa.array(sorted(map(str, file_names)), pa.string()))
     strings = ["file_name", "rater_id"]
     frame = pq.read_table(artifact.file("votes.parquet"), filters=filters, read_dictionary=strings).to_pandas()
+    if categorical:
+        return frame
     return frame.astype({c: object for c in strings if isinstance(frame[c].dtype, pd.CategoricalDtype)})
 
 
