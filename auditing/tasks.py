@@ -104,17 +104,25 @@ class ClassAffinity:
 
     @classmethod
     def from_wordnet(cls, classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> ClassAffinity:
-        with_self = [hierarchy.ancestors(w) | {w} for w in classes.wnids]
-        nodes = sorted(set().union(*with_self))
-        column = {n: j for j, n in enumerate(nodes)}
-        member = np.zeros((len(classes.wnids), len(nodes)), np.float32)
-        for i, ancestors in enumerate(with_self):
-            member[i, [column[a] for a in ancestors]] = 1
-        depth = np.array([hierarchy.depth(n) for n in nodes])
-        matrix = np.zeros((len(classes.wnids),) * 2, np.int64)
-        for d in np.unique(depth):  # deepest common ancestor = the largest depth shared
-            at_d = member[:, depth == d]
-            matrix[at_d @ at_d.T > 0] = d  # depths ascend: the deepest shared one is written last
+        # Each common ancestor (a class counting as its own) writes its depth over the
+        # block of the classes at or under it, in ascending depth, so the deepest one a
+        # pair shares is written last. Ancestors over the same classes write the same
+        # block: only the deepest of them. A class is its own deepest ancestor (depth
+        # = longest path), so the diagonal is its depth.
+        under: dict[str, list[int]] = {}
+        for i, wnid in enumerate(classes.wnids):
+            for ancestor in hierarchy.ancestors(wnid) | {wnid}:
+                under.setdefault(ancestor, []).append(i)
+        deepest: dict[tuple[int, ...], int] = {}
+        for ancestor, members in under.items():
+            if len(members) > 1:
+                block = tuple(members)
+                deepest[block] = max(deepest.get(block, 0), hierarchy.depth(ancestor))
+        n = len(classes.wnids)
+        matrix = np.zeros((n, n), np.int64)
+        for block, depth in sorted(deepest.items(), key=lambda item: item[1]):
+            matrix[np.ix_(block, block)] = depth
+        matrix[np.arange(n), np.arange(n)] = [hierarchy.depth(w) for w in classes.wnids]
         name_affinity = int(matrix.max())
         for i, j in _classes_sharing_a_lemma(classes):
             matrix[i, j] = matrix[j, i] = max(matrix[i, j], name_affinity)

@@ -275,3 +275,40 @@ def test_lockstep_clustering_matches_the_per_image_one_with_many_ties():
             mine = built[built["file_name"] == f"i{n}"]
             assert [list(t["label"]) for _, t in mine.groupby("task_id", sort=False)] == expected, (trial, n)
             assert all(list(t["position"]) == list(range(len(t))) for _, t in mine.groupby("task_id"))
+
+
+def lca_affinity(classes, hierarchy, i: int, j: int) -> int:
+    """The affinity's definition, pair by pair: depth of the deepest common ancestor."""
+    common = hierarchy.lowest_common_ancestor(classes.wnids[i], classes.wnids[j])
+    return 0 if common is None else hierarchy.depth(common)
+
+
+def test_class_affinity_is_the_depth_of_the_deepest_common_ancestor_in_a_dag():
+    from auditing.imagenet import ImageNetClasses, WordNetHierarchy
+
+    # Two roots; "mixed" has parents on both sides (its longest path sets its depth);
+    # class "a" is an ancestor of class "a1"; "lone" is not in the hierarchy.
+    edges = [("root", "animal"), ("root", "thing"), ("animal", "dog"), ("thing", "tool"),
+             ("tool", "hammer"), ("dog", "mixed"), ("hammer", "mixed"), ("animal", "a"), ("a", "a1"),
+             ("other_root", "b"), ("dog", "pug"), ("dog", "husky"), ("tool", "saw")]
+    hierarchy = WordNetHierarchy(edges, {})
+    wnids = ["a", "a1", "b", "husky", "lone", "mixed", "pug", "saw"]
+    classes = ImageNetClasses(wnids=wnids, names=wnids, lemmas=[f"lemma {w}" for w in wnids],
+                              glosses=[""] * len(wnids))
+    matrix = T.ClassAffinity.from_wordnet(classes, hierarchy).matrix
+    expected = [[lca_affinity(classes, hierarchy, i, j) for j in range(len(wnids))] for i in range(len(wnids))]
+    assert matrix.tolist() == expected
+    assert matrix[wnids.index("mixed"), wnids.index("saw")] == 2  # via tool, the deeper shared side
+
+
+def test_imagenet_affinity_is_the_depth_of_the_deepest_common_ancestor(shared_data):
+    from auditing.imagenet import load_classes, load_hierarchy
+
+    classes, hierarchy = load_classes(), load_hierarchy()
+    affinity = T.imagenet_affinity()
+    same_lemma = set(T._classes_sharing_a_lemma(classes))
+    assert affinity.matrix[SUNGLASS, SUNGLASSES] == affinity.matrix.max()  # a lemma shared up to a plural
+    rng = np.random.default_rng(0)
+    pairs = [(int(i), int(j)) for i, j in rng.integers(0, 1000, (3000, 2))] + [(i, i) for i in range(1000)]
+    assert all(affinity.matrix[i, j] == lca_affinity(classes, hierarchy, i, j)
+               for i, j in pairs if (i, j) not in same_lemma)
