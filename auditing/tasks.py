@@ -133,6 +133,12 @@ def _dfs_positions(classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> np.
     index = {w: i for i, w in enumerate(classes.wnids)}
     nodes = {w for w in classes.wnids} | set().union(*(hierarchy.ancestors(w) for w in classes.wnids))
     roots = sorted(n for n in nodes if not hierarchy.parents(n))
+    # The walk stays among ``nodes``, which hold every parent of their members: their
+    # children there come from their parents, without the whole hierarchy's child lists.
+    children: dict[str, set[str]] = {}
+    for node in nodes:
+        for parent in hierarchy.parents(node):
+            children.setdefault(parent, set()).add(node)
     position = np.full(len(classes.wnids), -1, np.int64)
     seen: set[str] = set()
     stack = roots[::-1]
@@ -145,7 +151,7 @@ def _dfs_positions(classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> np.
         if node in index and position[index[node]] < 0:
             position[index[node]] = rank
             rank += 1
-        stack.extend(sorted((c for c in hierarchy.children(node) if c in nodes), reverse=True))
+        stack.extend(sorted(children.get(node, ()), reverse=True))
     missing = position < 0
     position[missing] = rank + np.arange(missing.sum())  # not in the hierarchy: last
     return position
@@ -317,13 +323,16 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
     if not len(pairs):  # every image skipped: no task
         return pd.DataFrame({"task_id": pd.Series(dtype=object), "file_name": pd.Series(dtype=object),
                              "label": pd.Series(dtype=np.int64), "position": pd.Series(dtype=np.int64)})
-    frame = pairs.assign(dfs=affinity.dfs_position[pairs["label"].to_numpy()])
-    frame = frame.sort_values(["file_name", "dfs"], kind="stable").reset_index(drop=True)
-    file_names, labels = frame["file_name"].to_numpy(dtype=object), frame["label"].to_numpy(np.int64)
-    starts = np.flatnonzero(np.r_[True, file_names[1:] != file_names[:-1]])
-    counts = np.diff(np.r_[starts, len(frame)])
-    task = np.zeros(len(frame), np.int64)  # task number within the image
-    position = np.arange(len(frame)) - np.repeat(starts, counts)
+    # Images by their rank in file-name order: integer keys sort and compare faster
+    # than the names.
+    image, names = pd.factorize(pairs["file_name"].to_numpy(dtype=object), sort=True)
+    labels = pairs["label"].to_numpy(np.int64)
+    by_image = np.lexsort((affinity.dfs_position[labels], image))  # stable, as the depth-first sort per image
+    image, labels = image[by_image], labels[by_image]
+    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])
+    counts = np.diff(np.r_[starts, len(labels)])
+    task = np.zeros(len(labels), np.int64)  # task number within the image
+    position = np.arange(len(labels)) - np.repeat(starts, counts)
     for k in np.unique(counts[counts > max_labels]):
         rows = starts[counts == k][:, None] + np.arange(k)  # (images with k labels, k)
         owner = cluster_labels(labels[rows], affinity, max_labels)
@@ -331,31 +340,42 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
         task[rows] = np.take_along_axis(np.cumsum(heads, axis=1) - 1, owner, axis=1)
         earlier = np.tril(np.ones((k, k), dtype=bool), -1)  # column q before column p
         position[rows] = ((owner[:, :, None] == owner[:, None, :]) & earlier).sum(axis=2)
-    order = np.lexsort((position, task, np.repeat(np.arange(len(starts)), counts)))
-    file_names, labels, task, position = file_names[order], labels[order], task[order], position[order]
-    # Task id: sha256 of "<file_name>\t<sorted labels>", one string per task.
-    new_task = np.r_[True, (task[1:] != task[:-1]) | (file_names[1:] != file_names[:-1])]
+    order = np.lexsort((position, task, image))
+    image, labels, task, position = image[order], labels[order], task[order], position[order]
+    new_task = np.r_[True, (task[1:] != task[:-1]) | (image[1:] != image[:-1])]
     bounds = np.r_[np.flatnonzero(new_task), len(labels)]
-    label_list = labels.tolist()
-    ids = [task_id(file_names[b], label_list[b:e]) for b, e in zip(bounds[:-1], bounds[1:])]
-    return pd.DataFrame({"task_id": np.repeat(np.asarray(ids, dtype=object), np.diff(bounds)),
-                         "file_name": file_names, "label": labels, "position": position})
+    return pd.DataFrame({"task_id": np.repeat(np.asarray(_task_ids(names[image[bounds[:-1]]], labels, bounds),
+                                                         dtype=object), np.diff(bounds)),
+                         "file_name": names[image], "label": labels, "position": position})
+
+
+def _task_ids(file_names: np.ndarray, labels: np.ndarray, bounds: np.ndarray) -> list[str]:
+    """``task_id`` of each task: ``file_names[t]`` and ``labels[bounds[t]:bounds[t + 1]]``,
+    with each task's labels sorted in one lexsort and each class's text made once."""
+    task = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    label_text = [str(label) for label in range(int(labels.max(initial=0)) + 1)]  # labels are >= 0 (build_tasks)
+    texts = [label_text[l] for l in labels[np.lexsort((labels, task))].tolist()]
+    sha256 = hashlib.sha256
+    return [sha256(f"{name}\t{','.join(texts[b:e])}".encode()).hexdigest()[:16]
+            for name, b, e in zip(file_names.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
 def summarize_tasks(tasks: TaskSet) -> dict[str, Any]:
     """Counts for reports: images kept and skipped, tasks, proposals per image and task."""
-    q = tasks.questions
-    images = int(q["file_name"].nunique())
-    per_task = q.groupby("task_id").size()
+    q, bounds = tasks.in_file_order  # images in name order, a task's rows together
+    names = q["file_name"].to_numpy(dtype=object)
+    image_of_row = np.cumsum(np.r_[True, names[1:] != names[:-1]]) - 1 if len(q) else np.zeros(0, np.int64)
+    tasks_per_image = np.bincount(image_of_row[bounds[:-1]])
+    images, num_tasks = len(tasks_per_image), len(bounds) - 1  # a task id digests its image: one image each
     return {
         "images_with_proposals": tasks.images_with_proposals,
         "images_skipped_all_top1_agree": tasks.images_skipped,
         "images_to_relabel": images,
-        "tasks": int(len(per_task)),
+        "tasks": num_tasks,
         "questions": int(len(q)),
         "proposals_per_image": round(len(q) / max(images, 1), 3),
-        "labels_per_task": round(float(per_task.mean()), 3) if len(per_task) else 0.0,
-        "images_split_into_several_tasks": int((q.groupby("file_name")["task_id"].nunique() > 1).sum()),
+        "labels_per_task": round(len(q) / num_tasks, 3) if num_tasks else 0.0,
+        "images_split_into_several_tasks": int(np.count_nonzero(tasks_per_image > 1)),
         "max_labels_per_task": tasks.max_labels,
     }
 

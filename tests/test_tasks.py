@@ -299,6 +299,10 @@ def test_class_affinity_is_the_depth_of_the_deepest_common_ancestor_in_a_dag():
     expected = [[lca_affinity(classes, hierarchy, i, j) for j in range(len(wnids))] for i in range(len(wnids))]
     assert matrix.tolist() == expected
     assert matrix[wnids.index("mixed"), wnids.index("saw")] == 2  # via tool, the deeper shared side
+    # Depth-first from the roots in wnid order ("lone" is one), children in wnid order,
+    # each node once ("mixed" under dog, before hammer reaches it).
+    walk = ["lone", "b", "a", "a1", "husky", "mixed", "pug", "saw"]
+    assert T.ClassAffinity.from_wordnet(classes, hierarchy).dfs_position.tolist() == [walk.index(w) for w in wnids]
 
 
 def test_imagenet_affinity_is_the_depth_of_the_deepest_common_ancestor(shared_data):
@@ -312,3 +316,25 @@ def test_imagenet_affinity_is_the_depth_of_the_deepest_common_ancestor(shared_da
     pairs = [(int(i), int(j)) for i, j in rng.integers(0, 1000, (3000, 2))] + [(i, i) for i in range(1000)]
     assert all(affinity.matrix[i, j] == lca_affinity(classes, hierarchy, i, j)
                for i, j in pairs if (i, j) not in same_lemma)
+
+
+def test_task_summary_counts_what_grouping_the_questions_counts():
+    rng = np.random.default_rng(3)
+    images = [rng.choice(12, int(rng.integers(1, 12)), replace=False) for _ in range(30)]
+    proposals = pd.DataFrame({"file_name": np.repeat([f"i{n:02d}" for n in range(30)][::-1], [len(x) for x in images]),
+                              "label": np.concatenate(images)})
+    for max_labels in (2, 3, 8):
+        built = T.build_tasks(proposals, max_labels=max_labels, affinity=toy_affinity())
+        q = built.questions
+        per_task = q.groupby("task_id").size()
+        summary = T.summarize_tasks(built)
+        assert summary == {
+            "images_with_proposals": 30, "images_skipped_all_top1_agree": 0,
+            "images_to_relabel": q["file_name"].nunique(), "tasks": len(per_task), "questions": len(q),
+            "proposals_per_image": round(len(q) / q["file_name"].nunique(), 3),
+            "labels_per_task": round(float(per_task.mean()), 3),
+            "images_split_into_several_tasks": int((q.groupby("file_name")["task_id"].nunique() > 1).sum()),
+            "max_labels_per_task": max_labels}
+        assert summary["images_split_into_several_tasks"] > 0
+    empty = T.build_tasks(proposals.iloc[:0], affinity=toy_affinity())
+    assert T.summarize_tasks(empty)["tasks"] == T.summarize_tasks(empty)["images_to_relabel"] == 0
