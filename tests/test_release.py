@@ -243,3 +243,14 @@ def test_an_incomplete_set_of_score_shards_is_refused(tmp_path):
     (tmp_path / "label_sets" / "scores" / "scores-00001-of-00003.parquet").unlink()
     with pytest.raises(StageError, match="not a complete set of score shards"):
         stage.score_shards(artifacts["label_sets"])
+
+
+def test_score_lists_are_each_images_scores_by_label_in_row_order_for_ties():
+    rng = np.random.default_rng(5)
+    scores = pd.DataFrame({"file_name": [f"im{i}.JPEG" for i in rng.integers(0, 30, 400)],
+                           "label": rng.integers(0, 12, 400), "score": rng.random(400)})
+    ordered = scores.sort_values(["file_name", "label"], kind="stable")  # ties (a question twice): row order
+    expected = {name: (group["label"].tolist(), group["score"].tolist())
+                for name, group in ordered.groupby("file_name", sort=True)}
+    assert release.score_lists(scores) == expected
+    assert release.score_lists(release.NO_SCORES) == {}
