@@ -254,3 +254,23 @@ def test_score_lists_are_each_images_scores_by_label_in_row_order_for_ties():
                 for name, group in ordered.groupby("file_name", sort=True)}
     assert release.score_lists(scores) == expected
     assert release.score_lists(release.NO_SCORES) == {}
+
+
+def test_cyclic_gc_is_paused_inside_the_block_and_restored_after_it_even_on_error():
+    import gc
+
+    from pipelines.stages.base import cyclic_gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
