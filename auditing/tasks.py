@@ -307,14 +307,20 @@ def build_tasks(proposals: pd.DataFrame, original_labels: pd.DataFrame | None = 
     keep = images_to_relabel(proposals, original_labels, top1)
     pairs = proposals.loc[proposals["file_name"].astype(str).isin(keep), ["file_name", "label"]]
     pairs = pairs.astype({"file_name": str, "label": np.int64}).drop_duplicates()
-    questions = _grouped_questions(pairs, affinity, max_labels)
+    questions, file_order = _grouped_questions(pairs, affinity, max_labels)
     n_images = int(proposals["file_name"].nunique())
-    return TaskSet(questions, n_images, n_images - len(keep), max_labels)
+    built = TaskSet(questions, n_images, n_images - len(keep), max_labels)
+    # The grouping knows the file order of its rows: in_file_order's cache, primed (a
+    # TaskSet made by dataclasses.replace sorts its own questions).
+    built.__dict__["in_file_order"] = _in_file_order(questions, file_order)
+    return built
 
 
-def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels: int) -> pd.DataFrame:
+def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity,
+                       max_labels: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Questions (``QUESTION_COLUMNS``) of distinct (file_name, label) ``pairs``: images in
-    file-name order, each image's tasks as ``split_labels`` orders them.
+    file-name order, each image's tasks as ``split_labels`` orders them; and the rows
+    in task-file order (``_sort_into_file_order``'s).
 
     Vectorised: an image with <= ``max_labels`` labels is one task in depth-first
     order (a sort); larger images are clustered together, all images with the same
@@ -322,7 +328,8 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
     """
     if not len(pairs):  # every image skipped: no task
         return pd.DataFrame({"task_id": pd.Series(dtype=object), "file_name": pd.Series(dtype=object),
-                             "label": pd.Series(dtype=np.int64), "position": pd.Series(dtype=np.int64)})
+                             "label": pd.Series(dtype=np.int64), "position": pd.Series(dtype=np.int64)}), \
+            np.zeros(0, np.int64)
     # Images by their rank in file-name order: integer keys sort and compare faster
     # than the names.
     image, names = pd.factorize(pairs["file_name"].to_numpy(dtype=object), sort=True)
@@ -344,9 +351,14 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
     image, labels, task, position = image[order], labels[order], task[order], position[order]
     new_task = np.r_[True, (task[1:] != task[:-1]) | (image[1:] != image[:-1])]
     bounds = np.r_[np.flatnonzero(new_task), len(labels)]
-    return pd.DataFrame({"task_id": np.repeat(np.asarray(_task_ids(names[image[bounds[:-1]]], labels, bounds),
-                                                         dtype=object), np.diff(bounds)),
-                         "file_name": names[image], "label": labels, "position": position})
+    ids = np.asarray(_task_ids(names[image[bounds[:-1]]], labels, bounds), dtype=object)
+    questions = pd.DataFrame({"task_id": np.repeat(ids, np.diff(bounds)),
+                              "file_name": names[image], "label": labels, "position": position})
+    # File order: the tasks by image (names in order), then task id; a task's rows by position, as here.
+    by_id = np.lexsort((ids.astype(str), image[bounds[:-1]]))
+    sizes = np.diff(bounds)[by_id]
+    file_order = np.repeat(bounds[:-1][by_id] - (np.cumsum(sizes) - sizes), sizes) + np.arange(len(labels))
+    return questions, file_order
 
 
 def _task_ids(file_names: np.ndarray, labels: np.ndarray, bounds: np.ndarray) -> list[str]:
@@ -415,7 +427,13 @@ def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
 def _sort_into_file_order(questions: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """Questions in task-file order (file_name, task_id, position) and the row where
     each task starts (plus the end): the order of ``task_records``."""
-    q = questions.sort_values(["file_name", "task_id", "position"], kind="stable")
+    return _in_file_order(questions, None)
+
+
+def _in_file_order(questions: pd.DataFrame, order: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """``_sort_into_file_order`` with the sorting permutation ``order`` if known."""
+    q = (questions.sort_values(["file_name", "task_id", "position"], kind="stable") if order is None
+         else questions.take(order))
     file_names, ids = q["file_name"].to_numpy(dtype=object), q["task_id"].to_numpy(dtype=object)
     if not len(q):
         return q, np.zeros(1, np.int64)  # no task: no start, one end

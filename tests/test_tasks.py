@@ -336,5 +336,9 @@ def test_task_summary_counts_what_grouping_the_questions_counts():
             "images_split_into_several_tasks": int((q.groupby("file_name")["task_id"].nunique() > 1).sum()),
             "max_labels_per_task": max_labels}
         assert summary["images_split_into_several_tasks"] > 0
+        # The file order build_tasks knows is the one sorting the questions gives.
+        (known, known_bounds), (sorted_q, sorted_bounds) = built.in_file_order, T._sort_into_file_order(q)
+        assert known.equals(sorted_q) and known.index.equals(sorted_q.index)
+        assert known_bounds.tolist() == sorted_bounds.tolist()
     empty = T.build_tasks(proposals.iloc[:0], affinity=toy_affinity())
     assert T.summarize_tasks(empty)["tasks"] == T.summarize_tasks(empty)["images_to_relabel"] == 0

@@ -73,7 +73,8 @@ class TasksStage(Stage):
 
             proposals = reaudit.unasked(proposals, reaudit.asked_pairs(
                 release_lib.read_release(ctx.previous_release)))
-        built = tasks_lib.build_tasks(proposals, original_labels=original_labels(inputs["dataset"]),
+        # The original labels only serve to compare with models' top-1s.
+        built = tasks_lib.build_tasks(proposals, original_labels=original_labels(inputs["dataset"]) if top1 else None,
                                       top1=top1, max_labels=cfg.max_labels)
         if cfg.examples:
             # Each label with its name, gloss and an example image of its class.
