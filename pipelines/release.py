@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import os
 import re
 import shutil
@@ -154,24 +155,31 @@ _float64_value = struct.Struct("=BBd").pack
 def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample:
     """The release record of a row without an image, byte for byte what TFDS's
     ``encode_example`` + deterministic serialization of ``release_features`` give."""
-    labels = [row["original_label"], *row["real_label"], *row["score_labels"]]
+    return _serialize_record(row["file_name"], row["original_label"], row["real_label"], row["score_labels"],
+                             row["scores"], row.get("awaiting_votes"), num_classes)
+
+
+def _serialize_record(file_name: str, original_label: int, real_label: list[int], score_labels: list[int],
+                      scores: list[float], awaiting_votes: bool | None, num_classes: int) -> SerializedExample:
+    """``serialize_row`` of a row's cells (``awaiting_votes`` None: no such feature)."""
+    labels = [original_label, *real_label, *score_labels]
     if min(labels) < 0 or max(labels) >= num_classes:
         bad = next(v for v in labels if not 0 <= v < num_classes)
-        raise ValueError(f"{row['file_name']}: label {bad} outside [0, {num_classes})")
-    if len(row["score_labels"]) != len(row["scores"]):
-        raise ValueError(f"{row['file_name']}: {len(row['score_labels'])} score labels, {len(row['scores'])} scores")
+        raise ValueError(f"{file_name}: label {bad} outside [0, {num_classes})")
+    if len(score_labels) != len(scores):
+        raise ValueError(f"{file_name}: {len(score_labels)} score labels, {len(scores)} scores")
     varints = _label_varints(num_classes)
-    scores = b"".join([_float64_value(0x0A, 8, score) for score in row["scores"]])
-    file_name = _length_delimited(b"\x0a", row["file_name"].encode())  # BytesList.value
+    score_bytes = b"".join([_float64_value(0x0A, 8, score) for score in scores])
+    name = _length_delimited(b"\x0a", file_name.encode())  # BytesList.value
     entries = [  # in key order
-        _feature_entry("file_name", _length_delimited(b"\x0a", file_name)),
-        _feature_entry("label_scores/label", _int64_feature(row["score_labels"], varints)),
-        _feature_entry("label_scores/score", _length_delimited(b"\x0a", scores)),
-        _feature_entry("original_label", _int64_feature([row["original_label"]], varints)),
-        _feature_entry("real_label", _int64_feature(row["real_label"], varints)),
+        _feature_entry("file_name", _length_delimited(b"\x0a", name)),
+        _feature_entry("label_scores/label", _int64_feature(score_labels, varints)),
+        _feature_entry("label_scores/score", _length_delimited(b"\x0a", score_bytes)),
+        _feature_entry("original_label", _int64_feature([original_label], varints)),
+        _feature_entry("real_label", _int64_feature(real_label, varints)),
     ]
-    if "awaiting_votes" in row:
-        entries.insert(0, _feature_entry("awaiting_votes", _int64_feature([int(bool(row["awaiting_votes"]))], _VARINTS)))
+    if awaiting_votes is not None:
+        entries.insert(0, _feature_entry("awaiting_votes", _int64_feature([int(bool(awaiting_votes))], _VARINTS)))
     return SerializedExample(_length_delimited(b"\x0a", b"".join(entries)))  # Example.features
 
 
@@ -308,16 +316,28 @@ def _plain(values: list) -> list:
     return [v.tolist() if isinstance(v, ndarray) else v for v in values]
 
 
+def _columns(table: pd.DataFrame) -> dict[str, list]:
+    """The table's columns as lists of plain values."""
+    return {c: _plain(table[c].tolist()) if table[c].dtype == object else table[c].tolist() for c in table.columns}
+
+
 def _rows(table: pd.DataFrame):
     """The table's rows as dicts of plain values (``DataFrame.to_dict("records")`` costs
     ~14 us a row; zipping the columns' lists a tenth of that)."""
-    columns = list(table.columns)
-    values = [_plain(table[c].tolist()) if table[c].dtype == object else table[c].tolist() for c in columns]
-    return (dict(zip(columns, row)) for row in zip(*values))
+    columns = _columns(table)
+    return (dict(zip(columns, row)) for row in zip(*columns.values()))
 
 
 def _table_examples(table: pd.DataFrame, num_classes: int):
-    return (_to_example(row, num_classes) for row in _rows(table))
+    if "image_path" in table.columns:
+        return (_to_example(row, num_classes) for row in _rows(table))
+    # No images: each record serialized from its cells, without a dict per row.
+    columns = _columns(table)
+    awaiting = columns.get("awaiting_votes", itertools.repeat(None))
+    return ((name, _serialize_record(name, original, real, labels, scores, flag, num_classes))
+            for name, original, real, labels, scores, flag in zip(
+                columns["file_name"], columns["original_label"], columns["real_label"], columns["score_labels"],
+                columns["scores"], awaiting))
 
 
 def _write_row_chunks(table: pd.DataFrame, folder: str) -> list[str]:
