@@ -104,17 +104,25 @@ class ClassAffinity:
 
     @classmethod
     def from_wordnet(cls, classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> ClassAffinity:
-        with_self = [hierarchy.ancestors(w) | {w} for w in classes.wnids]
-        nodes = sorted(set().union(*with_self))
-        column = {n: j for j, n in enumerate(nodes)}
-        member = np.zeros((len(classes.wnids), len(nodes)), np.float32)
-        for i, ancestors in enumerate(with_self):
-            member[i, [column[a] for a in ancestors]] = 1
-        depth = np.array([hierarchy.depth(n) for n in nodes])
-        matrix = np.zeros((len(classes.wnids),) * 2, np.int64)
-        for d in np.unique(depth):  # deepest common ancestor = the largest depth shared
-            at_d = member[:, depth == d]
-            matrix[at_d @ at_d.T > 0] = d  # depths ascend: the deepest shared one is written last
+        # Each common ancestor (a class counting as its own) writes its depth over the
+        # block of the classes at or under it, in ascending depth, so the deepest one a
+        # pair shares is written last. Ancestors over the same classes write the same
+        # block: only the deepest of them. A class is its own deepest ancestor (depth
+        # = longest path), so the diagonal is its depth.
+        under: dict[str, list[int]] = {}
+        for i, wnid in enumerate(classes.wnids):
+            for ancestor in hierarchy.ancestors(wnid) | {wnid}:
+                under.setdefault(ancestor, []).append(i)
+        deepest: dict[tuple[int, ...], int] = {}
+        for ancestor, members in under.items():
+            if len(members) > 1:
+                block = tuple(members)
+                deepest[block] = max(deepest.get(block, 0), hierarchy.depth(ancestor))
+        n = len(classes.wnids)
+        matrix = np.zeros((n, n), np.int64)
+        for block, depth in sorted(deepest.items(), key=lambda item: item[1]):
+            matrix[np.ix_(block, block)] = depth
+        matrix[np.arange(n), np.arange(n)] = [hierarchy.depth(w) for w in classes.wnids]
         name_affinity = int(matrix.max())
         for i, j in _classes_sharing_a_lemma(classes):
             matrix[i, j] = matrix[j, i] = max(matrix[i, j], name_affinity)
@@ -125,6 +133,12 @@ def _dfs_positions(classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> np.
     index = {w: i for i, w in enumerate(classes.wnids)}
     nodes = {w for w in classes.wnids} | set().union(*(hierarchy.ancestors(w) for w in classes.wnids))
     roots = sorted(n for n in nodes if not hierarchy.parents(n))
+    # The walk stays among ``nodes``, which hold every parent of their members: their
+    # children there come from their parents, without the whole hierarchy's child lists.
+    children: dict[str, set[str]] = {}
+    for node in nodes:
+        for parent in hierarchy.parents(node):
+            children.setdefault(parent, set()).add(node)
     position = np.full(len(classes.wnids), -1, np.int64)
     seen: set[str] = set()
     stack = roots[::-1]
@@ -137,7 +151,7 @@ def _dfs_positions(classes: ImageNetClasses, hierarchy: WordNetHierarchy) -> np.
         if node in index and position[index[node]] < 0:
             position[index[node]] = rank
             rank += 1
-        stack.extend(sorted((c for c in hierarchy.children(node) if c in nodes), reverse=True))
+        stack.extend(sorted(children.get(node, ()), reverse=True))
     missing = position < 0
     position[missing] = rank + np.arange(missing.sum())  # not in the hierarchy: last
     return position
@@ -293,14 +307,20 @@ def build_tasks(proposals: pd.DataFrame, original_labels: pd.DataFrame | None = 
     keep = images_to_relabel(proposals, original_labels, top1)
     pairs = proposals.loc[proposals["file_name"].astype(str).isin(keep), ["file_name", "label"]]
     pairs = pairs.astype({"file_name": str, "label": np.int64}).drop_duplicates()
-    questions = _grouped_questions(pairs, affinity, max_labels)
+    questions, file_order = _grouped_questions(pairs, affinity, max_labels)
     n_images = int(proposals["file_name"].nunique())
-    return TaskSet(questions, n_images, n_images - len(keep), max_labels)
+    built = TaskSet(questions, n_images, n_images - len(keep), max_labels)
+    # The grouping knows the file order of its rows: in_file_order's cache, primed (a
+    # TaskSet made by dataclasses.replace sorts its own questions).
+    built.__dict__["in_file_order"] = _in_file_order(questions, file_order)
+    return built
 
 
-def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels: int) -> pd.DataFrame:
+def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity,
+                       max_labels: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Questions (``QUESTION_COLUMNS``) of distinct (file_name, label) ``pairs``: images in
-    file-name order, each image's tasks as ``split_labels`` orders them.
+    file-name order, each image's tasks as ``split_labels`` orders them; and the rows
+    in task-file order (``_sort_into_file_order``'s).
 
     Vectorised: an image with <= ``max_labels`` labels is one task in depth-first
     order (a sort); larger images are clustered together, all images with the same
@@ -308,14 +328,18 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
     """
     if not len(pairs):  # every image skipped: no task
         return pd.DataFrame({"task_id": pd.Series(dtype=object), "file_name": pd.Series(dtype=object),
-                             "label": pd.Series(dtype=np.int64), "position": pd.Series(dtype=np.int64)})
-    frame = pairs.assign(dfs=affinity.dfs_position[pairs["label"].to_numpy()])
-    frame = frame.sort_values(["file_name", "dfs"], kind="stable").reset_index(drop=True)
-    file_names, labels = frame["file_name"].to_numpy(dtype=object), frame["label"].to_numpy(np.int64)
-    starts = np.flatnonzero(np.r_[True, file_names[1:] != file_names[:-1]])
-    counts = np.diff(np.r_[starts, len(frame)])
-    task = np.zeros(len(frame), np.int64)  # task number within the image
-    position = np.arange(len(frame)) - np.repeat(starts, counts)
+                             "label": pd.Series(dtype=np.int64), "position": pd.Series(dtype=np.int64)}), \
+            np.zeros(0, np.int64)
+    # Images by their rank in file-name order: integer keys sort and compare faster
+    # than the names.
+    image, names = pd.factorize(pairs["file_name"].to_numpy(dtype=object), sort=True)
+    labels = pairs["label"].to_numpy(np.int64)
+    by_image = np.lexsort((affinity.dfs_position[labels], image))  # stable, as the depth-first sort per image
+    image, labels = image[by_image], labels[by_image]
+    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])
+    counts = np.diff(np.r_[starts, len(labels)])
+    task = np.zeros(len(labels), np.int64)  # task number within the image
+    position = np.arange(len(labels)) - np.repeat(starts, counts)
     for k in np.unique(counts[counts > max_labels]):
         rows = starts[counts == k][:, None] + np.arange(k)  # (images with k labels, k)
         owner = cluster_labels(labels[rows], affinity, max_labels)
@@ -323,31 +347,47 @@ def _grouped_questions(pairs: pd.DataFrame, affinity: ClassAffinity, max_labels:
         task[rows] = np.take_along_axis(np.cumsum(heads, axis=1) - 1, owner, axis=1)
         earlier = np.tril(np.ones((k, k), dtype=bool), -1)  # column q before column p
         position[rows] = ((owner[:, :, None] == owner[:, None, :]) & earlier).sum(axis=2)
-    order = np.lexsort((position, task, np.repeat(np.arange(len(starts)), counts)))
-    file_names, labels, task, position = file_names[order], labels[order], task[order], position[order]
-    # Task id: sha256 of "<file_name>\t<sorted labels>", one string per task.
-    new_task = np.r_[True, (task[1:] != task[:-1]) | (file_names[1:] != file_names[:-1])]
+    order = np.lexsort((position, task, image))
+    image, labels, task, position = image[order], labels[order], task[order], position[order]
+    new_task = np.r_[True, (task[1:] != task[:-1]) | (image[1:] != image[:-1])]
     bounds = np.r_[np.flatnonzero(new_task), len(labels)]
-    label_list = labels.tolist()
-    ids = [task_id(file_names[b], label_list[b:e]) for b, e in zip(bounds[:-1], bounds[1:])]
-    return pd.DataFrame({"task_id": np.repeat(np.asarray(ids, dtype=object), np.diff(bounds)),
-                         "file_name": file_names, "label": labels, "position": position})
+    ids = np.asarray(_task_ids(names[image[bounds[:-1]]], labels, bounds), dtype=object)
+    questions = pd.DataFrame({"task_id": np.repeat(ids, np.diff(bounds)),
+                              "file_name": names[image], "label": labels, "position": position})
+    # File order: the tasks by image (names in order), then task id; a task's rows by position, as here.
+    by_id = np.lexsort((ids.astype(str), image[bounds[:-1]]))
+    sizes = np.diff(bounds)[by_id]
+    file_order = np.repeat(bounds[:-1][by_id] - (np.cumsum(sizes) - sizes), sizes) + np.arange(len(labels))
+    return questions, file_order
+
+
+def _task_ids(file_names: np.ndarray, labels: np.ndarray, bounds: np.ndarray) -> list[str]:
+    """``task_id`` of each task: ``file_names[t]`` and ``labels[bounds[t]:bounds[t + 1]]``,
+    with each task's labels sorted in one lexsort and each class's text made once."""
+    task = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    label_text = [str(label) for label in range(int(labels.max(initial=0)) + 1)]  # labels are >= 0 (build_tasks)
+    texts = [label_text[l] for l in labels[np.lexsort((labels, task))].tolist()]
+    sha256 = hashlib.sha256
+    return [sha256(f"{name}\t{','.join(texts[b:e])}".encode()).hexdigest()[:16]
+            for name, b, e in zip(file_names.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
 def summarize_tasks(tasks: TaskSet) -> dict[str, Any]:
     """Counts for reports: images kept and skipped, tasks, proposals per image and task."""
-    q = tasks.questions
-    images = int(q["file_name"].nunique())
-    per_task = q.groupby("task_id").size()
+    q, bounds = tasks.in_file_order  # images in name order, a task's rows together
+    names = q["file_name"].to_numpy(dtype=object)
+    image_of_row = np.cumsum(np.r_[True, names[1:] != names[:-1]]) - 1 if len(q) else np.zeros(0, np.int64)
+    tasks_per_image = np.bincount(image_of_row[bounds[:-1]])
+    images, num_tasks = len(tasks_per_image), len(bounds) - 1  # a task id digests its image: one image each
     return {
         "images_with_proposals": tasks.images_with_proposals,
         "images_skipped_all_top1_agree": tasks.images_skipped,
         "images_to_relabel": images,
-        "tasks": int(len(per_task)),
+        "tasks": num_tasks,
         "questions": int(len(q)),
         "proposals_per_image": round(len(q) / max(images, 1), 3),
-        "labels_per_task": round(float(per_task.mean()), 3) if len(per_task) else 0.0,
-        "images_split_into_several_tasks": int((q.groupby("file_name")["task_id"].nunique() > 1).sum()),
+        "labels_per_task": round(len(q) / num_tasks, 3) if num_tasks else 0.0,
+        "images_split_into_several_tasks": int(np.count_nonzero(tasks_per_image > 1)),
         "max_labels_per_task": tasks.max_labels,
     }
 
@@ -387,7 +427,13 @@ def task_records(tasks: TaskSet, image_uri_template: str = "{file_name}",
 def _sort_into_file_order(questions: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """Questions in task-file order (file_name, task_id, position) and the row where
     each task starts (plus the end): the order of ``task_records``."""
-    q = questions.sort_values(["file_name", "task_id", "position"], kind="stable")
+    return _in_file_order(questions, None)
+
+
+def _in_file_order(questions: pd.DataFrame, order: np.ndarray | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """``_sort_into_file_order`` with the sorting permutation ``order`` if known."""
+    q = (questions.sort_values(["file_name", "task_id", "position"], kind="stable") if order is None
+         else questions.take(order))
     file_names, ids = q["file_name"].to_numpy(dtype=object), q["task_id"].to_numpy(dtype=object)
     if not len(q):
         return q, np.zeros(1, np.int64)  # no task: no start, one end

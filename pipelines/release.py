@@ -22,7 +22,9 @@ picks ``local`` for small tables on the in-process direct runner (see ``choose_w
 """
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import os
 import re
 import shutil
@@ -41,7 +43,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import writer as tfds_writer
-from tensorflow_datasets.proto import tf_example_pb2
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from auditing.errors import InputError
@@ -99,33 +100,87 @@ example_serializer.ExampleSerializer.serialize_example = _serialize_example_dete
 tfds.features.FeaturesDict.encode_example = _encode_unless_serialized
 
 
-# TFDS's Encoding.BYTES of a float64 scalar: its 8 bytes in native order.
-_float64_bytes = struct.Struct("=d").pack
+# The tf.train.Example of a release record, in protobuf's wire format: deterministic
+# serialization writes the map of features in key order, each entry as its key (field
+# 1) and its Feature (field 2); a Feature holds a BytesList (field 1) or an Int64List
+# (field 3, its values packed as varints). Built from bytes here because the message
+# API costs ~20 Python calls a record; the test of serialize_row checks the bytes
+# against TFDS's encode_example + protobuf's own deterministic serialization.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_VARINTS = [_varint(n) for n in range(1 << 14)]  # lengths: one lookup
+
+
+@functools.lru_cache(maxsize=4)
+def _label_varints(num_classes: int) -> list[bytes]:
+    return [_varint(n) for n in range(num_classes)]
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    try:
+        return tag + _VARINTS[len(payload)] + payload
+    except IndexError:
+        return tag + _varint(len(payload)) + payload
+
+
+# Each feature's map entry opens with its key (MapEntry.key, field 1).
+_KEYS = {key: _length_delimited(b"\x0a", key.encode()) for key in (
+    "awaiting_votes", "file_name", "label_scores/label", "label_scores/score", "original_label", "real_label")}
+
+
+def _feature_entry(key: str, feature: bytes) -> bytes:
+    """Features.feature's entry (field 1): the key, then the Feature (MapEntry.value, field 2)."""
+    return _length_delimited(b"\x0a", _KEYS[key] + _length_delimited(b"\x12", feature))
+
+
+def _int64_feature(values: list[int], varints: list[bytes]) -> bytes:
+    """Feature{int64_list} (field 3) of values in [0, len(varints)): an empty list is a
+    present, empty Int64List, as TFDS writes it."""
+    packed = b"".join([varints[v] for v in values])
+    return _length_delimited(b"\x1a", _length_delimited(b"\x0a", packed) if packed else b"")
+
+
+# TFDS's Encoding.BYTES of a float64 scalar: its 8 bytes in native order, each one
+# BytesList value (field 1, length 8).
+_float64_value = struct.Struct("=BBd").pack
 
 
 def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample:
     """The release record of a row without an image, byte for byte what TFDS's
     ``encode_example`` + deterministic serialization of ``release_features`` give."""
-    labels = [row["original_label"], *row["real_label"], *row["score_labels"]]
+    return _serialize_record(row["file_name"], row["original_label"], row["real_label"], row["score_labels"],
+                             row["scores"], row.get("awaiting_votes"), num_classes)
+
+
+def _serialize_record(file_name: str, original_label: int, real_label: list[int], score_labels: list[int],
+                      scores: list[float], awaiting_votes: bool | None, num_classes: int) -> SerializedExample:
+    """``serialize_row`` of a row's cells (``awaiting_votes`` None: no such feature)."""
+    labels = [original_label, *real_label, *score_labels]
     if min(labels) < 0 or max(labels) >= num_classes:
         bad = next(v for v in labels if not 0 <= v < num_classes)
-        raise ValueError(f"{row['file_name']}: label {bad} outside [0, {num_classes})")
-    if len(row["score_labels"]) != len(row["scores"]):
-        raise ValueError(f"{row['file_name']}: {len(row['score_labels'])} score labels, {len(row['scores'])} scores")
-    example = tf_example_pb2.Example()
-    feature = example.features.feature
-    feature["file_name"].bytes_list.value.append(row["file_name"].encode())
-    feature["original_label"].int64_list.value.append(row["original_label"])
-    # SetInParent: an empty list is still a present (empty) feature, as TFDS writes it.
-    feature["real_label"].int64_list.SetInParent()
-    feature["real_label"].int64_list.value.extend(row["real_label"])
-    feature["label_scores/label"].int64_list.SetInParent()
-    feature["label_scores/label"].int64_list.value.extend(row["score_labels"])
-    feature["label_scores/score"].bytes_list.SetInParent()
-    feature["label_scores/score"].bytes_list.value.extend(map(_float64_bytes, row["scores"]))
-    if "awaiting_votes" in row:
-        feature["awaiting_votes"].int64_list.value.append(int(bool(row["awaiting_votes"])))
-    return SerializedExample(example.SerializeToString(deterministic=True))
+        raise ValueError(f"{file_name}: label {bad} outside [0, {num_classes})")
+    if len(score_labels) != len(scores):
+        raise ValueError(f"{file_name}: {len(score_labels)} score labels, {len(scores)} scores")
+    varints = _label_varints(num_classes)
+    score_bytes = b"".join([_float64_value(0x0A, 8, score) for score in scores])
+    name = _length_delimited(b"\x0a", file_name.encode())  # BytesList.value
+    entries = [  # in key order
+        _feature_entry("file_name", _length_delimited(b"\x0a", name)),
+        _feature_entry("label_scores/label", _int64_feature(score_labels, varints)),
+        _feature_entry("label_scores/score", _length_delimited(b"\x0a", score_bytes)),
+        _feature_entry("original_label", _int64_feature([original_label], varints)),
+        _feature_entry("real_label", _int64_feature(real_label, varints)),
+    ]
+    if awaiting_votes is not None:
+        entries.insert(0, _feature_entry("awaiting_votes", _int64_feature([int(bool(awaiting_votes))], _VARINTS)))
+    return SerializedExample(_length_delimited(b"\x0a", b"".join(entries)))  # Example.features
 
 
 class ReleaseExistsError(InputError, FileExistsError):
@@ -182,15 +237,18 @@ def image_table(file_names: list[str], original_labels: np.ndarray,
 def score_lists(scores: pd.DataFrame) -> dict[str, tuple[list[int], list[float]]]:
     """file_name -> (labels, scores) of its rated questions, by label, from one row per
     rated question (file_name, label, score)."""
-    ordered = scores.sort_values(["file_name", "label"], kind="stable")
-    # One cut of the sorted columns at the image boundaries (not a groupby per image:
-    # 50,000 small groups cost seconds).
-    names = ordered["file_name"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(names)].tolist()
-    labels = ordered["label"].to_numpy(np.int64).tolist()
-    values = ordered["score"].to_numpy(np.float64).tolist()
-    return {name: (labels[a:b], values[a:b]) for name, a, b in zip(names[starts].tolist(), starts.tolist(), ends)}
+    # Images by first appearance (hashing the names, not sorting them), each one's rows
+    # by label (a stable sort: the order sorting by file name and label gives an image).
+    # Then one cut of the sorted columns at the image boundaries (not a groupby per
+    # image: 50,000 small groups cost seconds).
+    image, names = pd.factorize(scores["file_name"].to_numpy(dtype=object), use_na_sentinel=False)
+    order = np.lexsort((scores["label"].to_numpy(np.int64), image))
+    image = image[order]
+    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]]) if len(image) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(image)].tolist()
+    labels = scores["label"].to_numpy(np.int64)[order].tolist()
+    values = scores["score"].to_numpy(np.float64)[order].tolist()
+    return {name: (labels[a:b], values[a:b]) for name, a, b in zip(names[image[starts]].tolist(), starts.tolist(), ends)}
 
 
 # The scores of an audit without rated questions.
@@ -252,22 +310,34 @@ def _to_example(row: dict[str, Any], num_classes: int) -> tuple[str, Any]:
     }
 
 
-def _plain(value: Any) -> Any:
-    """A cell as plain Python (parquet gives list cells back as arrays)."""
-    return value.tolist() if isinstance(value, np.ndarray) else value
+def _plain(values: list) -> list:
+    """A column's cells as plain Python (parquet gives list cells back as arrays)."""
+    ndarray = np.ndarray
+    return [v.tolist() if isinstance(v, ndarray) else v for v in values]
+
+
+def _columns(table: pd.DataFrame) -> dict[str, list]:
+    """The table's columns as lists of plain values."""
+    return {c: _plain(table[c].tolist()) if table[c].dtype == object else table[c].tolist() for c in table.columns}
 
 
 def _rows(table: pd.DataFrame):
     """The table's rows as dicts of plain values (``DataFrame.to_dict("records")`` costs
     ~14 us a row; zipping the columns' lists a tenth of that)."""
-    columns = list(table.columns)
-    values = [[_plain(v) for v in table[c]] if table[c].dtype == object else table[c].tolist()
-              for c in columns]
-    return (dict(zip(columns, row)) for row in zip(*values))
+    columns = _columns(table)
+    return (dict(zip(columns, row)) for row in zip(*columns.values()))
 
 
 def _table_examples(table: pd.DataFrame, num_classes: int):
-    return (_to_example(row, num_classes) for row in _rows(table))
+    if "image_path" in table.columns:
+        return (_to_example(row, num_classes) for row in _rows(table))
+    # No images: each record serialized from its cells, without a dict per row.
+    columns = _columns(table)
+    awaiting = columns.get("awaiting_votes", itertools.repeat(None))
+    return ((name, _serialize_record(name, original, real, labels, scores, flag, num_classes))
+            for name, original, real, labels, scores, flag in zip(
+                columns["file_name"], columns["original_label"], columns["real_label"], columns["score_labels"],
+                columns["scores"], awaiting))
 
 
 def _write_row_chunks(table: pd.DataFrame, folder: str) -> list[str]:

@@ -72,7 +72,12 @@ def test_fast_record_serialization_gives_tfds_bytes():
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
     rows = _table().to_dict(orient="records") + [
         {"file_name": "ü.JPEG", "original_label": 999, "real_label": [0, 999], "score_labels": [0, 5, 999],
-         "scores": [1 / 3, 0.8000000000000002, 1e-300]}]
+         "scores": [1 / 3, 0.8000000000000002, 1e-300]},
+        # Lists past 127 bytes: multi-byte lengths; labels from 128 on: two-byte varints.
+        {"file_name": "x" * 200 + ".JPEG", "original_label": 128, "real_label": list(range(120, 180)),
+         "score_labels": list(range(0, 1000, 20)), "scores": [i / 7 for i in range(50)]},
+        {"file_name": "long.JPEG", "original_label": 0, "real_label": [],  # past the lengths' lookup table
+         "score_labels": [i % 1000 for i in range(2000)], "scores": [i / 3 for i in range(2000)]}]
     for row in rows:
         example = {"file_name": row["file_name"], "original_label": row["original_label"],
                    "real_label": row["real_label"],
@@ -80,7 +85,7 @@ def test_fast_record_serialization_gives_tfds_bytes():
         generic = serializer.get_tf_example(features.encode_example(example)).SerializeToString(deterministic=True)
         assert bytes(release.serialize_row(row, 1000)) == generic
     with pytest.raises(ValueError, match="ü.JPEG: label 999 outside"):
-        release.serialize_row(rows[-1], 999)
+        release.serialize_row(rows[-3], 999)
     # The awaiting-votes flag, for audits with proposals nobody has answered yet.
     flagged = release.release_features([f"c{i}" for i in range(1000)], with_awaiting=True)
     serializer = example_serializer.ExampleSerializer(flagged.get_serialized_info())
@@ -238,3 +243,34 @@ def test_an_incomplete_set_of_score_shards_is_refused(tmp_path):
     (tmp_path / "label_sets" / "scores" / "scores-00001-of-00003.parquet").unlink()
     with pytest.raises(StageError, match="not a complete set of score shards"):
         stage.score_shards(artifacts["label_sets"])
+
+
+def test_score_lists_are_each_images_scores_by_label_in_row_order_for_ties():
+    rng = np.random.default_rng(5)
+    scores = pd.DataFrame({"file_name": [f"im{i}.JPEG" for i in rng.integers(0, 30, 400)],
+                           "label": rng.integers(0, 12, 400), "score": rng.random(400)})
+    ordered = scores.sort_values(["file_name", "label"], kind="stable")  # ties (a question twice): row order
+    expected = {name: (group["label"].tolist(), group["score"].tolist())
+                for name, group in ordered.groupby("file_name", sort=True)}
+    assert release.score_lists(scores) == expected
+    assert release.score_lists(release.NO_SCORES) == {}
+
+
+def test_cyclic_gc_is_paused_inside_the_block_and_restored_after_it_even_on_error():
+    import gc
+
+    from pipelines.stages.base import cyclic_gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+            raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()

@@ -275,3 +275,70 @@ def test_lockstep_clustering_matches_the_per_image_one_with_many_ties():
             mine = built[built["file_name"] == f"i{n}"]
             assert [list(t["label"]) for _, t in mine.groupby("task_id", sort=False)] == expected, (trial, n)
             assert all(list(t["position"]) == list(range(len(t))) for _, t in mine.groupby("task_id"))
+
+
+def lca_affinity(classes, hierarchy, i: int, j: int) -> int:
+    """The affinity's definition, pair by pair: depth of the deepest common ancestor."""
+    common = hierarchy.lowest_common_ancestor(classes.wnids[i], classes.wnids[j])
+    return 0 if common is None else hierarchy.depth(common)
+
+
+def test_class_affinity_is_the_depth_of_the_deepest_common_ancestor_in_a_dag():
+    from auditing.imagenet import ImageNetClasses, WordNetHierarchy
+
+    # Two roots; "mixed" has parents on both sides (its longest path sets its depth);
+    # class "a" is an ancestor of class "a1"; "lone" is not in the hierarchy.
+    edges = [("root", "animal"), ("root", "thing"), ("animal", "dog"), ("thing", "tool"),
+             ("tool", "hammer"), ("dog", "mixed"), ("hammer", "mixed"), ("animal", "a"), ("a", "a1"),
+             ("other_root", "b"), ("dog", "pug"), ("dog", "husky"), ("tool", "saw")]
+    hierarchy = WordNetHierarchy(edges, {})
+    wnids = ["a", "a1", "b", "husky", "lone", "mixed", "pug", "saw"]
+    classes = ImageNetClasses(wnids=wnids, names=wnids, lemmas=[f"lemma {w}" for w in wnids],
+                              glosses=[""] * len(wnids))
+    matrix = T.ClassAffinity.from_wordnet(classes, hierarchy).matrix
+    expected = [[lca_affinity(classes, hierarchy, i, j) for j in range(len(wnids))] for i in range(len(wnids))]
+    assert matrix.tolist() == expected
+    assert matrix[wnids.index("mixed"), wnids.index("saw")] == 2  # via tool, the deeper shared side
+    # Depth-first from the roots in wnid order ("lone" is one), children in wnid order,
+    # each node once ("mixed" under dog, before hammer reaches it).
+    walk = ["lone", "b", "a", "a1", "husky", "mixed", "pug", "saw"]
+    assert T.ClassAffinity.from_wordnet(classes, hierarchy).dfs_position.tolist() == [walk.index(w) for w in wnids]
+
+
+def test_imagenet_affinity_is_the_depth_of_the_deepest_common_ancestor(shared_data):
+    from auditing.imagenet import load_classes, load_hierarchy
+
+    classes, hierarchy = load_classes(), load_hierarchy()
+    affinity = T.imagenet_affinity()
+    same_lemma = set(T._classes_sharing_a_lemma(classes))
+    assert affinity.matrix[SUNGLASS, SUNGLASSES] == affinity.matrix.max()  # a lemma shared up to a plural
+    rng = np.random.default_rng(0)
+    pairs = [(int(i), int(j)) for i, j in rng.integers(0, 1000, (3000, 2))] + [(i, i) for i in range(1000)]
+    assert all(affinity.matrix[i, j] == lca_affinity(classes, hierarchy, i, j)
+               for i, j in pairs if (i, j) not in same_lemma)
+
+
+def test_task_summary_counts_what_grouping_the_questions_counts():
+    rng = np.random.default_rng(3)
+    images = [rng.choice(12, int(rng.integers(1, 12)), replace=False) for _ in range(30)]
+    proposals = pd.DataFrame({"file_name": np.repeat([f"i{n:02d}" for n in range(30)][::-1], [len(x) for x in images]),
+                              "label": np.concatenate(images)})
+    for max_labels in (2, 3, 8):
+        built = T.build_tasks(proposals, max_labels=max_labels, affinity=toy_affinity())
+        q = built.questions
+        per_task = q.groupby("task_id").size()
+        summary = T.summarize_tasks(built)
+        assert summary == {
+            "images_with_proposals": 30, "images_skipped_all_top1_agree": 0,
+            "images_to_relabel": q["file_name"].nunique(), "tasks": len(per_task), "questions": len(q),
+            "proposals_per_image": round(len(q) / q["file_name"].nunique(), 3),
+            "labels_per_task": round(float(per_task.mean()), 3),
+            "images_split_into_several_tasks": int((q.groupby("file_name")["task_id"].nunique() > 1).sum()),
+            "max_labels_per_task": max_labels}
+        assert summary["images_split_into_several_tasks"] > 0
+        # The file order build_tasks knows is the one sorting the questions gives.
+        (known, known_bounds), (sorted_q, sorted_bounds) = built.in_file_order, T._sort_into_file_order(q)
+        assert known.equals(sorted_q) and known.index.equals(sorted_q.index)
+        assert known_bounds.tolist() == sorted_bounds.tolist()
+    empty = T.build_tasks(proposals.iloc[:0], affinity=toy_affinity())
+    assert T.summarize_tasks(empty)["tasks"] == T.summarize_tasks(empty)["images_to_relabel"] == 0

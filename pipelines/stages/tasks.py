@@ -17,7 +17,7 @@ import pandas as pd
 import logging
 
 from auditing import reaudit
-from pipelines.stages.base import Artifact, Context, Inputs, Stage
+from pipelines.stages.base import Artifact, Context, Inputs, Stage, cyclic_gc_paused
 from pipelines.stages.dataset import original_labels
 from pipelines.stages.predict import prediction_paths
 from pipelines.stages.propose import read_proposals
@@ -56,6 +56,11 @@ class TasksStage(Stage):
                 "asked_before": previous["content_key"] if previous else None}
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
+        # The WordNet hierarchy (75,000 edges) and the task texts are such objects.
+        with cyclic_gc_paused():
+            return self._compute(ctx, inputs, out)
+
+    def _compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         from auditing import tasks as tasks_lib
 
         cfg = ctx.config.stages.tasks
@@ -68,7 +73,8 @@ class TasksStage(Stage):
 
             proposals = reaudit.unasked(proposals, reaudit.asked_pairs(
                 release_lib.read_release(ctx.previous_release)))
-        built = tasks_lib.build_tasks(proposals, original_labels=original_labels(inputs["dataset"]),
+        # The original labels only serve to compare with models' top-1s.
+        built = tasks_lib.build_tasks(proposals, original_labels=original_labels(inputs["dataset"]) if top1 else None,
                                       top1=top1, max_labels=cfg.max_labels)
         if cfg.examples:
             # Each label with its name, gloss and an example image of its class.
