@@ -22,7 +22,6 @@ picks ``local`` for small tables on the in-process direct runner (see ``choose_w
 """
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import os
@@ -43,6 +42,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import writer as tfds_writer
+from tensorflow_datasets.proto import tf_example_pb2
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from auditing.errors import InputError
@@ -100,56 +100,8 @@ example_serializer.ExampleSerializer.serialize_example = _serialize_example_dete
 tfds.features.FeaturesDict.encode_example = _encode_unless_serialized
 
 
-# The tf.train.Example of a release record, in protobuf's wire format: deterministic
-# serialization writes the map of features in key order, each entry as its key (field
-# 1) and its Feature (field 2); a Feature holds a BytesList (field 1) or an Int64List
-# (field 3, its values packed as varints). Built from bytes here because the message
-# API costs ~20 Python calls a record; the test of serialize_row checks the bytes
-# against TFDS's encode_example + protobuf's own deterministic serialization.
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_VARINTS = [_varint(n) for n in range(1 << 14)]  # lengths: one lookup
-
-
-@functools.lru_cache(maxsize=4)
-def _label_varints(num_classes: int) -> list[bytes]:
-    return [_varint(n) for n in range(num_classes)]
-
-
-def _length_delimited(tag: bytes, payload: bytes) -> bytes:
-    try:
-        return tag + _VARINTS[len(payload)] + payload
-    except IndexError:
-        return tag + _varint(len(payload)) + payload
-
-
-# Each feature's map entry opens with its key (MapEntry.key, field 1).
-_KEYS = {key: _length_delimited(b"\x0a", key.encode()) for key in (
-    "awaiting_votes", "file_name", "label_scores/label", "label_scores/score", "original_label", "real_label")}
-
-
-def _feature_entry(key: str, feature: bytes) -> bytes:
-    """Features.feature's entry (field 1): the key, then the Feature (MapEntry.value, field 2)."""
-    return _length_delimited(b"\x0a", _KEYS[key] + _length_delimited(b"\x12", feature))
-
-
-def _int64_feature(values: list[int], varints: list[bytes]) -> bytes:
-    """Feature{int64_list} (field 3) of values in [0, len(varints)): an empty list is a
-    present, empty Int64List, as TFDS writes it."""
-    packed = b"".join([varints[v] for v in values])
-    return _length_delimited(b"\x1a", _length_delimited(b"\x0a", packed) if packed else b"")
-
-
-# TFDS's Encoding.BYTES of a float64 scalar: its 8 bytes in native order, each one
-# BytesList value (field 1, length 8).
-_float64_value = struct.Struct("=BBd").pack
+# TFDS's Encoding.BYTES of a float64 scalar: its 8 bytes in native order.
+_float64_bytes = struct.Struct("=d").pack
 
 
 def serialize_row(row: Mapping[str, Any], num_classes: int) -> SerializedExample:
@@ -168,19 +120,20 @@ def _serialize_record(file_name: str, original_label: int, real_label: list[int]
         raise ValueError(f"{file_name}: label {bad} outside [0, {num_classes})")
     if len(score_labels) != len(scores):
         raise ValueError(f"{file_name}: {len(score_labels)} score labels, {len(scores)} scores")
-    varints = _label_varints(num_classes)
-    score_bytes = b"".join([_float64_value(0x0A, 8, score) for score in scores])
-    name = _length_delimited(b"\x0a", file_name.encode())  # BytesList.value
-    entries = [  # in key order
-        _feature_entry("file_name", _length_delimited(b"\x0a", name)),
-        _feature_entry("label_scores/label", _int64_feature(score_labels, varints)),
-        _feature_entry("label_scores/score", _length_delimited(b"\x0a", score_bytes)),
-        _feature_entry("original_label", _int64_feature([original_label], varints)),
-        _feature_entry("real_label", _int64_feature(real_label, varints)),
-    ]
+    example = tf_example_pb2.Example()
+    feature = example.features.feature
+    feature["file_name"].bytes_list.value.append(file_name.encode())
+    feature["original_label"].int64_list.value.append(original_label)
+    # SetInParent: an empty list is still a present (empty) feature, as TFDS writes it.
+    feature["real_label"].int64_list.SetInParent()
+    feature["real_label"].int64_list.value.extend(real_label)
+    feature["label_scores/label"].int64_list.SetInParent()
+    feature["label_scores/label"].int64_list.value.extend(score_labels)
+    feature["label_scores/score"].bytes_list.SetInParent()
+    feature["label_scores/score"].bytes_list.value.extend(map(_float64_bytes, scores))
     if awaiting_votes is not None:
-        entries.insert(0, _feature_entry("awaiting_votes", _int64_feature([int(bool(awaiting_votes))], _VARINTS)))
-    return SerializedExample(_length_delimited(b"\x0a", b"".join(entries)))  # Example.features
+        feature["awaiting_votes"].int64_list.value.append(int(bool(awaiting_votes)))
+    return SerializedExample(example.SerializeToString(deterministic=True))
 
 
 class ReleaseExistsError(InputError, FileExistsError):
