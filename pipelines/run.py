@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,10 @@ def _execute(stages: list[Stage], ctx: Context, echo: Callable[..., Any]) -> Run
     computed: list[str] = []
     started = time.monotonic()
     for i, stage in enumerate(stages, start=1):
+        # What the process holds so far (imported modules, earlier artifacts) is long
+        # lived: frozen out of the collector, a full collection during a stage traverses
+        # only that stage's objects (~80 ms each once Beam is imported, otherwise).
+        gc.freeze()
         t0 = time.monotonic()
         echo(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
         inputs = {n: artifacts[n] for n in stage.consumes + stage.consumes_if_present if n in artifacts}
