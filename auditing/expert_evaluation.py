@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from auditing.aggregation import aggregate, label_sets
+from auditing.aggregation.methods import NEEDS_GOLD, FoldGold, validate_params
 from auditing.gold import Gold, PresenceRule
 
 PER_QUESTION_METHODS = frozenset({"gold-confusion", "majority-vote"})
@@ -116,14 +117,20 @@ def evaluate_k_fold(votes: pd.DataFrame, gold: Gold, *, method: str, original_la
         on_gold = set(gold.images)
         votes = votes.loc[votes["file_name"].isin(on_gold)]
         original_labels = original_labels.loc[original_labels["file_name"].isin(on_gold)]
+    # The gold's tasks made once and cut per fold: per fold, making them from the fold's
+    # gold (joins on file name and label) cost more than the fit itself.
+    prepared = (FoldGold.prepare(gold, original_labels, validate_params(method, params).original_label_rater)
+                if method in NEEDS_GOLD else None)
+    truth = gold.truth(rule)
     for number, images in enumerate(fold_images(gold, k, seed)):
         held_out = set(images)
         fold_votes = votes.loc[votes["file_name"].isin(held_out)] if per_question else votes
-        result = aggregate(fold_votes, method, threshold, original_labels=original_labels,
-                           gold=gold.subset(images, keep=False), **params)
+        fit_gold = {"gold_answers": prepared.without(held_out)} if prepared is not None \
+            else {"gold": gold.subset(images, keep=False)}
+        result = aggregate(fold_votes, method, threshold, original_labels=original_labels, **fit_gold, **params)
         scores = result.scores_.loc[result.scores_["file_name"].isin(held_out)]
         originals = original_labels.loc[original_labels["file_name"].isin(held_out)]
-        counts = _counts(label_sets(scores, originals, threshold), gold.subset(images).truth(rule))
+        counts = _counts(label_sets(scores, originals, threshold), truth.loc[truth["file_name"].isin(held_out)])
         fold = ExpertScores(kind=K_FOLD, description="", **counts)
         per_fold.append({"fold": number, "images": len(images), **counts, "precision": fold.precision,
                          "recall": fold.recall, "f1": fold.f1})

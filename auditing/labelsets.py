@@ -11,6 +11,7 @@ Formats:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -128,6 +129,12 @@ def read_real_json(path: os.PathLike | str, file_names: list[str] | None = None,
         file_names = imagenet_val_file_names(len(data))
     if len(file_names) != len(data):
         raise LabelFileError(f"{path}: {len(data)} label lists but {len(file_names)} file names")
+    # Checked in bulk (every entry a list, every label an int in range); only a file that
+    # fails it is walked entry by entry, for the first bad one.
+    if set(map(type, data)) <= {list}:
+        flat = list(itertools.chain.from_iterable(data))
+        if set(map(type, flat)) <= {int} and (not flat or (min(flat) >= 0 and max(flat) < num_classes)):
+            return dict(zip(file_names, map(frozenset, data)))
     sets = {}
     for row, (file_name, labels) in enumerate(zip(file_names, data)):
         if not isinstance(labels, list) or not all(isinstance(v, int) and 0 <= v < num_classes

@@ -53,8 +53,10 @@ class LabelSetArray:
     @classmethod
     def from_sets(cls, sets: Iterable[Collection[int]], num_classes: int) -> "LabelSetArray":
         """From one collection of class indices per image (duplicates are dropped)."""
-        sets = [list(s) for s in sets]
-        rows = np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets])
+        # Each set read twice (its size, its labels), never copied: ~10^5 sets per report.
+        sets = sets if isinstance(sets, (list, tuple)) else list(sets)
+        sizes = np.fromiter(map(len, sets), dtype=np.int64, count=len(sets))
+        rows = np.repeat(np.arange(len(sets), dtype=np.int64), sizes)
         labels = np.fromiter(itertools.chain.from_iterable(sets), dtype=np.int64, count=len(rows))
         bad = (labels < 0) | (labels >= num_classes)
         if bad.any():
@@ -260,6 +262,13 @@ def sets_from_mapping(file_names: Sequence[str], sets: Mapping[str, Collection[i
         raise LabelOutOfRange(e.image, e.label, num_classes, file_names[e.image]) from None
 
 
+def _sorted_members(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``np.isin(values, keys)`` for sorted unique ``keys`` (a ``LabelSetArray``'s
+    ``rows * num_classes + indices``): a binary search each, no sort of both."""
+    at = np.minimum(np.searchsorted(keys, values), max(len(keys) - 1, 0))
+    return keys[at] == values if len(keys) else np.zeros(len(values), dtype=bool)
+
+
 def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[int]],
                              published: Mapping[str, frozenset[int]],
                              original_labels: Mapping[str, int] | None = None) -> dict[str, float | int]:
@@ -282,8 +291,9 @@ def agreement_with_published(scores: pd.DataFrame, ours: Mapping[str, frozenset[
     # (image, label) pairs as one integer key each: set membership and equality in numpy.
     ours_keys, published_keys = (a.rows * num_classes + a.indices for a in arrays.values())
     questions = image * num_classes + labels
-    in_ours, in_published = np.isin(questions, ours_keys), np.isin(questions, published_keys)
-    same_set = ~np.isin(np.arange(len(names)), np.setxor1d(ours_keys, published_keys) // num_classes)
+    in_ours, in_published = _sorted_members(questions, ours_keys), _sorted_members(questions, published_keys)
+    same_set = np.ones(len(names), dtype=bool)
+    same_set[np.setxor1d(ours_keys, published_keys, assume_unique=True) // num_classes] = False
     rated = pd.unique(image)
     extra = {}
     if original_labels is not None:

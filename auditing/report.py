@@ -262,14 +262,15 @@ def align_inputs(label_sets: Mapping[str, Collection[int]],
     labels, their ``LabelSetArray``, and the label-set file names without an original label."""
     original = _original_series(original_labels)
     names = sorted(label_sets)
-    known = original.index.get_indexer(pd.Index(names)) >= 0
+    positions = original.index.get_indexer(pd.Index(names))
+    known = positions >= 0
     unmatched = [n for n, ok in zip(names, known) if not ok]
     names = [n for n, ok in zip(names, known) if ok]
     if not names:
         raise ReportInputError("no image has both a label set and an original label "
                                f"(label sets e.g. {sorted(label_sets)[:1]}, original labels e.g. "
                                f"{original.index[:1].tolist()})")
-    labels = original.loc[names].to_numpy()
+    labels = original.to_numpy()[positions[known]]  # the rows found above: no second lookup by name
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ReportInputError(f"original labels must be in [0, {num_classes})")
     return names, labels, metrics.sets_from_mapping(names, label_sets, num_classes), unmatched

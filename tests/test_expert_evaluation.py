@@ -7,6 +7,7 @@ import pytest
 
 from auditing import expert_evaluation, labelsets
 from auditing import gold as gold_lib
+from auditing.aggregation.methods import FoldGold, aggregate, gold_answers, validate_params
 from tests.test_aggregation import _hand_built_crowd, _hand_built_gold, _votes
 from tests.test_gold import real_gold, real_gold_paths, real_kept  # noqa: F401  (fixtures)
 from tests.test_gold_aggregation import REAL_PARAMS
@@ -40,6 +41,38 @@ def test_k_fold_folds_partition_the_gold_images_and_refit_without_them():
     assert scores.true_positives == sum(f["true_positives"] for f in scores.per_fold)
     with pytest.raises(ValueError, match="k must be in \\[2, 10\\]"):
         expert_evaluation.fold_images(gold, k=11)
+
+
+@pytest.mark.parametrize("pseudo_rater", [None, {}])
+def test_fold_gold_cuts_the_same_gold_tasks_as_each_folds_gold(pseudo_rater):
+    """k-fold fits on tasks made once and cut per fold (FoldGold): the same scores, matrices
+    and raters as fitting on each fold's gold subset (aggregate(gold=...))."""
+    gold = _hand_built_gold()
+    crowd = pd.concat([_hand_built_crowd(), gold.rater_votes], ignore_index=True)
+    original = pd.DataFrame({"file_name": pd.unique(crowd["file_name"]), "label": 1})
+    params = {"original_label_rater": pseudo_rater} if pseudo_rater is not None else {}
+    spec = validate_params("gold-confusion", params)
+    prepared = FoldGold.prepare(gold, original, spec.original_label_rater)
+    folds = expert_evaluation.fold_images(gold, k=3, seed=1)
+    for images in [*folds, np.array([], dtype=object), gold.images[:1]]:
+        by_subset = aggregate(crowd, "gold-confusion", original_labels=original,
+                              gold=gold.subset(images, keep=False), **params)
+        by_cut = aggregate(crowd, "gold-confusion", original_labels=original,
+                           gold_answers=prepared.without(set(images)), **params)
+        pd.testing.assert_frame_equal(by_cut.scores_, by_subset.scores_, check_exact=True)
+        pd.testing.assert_frame_equal(by_cut.model_.errors_, by_subset.model_.errors_, check_exact=True)
+        assert list(by_cut.rater_ids_) == list(by_subset.rater_ids_)
+        cut = prepared.without(set(images))
+        made = gold_answers(gold.subset(images, keep=False), original, spec.original_label_rater)
+        pd.testing.assert_frame_equal(cut.answers, made.answers)
+        pd.testing.assert_series_equal(cut.true_labels, made.true_labels)
+        assert cut.present_share == made.present_share and cut.pseudo_rater == made.pseudo_rater
+    with pytest.raises(ValueError, match="no questions"):
+        aggregate(crowd, "gold-confusion", original_labels=original, gold_answers=prepared.without(set(gold.images)),
+                  **params)
+    with pytest.raises(ValueError, match="not both"):
+        aggregate(crowd, "gold-confusion", original_labels=original, gold=gold,
+                  gold_answers=prepared.without(set()), **params)
 
 
 def test_real_in_sample_and_k_fold(shared_data, real_kept, real_gold):

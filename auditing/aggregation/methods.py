@@ -25,7 +25,7 @@ mapped back to (file_name, label) and rater ids.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -128,6 +128,7 @@ class _Inputs:
     rater_history: Mapping[str, np.ndarray] | None
     rater_history_strength: float
     pseudo_rater: OriginalLabelRaterParams | None
+    gold_answers: GoldAnswers | None = None  # gold_tasks' tasks prepared (FoldGold.without)
 
 
 def rater_history_counts(rater_matrices: Mapping[Any, np.ndarray], strength: float) -> pd.DataFrame:
@@ -149,6 +150,8 @@ def gold_tasks(crowd: CrowdData, inputs: _Inputs) -> tuple[GoldTasks, CrowdData,
     """The gold answers as crowd-kit tasks after the voted ones, the crowd with codes
     for gold raters not in the votes, the pseudo-rater's code (if any) and the share
     of present gold questions (under the gold's own rule)."""
+    if inputs.gold_answers is not None:
+        return _prepared_gold_tasks(crowd, inputs.gold_answers)
     gold = inputs.gold
     assert gold is not None
     truth = gold.truth()
@@ -199,9 +202,67 @@ def gold_answers(gold: Gold, original_labels: pd.DataFrame | None = None,
                        None if pseudo_rater is None else pseudo_rater.rater_id, share)
 
 
+def _prepared_gold_tasks(crowd: CrowdData, prepared: GoldAnswers
+                         ) -> tuple[GoldTasks, CrowdData, list[int], float]:
+    """``gold_tasks`` from tasks ``gold_answers`` made: their task codes after the voted
+    ones, their raters coded in the crowd (new ones in the same order of first
+    appearance, the pseudo-rater last)."""
+    if not len(prepared.true_labels):
+        raise ValueError("the gold set has no questions")
+    workers = prepared.answers["worker"]
+    codes, crowd = crowd.worker_codes(workers)
+    first = len(crowd.questions)
+    data = pd.DataFrame({"task": prepared.answers["task"].to_numpy(np.int64) + first, "worker": codes,
+                         "label": prepared.answers["label"].to_numpy(object)})
+    true_labels = pd.Series(prepared.true_labels.to_numpy(), index=prepared.true_labels.index.to_numpy() + first)
+    excludes = ([] if prepared.pseudo_rater is None
+                else sorted(set(codes[workers.to_numpy(object) == prepared.pseudo_rater].tolist())))
+    return GoldTasks(data, true_labels), crowd, excludes, prepared.present_share
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldGold:
+    """A gold set's ``gold_answers`` made once, with the question (row of
+    ``gold.truth()``) of each task: ``without(images)`` is then what ``gold_answers``
+    gives for ``gold.subset(images, keep=False)`` (the same tasks in the same order),
+    by array operations instead of joins on (file_name, label) per fold. For k-fold
+    evaluation (``auditing.expert_evaluation``), passed as ``aggregate(gold_answers=)``."""
+
+    answers: GoldAnswers
+    question_images: np.ndarray  # file name of each gold question (row of gold.truth())
+    question_truth: pd.Series  # each gold question's truth under the gold's own rule
+
+    @classmethod
+    def prepare(cls, gold: Gold, original_labels: pd.DataFrame | None = None,
+                pseudo_rater: OriginalLabelRaterParams | None = None) -> "FoldGold":
+        truth = gold.truth()
+        return cls(gold_answers(gold, original_labels, pseudo_rater), truth["file_name"].to_numpy(object),
+                   truth["truth"].reset_index(drop=True))
+
+    def without(self, images: Collection[str]) -> GoldAnswers:
+        n = len(self.question_images)
+        kept = ~pd.Series(self.question_images).isin(set(images)).to_numpy()
+        rank = np.cumsum(kept) - 1
+        n_kept = int(kept.sum())
+
+        # gold_answers numbers the raters' tasks 0..n-1 (question order), the
+        # pseudo-rater's n..2n-1: renumbered over the kept questions alike.
+        def renumber(tasks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            question = tasks % n
+            return kept[question], (tasks // n) * n_kept + rank[question]
+
+        full = self.answers
+        keep, tasks = renumber(full.answers["task"].to_numpy(np.int64))
+        answers = full.answers.loc[keep].assign(task=tasks[keep]).reset_index(drop=True)
+        keep_true, true_tasks = renumber(full.true_labels.index.to_numpy(np.int64))
+        true_labels = pd.Series(full.true_labels.to_numpy()[keep_true], index=true_tasks[keep_true])
+        share = float(self.question_truth.loc[kept].mean()) if n_kept else float("nan")
+        return GoldAnswers(answers, true_labels, full.raters, full.pseudo_rater, share)
+
+
 def _gold_confusion(crowd: CrowdData, p: GoldConfusionParams, inputs: _Inputs
                     ) -> tuple[np.ndarray, Any, CrowdData]:
-    if inputs.gold is None:
+    if inputs.gold is None and inputs.gold_answers is None:
         raise ValueError("gold-confusion needs gold questions (stages.votes.gold)")
     tasks, crowd, excludes, gold_prior = gold_tasks(crowd, inputs)
     model = GoldConfusion(smoothing=p.smoothing, raters_without_gold=p.raters_without_gold,
@@ -222,7 +283,7 @@ def _dawid_skene(crowd: CrowdData, p: DawidSkeneParams, inputs: _Inputs) -> tupl
     model = PresenceDawidSkene(n_iter=p.n_iter, tol=p.tol, smoothing=p.smoothing, shrinkage=p.shrinkage,
                                initial_truth=PRESENCE_OF_ANSWER, rater_pseudo_counts=history)
     n = len(crowd.questions)
-    if inputs.gold is not None and p.use_gold:
+    if (inputs.gold is not None or inputs.gold_answers is not None) and p.use_gold:
         tasks, crowd, excludes, _ = gold_tasks(crowd, inputs)
         seed = GoldConfusion(smoothing=p.gold_smoothing, default_excludes=excludes)
         seed.fit(crowd.data, tasks.data, tasks.true_labels)
@@ -327,7 +388,8 @@ def validate_params(method: str, params: Mapping[str, Any]) -> pydantic.BaseMode
 def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: float = DEFAULT_THRESHOLD, *,
               original_labels: pd.DataFrame | None = None, gold: Gold | None = None,
               prior_groups: pd.DataFrame | None = None, rater_history: Mapping[str, np.ndarray] | None = None,
-              rater_history_strength: float = 50.0, **params: Any) -> AggregationResult:
+              rater_history_strength: float = 50.0, gold_answers: GoldAnswers | None = None,
+              **params: Any) -> AggregationResult:
     """Score every (file_name, label) question of validated ``votes``.
 
     ``params`` are the method's (``PARAMS[method]``, checked by ``validate_params``).
@@ -336,8 +398,12 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     gold-confusion, used by dawid-skene unless ``use_gold=False``, ignored by the
     others), ``prior_groups`` (file_name, label, group;
     dawid-skene's class-prior groups set directly), ``rater_history`` (rater ->
-    2 x 3 matrix, dawid-skene pseudo-counts worth ``rater_history_strength`` votes).
+    2 x 3 matrix, dawid-skene pseudo-counts worth ``rater_history_strength`` votes),
+    ``gold_answers``: the gold's tasks already made (``FoldGold.without``; the gold as
+    ``gold`` would give them, made with the same original-label rater), instead of ``gold``.
     """
+    if gold is not None and gold_answers is not None:
+        raise ValueError("pass gold or gold_answers, not both")
     spec = validate_params(method, params)
     prior = getattr(spec, "prior", None) if method == "dawid-skene" else None
     pseudo: OriginalLabelRaterParams | None = getattr(spec, "original_label_rater", None)
@@ -346,7 +412,7 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
         raise ValueError(f"{what} needs original_labels (file_name, label)")
     if method != "dawid-skene" and (prior_groups is not None or rater_history is not None):
         raise ValueError(f"class-prior groups and rater history are dawid-skene options, not {method!r}")
-    if method in NEEDS_GOLD and gold is None:
+    if method in NEEDS_GOLD and gold is None and gold_answers is None:
         raise ValueError(f"{method} needs gold questions (stages.votes.gold)")
     if pseudo is not None:
         if pseudo.rater_id in factorized_text(votes["rater_id"])[1]:
@@ -362,10 +428,10 @@ def aggregate(votes: pd.DataFrame, method: str = DEFAULT_METHOD, threshold: floa
     inputs = _Inputs(gold=gold, original_labels=original_labels,
                      prior_groups=crowd.task_groups(prior_groups) if prior_groups is not None else None,
                      rater_history=rater_history, rater_history_strength=rater_history_strength,
-                     pseudo_rater=pseudo)
+                     pseudo_rater=pseudo, gold_answers=gold_answers)
     scores, model, crowd = METHODS[method](crowd, spec, inputs)
     frame = crowd.questions.assign(score=scores)
-    used = spec.model_dump() | {"gold": gold is not None}
+    used = spec.model_dump() | {"gold": gold is not None or gold_answers is not None}
     return AggregationResult(method=method, threshold=threshold, scores_=frame, model_=model,
                              rater_ids_=crowd.raters, params=used)
 
@@ -386,5 +452,5 @@ def _appended(votes: pd.DataFrame, more: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns, copy=False)
 
 
-__all__ = ["ABSENT", "PARAMS", "PRESENT", "AggregationParamsError", "AggregationResult", "CrowdData", "GoldAnswers",
-           "METHODS", "aggregate", "gold_answers", "present_scores", "validate_params"]
+__all__ = ["ABSENT", "PARAMS", "PRESENT", "AggregationParamsError", "AggregationResult", "CrowdData", "FoldGold",
+           "GoldAnswers", "METHODS", "aggregate", "gold_answers", "present_scores", "validate_params"]

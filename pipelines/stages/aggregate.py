@@ -174,8 +174,12 @@ def write_label_sets(out: Path, sets: dict[str, frozenset[int]], labels: pd.Data
 
 
 def read_label_sets(artifact: Artifact) -> dict[str, frozenset[int]]:
-    frame = pd.read_parquet(artifact.file("label_sets.parquet"))
-    return {f: frozenset(int(v) for v in labels) for f, labels in zip(frame["file_name"], frame["labels"])}
+    import pyarrow.parquet as pq
+
+    # Arrow's lists straight to Python ints: via pandas each set would be a numpy array
+    # whose elements are converted one by one (~2x slower on the 50,000 sets).
+    table = pq.read_table(artifact.file("label_sets.parquet"), columns=["file_name", "labels"])
+    return dict(zip(table.column("file_name").to_pylist(), map(frozenset, table.column("labels").to_pylist())))
 
 
 def score_shard_paths(folder: Path) -> list[Path]:

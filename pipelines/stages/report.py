@@ -4,7 +4,6 @@ cooccurrence.py). Stored like every stage, then published to ``<out>/report/``.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 from auditing import atomic, labelsets
 from pipelines.stages.aggregate import read_label_sets, read_scores
-from pipelines.stages.base import Artifact, Context, Inputs, Stage
+from pipelines.stages.base import Artifact, Context, Inputs, Stage, cyclic_gc_paused
 from pipelines.stages.dataset import image_source, original_labels
 from pipelines.stages.predict import prediction_paths
 from pipelines.store import file_digest
@@ -37,16 +36,9 @@ class ReportStage(Stage):
 
     def compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         # The report builds ~10^5 small objects that all stay alive (label-set dicts, the
-        # report dict): each full collection of the cyclic GC would traverse every object
-        # of the process for nothing (~1.5 s of the demo's report). Reference counting
-        # still frees everything acyclic; cycles (figures) go at the next collection.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        # report dict): full collections would traverse them all for nothing.
+        with cyclic_gc_paused():
             return self._compute(ctx, inputs, out)
-        finally:
-            if enabled:
-                gc.enable()
 
     def _compute(self, ctx: Context, inputs: Inputs, out: Path) -> dict[str, Any]:
         from auditing.predictions import load_predictions
