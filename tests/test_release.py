@@ -97,6 +97,28 @@ def test_fast_record_serialization_gives_tfds_bytes():
         assert bytes(release.serialize_row(row | {"awaiting_votes": flag}, 1000)) == generic
 
 
+def test_record_serializer_reused_for_many_records_gives_each_records_own_bytes():
+    """One RecordSerializer refills one message per record: nothing of a longer record
+    before (or of the awaiting-votes flag of another row) stays in the next one."""
+    rows = [
+        {"file_name": "long.JPEG", "original_label": 7, "real_label": list(range(200, 260)),
+         "score_labels": list(range(0, 1000, 9)), "scores": [i / 7 for i in range(112)]},
+        {"file_name": "short.JPEG", "original_label": 3, "real_label": [3], "score_labels": [3], "scores": [0.5]},
+        {"file_name": "empty.JPEG", "original_label": 0, "real_label": [], "score_labels": [], "scores": []},
+        {"file_name": "flagged.JPEG", "original_label": 1, "real_label": [1, 2], "score_labels": [1, 2],
+         "scores": [1.0, 0.25], "awaiting_votes": True},
+        {"file_name": "after.JPEG", "original_label": 2, "real_label": [], "score_labels": [2], "scores": [0.0]}]
+    serialize = release.RecordSerializer()
+    for row in rows + rows[::-1]:
+        reused = serialize(row["file_name"], row["original_label"], row["real_label"], row["score_labels"],
+                           row["scores"], row.get("awaiting_votes"), 1000)
+        assert reused == release.serialize_row(row, 1000)
+    with pytest.raises(ValueError, match="bad.JPEG: label 1000 outside"):
+        serialize("bad.JPEG", 1000, [], [], [], None, 1000)
+    row = rows[1]
+    assert serialize(row["file_name"], 3, [3], [3], [0.5], None, 1000) == release.serialize_row(row, 1000)
+
+
 def _dataset_info(path) -> dict:
     info = json.loads((path / "dataset_info.json").read_text())
     return {"splits": info["splits"], "features": json.loads((path / "features.json").read_text()),
