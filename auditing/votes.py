@@ -454,17 +454,12 @@ def _used_categories(codes: np.ndarray, table: np.ndarray) -> pd.Categorical:
 
 def combined_key(codes: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray | None:
     """One int64 per row for the tuple of code columns ``codes`` (column i in
-    [0, sizes[i])): equal exactly where the tuples are. None where the product of the
-    sizes does not fit in an int64."""
-    if int(np.prod([max(int(size), 1) for size in sizes], dtype=object)) > np.iinfo(np.int64).max:
+    [0, sizes[i])): equal exactly where the tuples are (``np.ravel_multi_index``). None
+    where the product of the sizes does not fit in an int64."""
+    dims = tuple(max(int(size), 1) for size in sizes)
+    if int(np.prod(dims, dtype=object)) > np.iinfo(np.int64).max:
         return None
-    key = np.zeros(len(codes[0]) if len(codes) else 0, np.int64)
-    for column, size in zip(codes, sizes):
-        # In place: no two temporaries of the rows' size per column (fresh memory is
-        # slow to touch the first time, ~0.1 s for 925k votes).
-        key *= max(int(size), 1)
-        key += column
-    return key
+    return np.ravel_multi_index(tuple(codes), dims).astype(np.int64, copy=False)
 
 
 def _clean_text(values: pd.Series, lower: bool = False) -> np.ndarray:
