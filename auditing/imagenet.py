@@ -98,16 +98,8 @@ class WordNetHierarchy:
         self._parents: dict[str, list[str]] = {}
         for parent, child in edges:
             self._parents.setdefault(child, []).append(parent)
-        self._edges = edges
         # Names only serve name(): load_hierarchy reads its 80k-line table when first asked.
         self._names_or_loader = names
-
-    @functools.cached_property
-    def _children(self) -> dict[str, list[str]]:
-        children: dict[str, list[str]] = {}
-        for parent, child in self._edges:
-            children.setdefault(parent, []).append(child)
-        return children
 
     @functools.cached_property
     def _names(self) -> Mapping[str, str]:
@@ -116,9 +108,6 @@ class WordNetHierarchy:
 
     def parents(self, wnid: str) -> list[str]:
         return list(self._parents.get(wnid, ()))
-
-    def children(self, wnid: str) -> list[str]:
-        return list(self._children.get(wnid, ()))
 
     def name(self, wnid: str) -> str:
         return self._names.get(wnid, wnid).split(",")[0].strip()
