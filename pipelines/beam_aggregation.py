@@ -66,7 +66,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydantic
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -75,7 +74,7 @@ from auditing import votes as votes_lib
 from auditing.errors import InputError
 from auditing.aggregation import sharded
 from auditing.aggregation.gold_confusion import GoldConfusion, GoldConfusionParams
-from auditing.aggregation.methods import GoldAnswers, gold_answers
+from auditing.aggregation.methods import GoldAnswers, gold_answers, validate_params
 from auditing.aggregation.original_label_rater import DEFAULT_RATER_ID as DEFAULT_PSEUDO_RATER_ID
 from auditing.aggregation.original_label_rater import OriginalLabelRaterParams, original_label_answers
 from auditing.aggregation.priors import (ORIGINAL, PROPOSED, SHARED, original_label_prior_groups,
@@ -539,11 +538,8 @@ def gold_confusion(params: GoldConfusionParams, gold: GoldAnswers) -> GoldConfus
 
 
 def gold_confusion_params(params: Mapping[str, Any]) -> GoldConfusionParams:
-    try:
-        return GoldConfusionParams.model_validate(dict(params))
-    except pydantic.ValidationError as e:
-        error = e.errors()[0]
-        raise ShardedAggregationError(f"params.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    """``params`` typed as in memory (``methods.validate_params``: its error names the key)."""
+    return validate_params("gold-confusion", params)
 
 
 def gold_confusion_model(coding: RaterCoding, gold: GoldAnswers,
