@@ -94,26 +94,31 @@ def _execute(stages: list[Stage], ctx: Context, echo: Callable[..., Any]) -> Run
     artifacts = {name: SUPPLIERS[name](ctx, ref) for name, ref in config.inputs.items()}
     computed: list[str] = []
     started = time.monotonic()
-    for i, stage in enumerate(stages, start=1):
-        # What the process holds so far (imported modules, earlier artifacts) is long
-        # lived: frozen out of the collector, a full collection during a stage traverses
-        # only that stage's objects (~80 ms each once Beam is imported, otherwise).
-        gc.freeze()
-        t0 = time.monotonic()
-        echo(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
-        inputs = {n: artifacts[n] for n in stage.consumes + stage.consumes_if_present if n in artifacts}
-        params = stage.params(ctx, inputs)
-        key = content_key(inputs={n: a.key for n, a in sorted(inputs.items())}, params=params,
-                          version=stage.version)
-        artifact = stage.lookup(ctx, key, params)
-        if artifact is None:
-            artifact = run_stage(stage, ctx, inputs, key, params)
-            computed.append(stage.name)
-        stage.finish(ctx, artifact)
-        artifacts[stage.produces] = artifact
-        how = "computed" if computed[-1:] == [stage.name] else "reused"
-        echo(f"[{i}/{len(stages)}] {stage.name}: {stage.describe(artifact)} "
-             f"({how}, {time.monotonic() - t0:.1f} s)", flush=True)
+    try:
+        for i, stage in enumerate(stages, start=1):
+            # What the process holds so far (imported modules, earlier artifacts) is long
+            # lived: frozen out of the collector, a full collection during a stage traverses
+            # only that stage's objects (~80 ms each once Beam is imported, otherwise).
+            gc.freeze()
+            t0 = time.monotonic()
+            echo(f"[{i}/{len(stages)}] {stage.name} ...", flush=True)
+            inputs = {n: artifacts[n] for n in stage.consumes + stage.consumes_if_present if n in artifacts}
+            params = stage.params(ctx, inputs)
+            key = content_key(inputs={n: a.key for n, a in sorted(inputs.items())}, params=params,
+                              version=stage.version)
+            artifact = stage.lookup(ctx, key, params)
+            if artifact is None:
+                artifact = run_stage(stage, ctx, inputs, key, params)
+                computed.append(stage.name)
+            stage.finish(ctx, artifact)
+            artifacts[stage.produces] = artifact
+            how = "computed" if computed[-1:] == [stage.name] else "reused"
+            echo(f"[{i}/{len(stages)}] {stage.name}: {stage.describe(artifact)} "
+                 f"({how}, {time.monotonic() - t0:.1f} s)", flush=True)
+    finally:
+        # What this run froze goes back to the collector: a process that runs again (a
+        # test session, a notebook) frees the cycles of the runs before.
+        gc.unfreeze()
     echo(f"done in {time.monotonic() - started:.1f} s; computed this run: {', '.join(computed) or 'nothing'}")
     for stage in stages:
         for what, path in stage.outputs(ctx, artifacts[stage.produces]).items():
