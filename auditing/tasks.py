@@ -222,8 +222,13 @@ def cluster_labels(labels: np.ndarray, affinity: ClassAffinity, max_labels: int)
 
 
 def task_id(file_name: str, labels: list[int]) -> str:
-    key = f"{file_name}\t{','.join(map(str, sorted(labels)))}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return _task_digest(file_name, [str(label) for label in sorted(labels)])
+
+
+def _task_digest(file_name: str, sorted_label_texts: Sequence[str]) -> str:
+    """The id of the task of ``file_name`` with these labels (sorted, as text): what
+    crowd answers join back on, so both makers of ids go through here."""
+    return hashlib.sha256(f"{file_name}\t{','.join(sorted_label_texts)}".encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- which images
@@ -367,8 +372,7 @@ def _task_ids(file_names: np.ndarray, labels: np.ndarray, bounds: np.ndarray) ->
     task = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     label_text = [str(label) for label in range(int(labels.max(initial=0)) + 1)]  # labels are >= 0 (build_tasks)
     texts = [label_text[l] for l in labels[np.lexsort((labels, task))].tolist()]
-    sha256 = hashlib.sha256
-    return [sha256(f"{name}\t{','.join(texts[b:e])}".encode()).hexdigest()[:16]
+    return [_task_digest(name, texts[b:e])
             for name, b, e in zip(file_names.tolist(), bounds[:-1].tolist(), bounds[1:].tolist())]
 
 

@@ -172,6 +172,9 @@ def test_real_questions_become_coherent_tasks(shared_data):
     assert len(q) == len(proposals) and not q.duplicated(["file_name", "label"]).any()
     per_task = q.groupby("task_id").size()
     assert per_task.max() == 8
+    # The vectorised ids are task_id's of each task's image and labels.
+    labels_of = q.groupby("task_id").agg(file_name=("file_name", "first"), labels=("label", list))
+    assert all(T.task_id(f, labels) == t for t, f, labels in labels_of.itertuples())
     fewest = int(np.ceil(proposals.groupby("file_name").size() / 8).sum())
     assert fewest <= summary["tasks"] <= 1.05 * fewest
     assert abs(summary["tasks"] / 37_988 - 1) < 0.15  # the paper: 37,988 tasks
