@@ -89,3 +89,17 @@ def test_real_in_sample_and_k_fold(shared_data, real_kept, real_gold):
     # Held out, the matrices lose the questions they are judged on: a little worse here.
     assert k_fold.f1 <= in_sample.f1 and abs(k_fold.f1 - in_sample.f1) < 0.02, (k_fold.f1, in_sample.f1)
     assert k_fold.as_dict()["kind"] == "k-fold" and in_sample.as_dict()["kind"] == "in-sample"
+
+
+def test_fold_gold_cuts_the_real_gold_as_each_folds_gold(shared_data, real_gold):
+    """On the 1,135 ReaL golden questions with the shipped original-label rater: each
+    of the 5 folds' cut tasks are the tasks made from that fold's gold subset."""
+    original = labelsets.original_val_labels()
+    spec = validate_params("gold-confusion", REAL_PARAMS)
+    prepared = FoldGold.prepare(real_gold, original, spec.original_label_rater)
+    for images in expert_evaluation.fold_images(real_gold, k=5, seed=0):
+        cut = prepared.without(set(images))
+        made = gold_answers(real_gold.subset(images, keep=False), original, spec.original_label_rater)
+        pd.testing.assert_frame_equal(cut.answers, made.answers)
+        pd.testing.assert_series_equal(cut.true_labels, made.true_labels)
+        assert cut.present_share == made.present_share and len(cut.true_labels) < len(prepared.answers.true_labels)

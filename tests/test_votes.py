@@ -152,6 +152,11 @@ def test_real_raters_read_complete(real_raters_path):
     votes.check_votes(kept)
     questions = votes.read_real_questions(real_raters_path)
     assert len(questions) == 184_962 and questions["file_name"].nunique() == 24_889
+    # What the votes stage keeps (Categorical names and ids) is the same table.
+    coded = votes.validate_votes(votes.read_real_raters_raw(real_raters_path), source=real_raters_path,
+                                 categorical=True).kept
+    assert isinstance(coded["file_name"].dtype, pd.CategoricalDtype)
+    pd.testing.assert_frame_equal(coded.astype({"file_name": object, "rater_id": object}), kept)
 
 
 def test_jsonl_without_optional_fields_has_no_optional_columns_and_provenance_is_kept(tmp_path):
