@@ -52,9 +52,6 @@ import pandas as pd
 from crowdkit.aggregation import DawidSkene, MajorityVote
 from crowdkit.aggregation.utils import get_most_probable_labels
 
-from auditing.aggregation.dawid_skene_params import DawidSkeneParams  # noqa: F401  (re-exported)
-from auditing.aggregation.truth import ABSENT, PRESENCE_OF_ANSWER, PRESENT  # noqa: F401  (re-exported)
-
 _GOLD_GROUP = "__gold__"
 
 
