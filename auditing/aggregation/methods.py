@@ -149,25 +149,13 @@ def rater_history_counts(rater_matrices: Mapping[Any, np.ndarray], strength: flo
 def gold_tasks(crowd: CrowdData, inputs: _Inputs) -> tuple[GoldTasks, CrowdData, list[int], float]:
     """The gold answers as crowd-kit tasks after the voted ones, the crowd with codes
     for gold raters not in the votes, the pseudo-rater's code (if any) and the share
-    of present gold questions (under the gold's own rule)."""
-    if inputs.gold_answers is not None:
-        return _prepared_gold_tasks(crowd, inputs.gold_answers)
-    gold = inputs.gold
-    assert gold is not None
-    truth = gold.truth()
-    if not len(truth):
-        raise ValueError("the gold set has no questions")
-    codes, crowd = crowd.worker_codes(gold.rater_votes["rater_id"])
-    tasks = GoldTasks.empty().append(gold.rater_votes, truth, codes, first_code=len(crowd.questions))
-    excludes: list[int] = []
-    rater = inputs.pseudo_rater
-    if rater is not None:
-        assert inputs.original_labels is not None
-        answers = original_label_answers(truth, inputs.original_labels, None, rater.rater_id)
-        pseudo_codes, crowd = crowd.worker_codes(answers["rater_id"])
-        tasks = tasks.append(answers, gold.truth(rater.present_if), pseudo_codes, first_code=tasks.next_code)
-        excludes = sorted(set(pseudo_codes.tolist()))
-    return tasks, crowd, excludes, float(truth["truth"].mean())
+    of present gold questions (under the gold's own rule): from ``inputs.gold_answers``,
+    else from the tasks ``gold_answers`` makes of ``inputs.gold`` (one way either way)."""
+    prepared = inputs.gold_answers
+    if prepared is None:
+        assert inputs.gold is not None
+        prepared = gold_answers(inputs.gold, inputs.original_labels, inputs.pseudo_rater)
+    return _prepared_gold_tasks(crowd, prepared)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,19 +175,27 @@ class GoldAnswers:
 
 def gold_answers(gold: Gold, original_labels: pd.DataFrame | None = None,
                  pseudo_rater: OriginalLabelRaterParams | None = None) -> GoldAnswers:
-    """``gold_tasks`` without votes: the same tasks, truths and pseudo-rater answers."""
+    """The gold questions as tasks 0..n-1 answered by the raters (question order of
+    ``gold.truth()``), then, with ``pseudo_rater``, tasks n..2n-1 answered by the
+    original label under its own truth rule."""
     if pseudo_rater is not None and original_labels is None:
         raise ValueError("original_label_rater needs original_labels (file_name, label)")
-    empty = CrowdData(pd.DataFrame({"task": pd.Series(dtype=np.int64), "worker": pd.Series(dtype=np.int64),
-                                    "label": pd.Series(dtype=object)}),
-                      pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype=np.int64)}),
-                      np.array([], dtype=object))
-    inputs = _Inputs(gold=gold, original_labels=original_labels, prior_groups=None, rater_history=None,
-                     rater_history_strength=0.0, pseudo_rater=pseudo_rater)
-    tasks, crowd, _, share = gold_tasks(empty, inputs)
+    truth = gold.truth()
+    if not len(truth):
+        raise ValueError("the gold set has no questions")
+    no_votes = CrowdData(pd.DataFrame({"task": pd.Series(dtype=np.int64), "worker": pd.Series(dtype=np.int64),
+                                       "label": pd.Series(dtype=object)}),
+                         pd.DataFrame({"file_name": pd.Series(dtype=object), "label": pd.Series(dtype=np.int64)}),
+                         np.array([], dtype=object))
+    codes, crowd = no_votes.worker_codes(gold.rater_votes["rater_id"])
+    tasks = GoldTasks.empty().append(gold.rater_votes, truth, codes, first_code=0)
+    if pseudo_rater is not None:
+        answers = original_label_answers(truth, original_labels, None, pseudo_rater.rater_id)
+        pseudo_codes, crowd = crowd.worker_codes(answers["rater_id"])
+        tasks = tasks.append(answers, gold.truth(pseudo_rater.present_if), pseudo_codes, first_code=tasks.next_code)
     answers = tasks.data.assign(worker=crowd.raters[tasks.data["worker"].to_numpy()])
     return GoldAnswers(answers, tasks.true_labels, crowd.raters,
-                       None if pseudo_rater is None else pseudo_rater.rater_id, share)
+                       None if pseudo_rater is None else pseudo_rater.rater_id, float(truth["truth"].mean()))
 
 
 def _prepared_gold_tasks(crowd: CrowdData, prepared: GoldAnswers
